@@ -1,0 +1,319 @@
+"""The compiled policy: frozen, slotted records of tuples and mappings.
+
+Everything here is built once by the compiler and only read afterwards, so nothing is
+parsed on the request path and a policy set can be shared by every task without locks.
+Units are already resolved: seconds as floats, sizes in bytes, rates as :class:`Rate`,
+percentages as fractions.
+
+Equality ignores compiled programs and source locations: two compiles of the same
+document are equal, and a rule keeps its identity (and therefore its state across a hot
+reload) when only its position in the file moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from policy_engine.contexts import Hook
+from policy_engine.errors import Location
+from policy_engine.units import Rate
+
+
+class Mode(str, Enum):
+    ENFORCE = "enforce"
+    SHADOW = "shadow"
+
+
+class StoreFailureMode(str, Enum):
+    FAIL_OPEN = "fail_open"
+    FAIL_CLOSED = "fail_closed"
+    LOCAL = "local"
+
+
+class EvalFailureMode(str, Enum):
+    """What a rule does when its expression fails at run time (a missing key, a bad regex)."""
+
+    FAIL_OPEN = "fail_open"  # the rule does not apply: nothing is refused because of it
+    FAIL_CLOSED = "fail_closed"  # the rule applies: refuse rather than let through
+
+
+class Category(str, Enum):
+    CONNECTION = "connection"
+    EVENT_PROCESSING = "event_processing"
+    SYSTEM = "system"
+    CLIENT = "client"
+
+
+class ErrorSeverity(str, Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class BackoffStrategy(str, Enum):
+    EXPONENTIAL = "exponential"
+    FULL_JITTER = "full_jitter"
+    EQUAL_JITTER = "equal_jitter"
+    DECORRELATED_JITTER = "decorrelated_jitter"
+    CONSTANT = "constant"
+
+
+class RateAlgorithm(str, Enum):
+    GCRA = "gcra"
+    SLIDING_WINDOW = "sliding_window"
+    FIXED_WINDOW = "fixed_window"
+
+
+class Scope(str, Enum):
+    GLOBAL = "global"
+    LOCAL = "local"
+
+
+class ShedAction(str, Enum):
+    REJECT = "reject"
+    DROP = "drop"
+    DELAY = "delay"
+    DISCONNECT = "disconnect"
+
+
+class Priority(str, Enum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.CRITICAL: 3}
+
+
+class Effect(str, Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class OverflowAction(str, Enum):
+    DROP_LOWEST = "drop_lowest"
+    DISCONNECT = "disconnect"
+
+
+class Program(Protocol):
+    """A compiled CEL expression, ready to evaluate against plain-dict contexts."""
+
+    def evaluate(self, activation: Mapping[str, Any]) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Expression:
+    """A CEL source with its compiled program; equal when the source and context are."""
+
+    source: str
+    context: str
+    program: Program = field(compare=False, repr=False, hash=False)
+    location: Location = field(compare=False, repr=False, hash=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultsSpec:
+    mode: Mode = Mode.ENFORCE
+    on_store_error: StoreFailureMode = StoreFailureMode.FAIL_OPEN
+    store_timeout: float = 0.02
+    on_eval_error: EvalFailureMode = EvalFailureMode.FAIL_OPEN
+    backoff: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySpec:
+    trusted_proxies: tuple[str, ...] = ()
+    user_claim: str = "sub"
+    user_param: str = "user_id"
+    conversation_param: str = "conversation_id"
+    token_param: str = "token"
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffSpec:
+    name: str
+    strategy: BackoffStrategy = BackoffStrategy.FULL_JITTER
+    base: float = 0.5
+    max: float = 30.0
+    max_attempts: int = 10
+    multiplier: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRuleSpec:
+    name: str
+    when: Expression
+    category: Category
+    severity: ErrorSeverity
+    code: str
+    message: str
+    retryable: bool
+    backoff: str
+    retry_after: float | None = None
+    alert: bool = False
+    location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSpec:
+    name: str
+    hook: Hook
+    key: Expression
+    rate: Rate
+    burst: int
+    algorithm: RateAlgorithm
+    scope: Scope
+    mode: Mode
+    when: Expression | None = None
+    code: str = "RATE_LIMITED"
+    message: str = "Too many requests; slow down."
+    max_keys: int = 100_000
+    key_label: bool = False
+    location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class SlowCallSpec:
+    over: float
+    rate: float
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """Exactly one of ``calls`` (count-based) or ``time`` (seconds, time-based) is set."""
+
+    calls: int | None = None
+    time: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerSpec:
+    name: str
+    match: Expression
+    failure_rate: float
+    window: WindowSpec
+    minimum_calls: int
+    open_for: float
+    half_open_calls: int
+    mode: Mode
+    record_when: Expression | None = None
+    slow_call: SlowCallSpec | None = None
+    code: str = "SERVICE_UNAVAILABLE"
+    message: str = "The service is temporarily unavailable; retry later."
+    fallback: Mapping[str, Any] | None = None
+    location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class SheddingRuleSpec:
+    name: str
+    hook: Hook
+    when: Expression
+    action: ShedAction
+    mode: Mode
+    retry_after: float = 5.0
+    delay: float = 0.0
+    sustained_for: float = 0.0
+    max_priority: Priority = Priority.LOW
+    max_disconnects: int = 10
+    code: str = "OVERLOADED"
+    message: str = "The server is overloaded; retry later."
+    location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailureSpec:
+    """Progressive delays for repeated authentication failures from one IP or user."""
+
+    threshold: int = 3
+    window: float = 900.0
+    backoff: str = "progressive"
+    block_after: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundSpec:
+    max_queue: int = 1000
+    on_overflow: OverflowAction = OverflowAction.DROP_LOWEST
+    disconnect_after_drops: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsSpec:
+    max_total: int | None = None
+    max_per_user: int | None = None
+    max_per_ip: int | None = None
+    idle_timeout: float | None = None
+    priority: Expression | None = None
+    auth_failures: AuthFailureSpec | None = None
+    outbound: OutboundSpec = OutboundSpec()
+    retry_after: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverySpec:
+    enabled: bool = True
+    max_disconnection: float = 120.0
+    buffer_events: int = 500
+    events: tuple[str, ...] = ("oh_event",)
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    name: str
+    max_bytes: int | None = None
+    priority: Priority = Priority.NORMAL
+    schema_path: str | None = None
+    schema: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    validate: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRuleSpec:
+    name: str
+    hook: Hook
+    when: Expression
+    effect: Effect
+    mode: Mode
+    code: str = "FORBIDDEN"
+    message: str = "Not allowed."
+    location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationSpec:
+    default: Effect = Effect.ALLOW
+    rules: tuple[AuthzRuleSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    """One compiled policy file; ``version`` is the content hash of what was compiled."""
+
+    version: str
+    source: str
+    defaults: DefaultsSpec
+    identity: IdentitySpec
+    errors: tuple[ErrorRuleSpec, ...]
+    backoff: Mapping[str, BackoffSpec]
+    rate_limits: tuple[RateLimitSpec, ...]
+    circuit_breakers: tuple[CircuitBreakerSpec, ...]
+    shedding: tuple[SheddingRuleSpec, ...]
+    connections: ConnectionsSpec
+    recovery: RecoverySpec
+    events: Mapping[str, EventSpec]
+    authorization: AuthorizationSpec
+    default_event: EventSpec = EventSpec("*")
+
+    def event(self, name: str) -> EventSpec:
+        return self.events.get(name, self.default_event)
