@@ -52,8 +52,8 @@ def zero_value(kind: FieldType) -> Any:
     return None
 
 
-def _message(name: str, doc: str, **fields: FieldType) -> MessageType:
-    return MessageType(name, MappingProxyType(dict(fields)), doc)
+def _message(type_name: str, doc: str, /, **fields: FieldType) -> MessageType:
+    return MessageType(type_name, MappingProxyType(dict(fields)), doc)
 
 
 CONN = _message(
