@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -132,7 +132,7 @@ MESSAGE_TYPES: tuple[MessageType, ...] = (CONN, EVENT, LOAD, RAW_ERROR, CLASSIFI
 Variable = MessageType | FieldType
 
 
-class Hook(str, Enum):
+class Hook(StrEnum):
     CONNECT = "connect"
     EVENT = "event"
     EMIT = "emit"

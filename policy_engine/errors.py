@@ -7,11 +7,13 @@ operator sees all of them in one run instead of fixing one line at a time.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Severity(str, Enum):
+class Severity(StrEnum):
     ERROR = "error"
     WARNING = "warning"
 
@@ -52,6 +54,12 @@ class Diagnostic:
 
     def sort_key(self) -> tuple[str, int, int, str]:
         return (self.location.file, self.location.line, self.location.column, self.code)
+
+
+def did_you_mean(word: str, choices: Iterable[str], fallback: str = "") -> str:
+    """The hint for a likely typo: the closest known name, or ``fallback`` when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else fallback
 
 
 class PolicyEngineError(Exception):

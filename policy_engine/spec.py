@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol
 
 from policy_engine.contexts import Hook
@@ -22,32 +22,32 @@ from policy_engine.errors import Location
 from policy_engine.units import Rate
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     ENFORCE = "enforce"
     SHADOW = "shadow"
 
 
-class StoreFailureMode(str, Enum):
+class StoreFailureMode(StrEnum):
     FAIL_OPEN = "fail_open"
     FAIL_CLOSED = "fail_closed"
     LOCAL = "local"
 
 
-class EvalFailureMode(str, Enum):
+class EvalFailureMode(StrEnum):
     """What a rule does when its expression fails at run time (a missing key, a bad regex)."""
 
     FAIL_OPEN = "fail_open"  # the rule does not apply: nothing is refused because of it
     FAIL_CLOSED = "fail_closed"  # the rule applies: refuse rather than let through
 
 
-class Category(str, Enum):
+class Category(StrEnum):
     CONNECTION = "connection"
     EVENT_PROCESSING = "event_processing"
     SYSTEM = "system"
     CLIENT = "client"
 
 
-class ErrorSeverity(str, Enum):
+class ErrorSeverity(StrEnum):
     DEBUG = "debug"
     INFO = "info"
     WARNING = "warning"
@@ -55,7 +55,7 @@ class ErrorSeverity(str, Enum):
     CRITICAL = "critical"
 
 
-class BackoffStrategy(str, Enum):
+class BackoffStrategy(StrEnum):
     EXPONENTIAL = "exponential"
     FULL_JITTER = "full_jitter"
     EQUAL_JITTER = "equal_jitter"
@@ -63,25 +63,25 @@ class BackoffStrategy(str, Enum):
     CONSTANT = "constant"
 
 
-class RateAlgorithm(str, Enum):
+class RateAlgorithm(StrEnum):
     GCRA = "gcra"
     SLIDING_WINDOW = "sliding_window"
     FIXED_WINDOW = "fixed_window"
 
 
-class Scope(str, Enum):
+class Scope(StrEnum):
     GLOBAL = "global"
     LOCAL = "local"
 
 
-class ShedAction(str, Enum):
+class ShedAction(StrEnum):
     REJECT = "reject"
     DROP = "drop"
     DELAY = "delay"
     DISCONNECT = "disconnect"
 
 
-class Priority(str, Enum):
+class Priority(StrEnum):
     LOW = "low"
     NORMAL = "normal"
     HIGH = "high"
@@ -95,12 +95,12 @@ class Priority(str, Enum):
 _PRIORITY_RANK = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.CRITICAL: 3}
 
 
-class Effect(str, Enum):
+class Effect(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
 
 
-class OverflowAction(str, Enum):
+class OverflowAction(StrEnum):
     DROP_LOWEST = "drop_lowest"
     DISCONNECT = "disconnect"
 
@@ -119,6 +119,12 @@ class Expression:
     context: str
     program: Program = field(compare=False, repr=False, hash=False)
     location: Location = field(compare=False, repr=False, hash=False, default=Location(""))
+    # Derived from the source at compile time (see analysis.py) to skip evaluations:
+    # the event names outside which the expression cannot be true (None: any name),
+    # whether it is exactly that name test, and a plain ``variable.field`` it reads.
+    event_names: frozenset[str] | None = field(default=None, compare=False, repr=False)
+    is_name_test: bool = field(default=False, compare=False, repr=False)
+    path: tuple[str, str] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +222,10 @@ class CircuitBreakerSpec:
 
 @dataclass(frozen=True, slots=True)
 class SheddingRuleSpec:
+    """``hook`` is None for action disconnect, which runs on the load sampler's tick."""
+
     name: str
-    hook: Hook
+    hook: Hook | None
     when: Expression
     action: ShedAction
     mode: Mode
@@ -239,6 +247,7 @@ class AuthFailureSpec:
     window: float = 900.0
     backoff: str = "progressive"
     block_after: int = 0
+    codes: tuple[str, ...] = ("AUTH_FAILED",)
 
 
 @dataclass(frozen=True, slots=True)

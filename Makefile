@@ -1,0 +1,39 @@
+# Everyday commands. `make serve` and `make test` are the README's quick start: each sets
+# up its own virtual environment in .venv first, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test check lint typecheck validate bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/policy-engine serve --policies policies/policies.yaml --host 127.0.0.1 --port 8000
+
+lint: $(STAMP)
+	$(BIN)/ruff check policy_engine tests benchmarks
+	$(BIN)/ruff format --check policy_engine tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+validate: $(STAMP)
+	$(BIN)/policy-engine validate policies/policies.yaml policies/examples/*.yaml
+
+test: $(STAMP) lint typecheck validate
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.validate_bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,78 @@
+"""Static facts about CEL sources that let the engine skip evaluations on the hot path.
+
+At roughly 85 us of server CPU per Socket.IO event, every microsecond of policy work is
+about one percent of capacity. Most conditions start with a test of the event name
+(``event.name == "oh_user_action" && ...``) and many keys are a plain field
+(``conn.sid``): recognising those shapes once, at compile time, turns a CEL evaluation
+into a set lookup or a dict read. The analysis is conservative: when it is not certain
+of a shape it returns nothing, and the expression is simply evaluated.
+"""
+
+from __future__ import annotations
+
+import re
+
+_STRING = r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\''
+_NAME_EQ = re.compile(rf"\s*event\.name\s*==\s*({_STRING})\s*")
+_NAME_IN = re.compile(
+    rf"\s*event\.name\s+in\s*\[\s*((?:{_STRING})(?:\s*,\s*(?:{_STRING}))*)\s*,?\s*\]\s*"
+)
+_LITERAL = re.compile(_STRING)
+_PATH = re.compile(r"\s*([a-z_][a-z0-9_]*)\.([a-z_][a-z0-9_]*)\s*")
+
+
+def event_name_filter(source: str) -> tuple[frozenset[str] | None, bool]:
+    """The event names the expression requires, and whether it is only that test.
+
+    Recognised: ``event.name == "x"`` or ``event.name in ["x", "y"]`` standing alone or as
+    the first operand of a top-level ``&&`` chain (no top-level ``||``, which binds looser).
+    """
+    head, has_rest = _first_conjunct(source)
+    if head is None:
+        return None, False
+    for pattern in (_NAME_EQ, _NAME_IN):
+        match = pattern.fullmatch(head)
+        if match:
+            names = frozenset(_unquote(m) for m in _LITERAL.findall(match.group(1)))
+            return names, not has_rest
+    return None, False
+
+
+def field_path(source: str) -> tuple[str, str] | None:
+    """``("conn", "sid")`` for the source ``conn.sid``; None for anything else."""
+    match = _PATH.fullmatch(source)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def _first_conjunct(source: str) -> tuple[str | None, bool]:
+    """Split at the first top-level ``&&``; refuse sources with a top-level ``||`` or ``?``."""
+    depth = 0
+    quote = ""
+    index = 0
+    split = -1
+    while index < len(source):
+        char = source[index]
+        if quote:
+            if char == "\\":
+                index += 1
+            elif char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif (depth == 0 and source.startswith("||", index)) or (depth == 0 and char == "?"):
+            return None, False
+        elif depth == 0 and split < 0 and source.startswith("&&", index):
+            split = index
+        index += 1
+    if split < 0:
+        return source, False
+    return source[:split], True
+
+
+def _unquote(literal: str) -> str:
+    body = literal[1:-1]
+    return body.encode().decode("unicode_escape") if "\\" in body else body

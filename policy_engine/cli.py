@@ -1,0 +1,148 @@
+"""The ``policy-engine`` command.
+
+``main(argv) -> int`` is testable without a subprocess; the library knows nothing of
+argparse. Exit codes: 0 valid / passed, 1 invalid policy or failed tests, 2 usage errors.
+Heavy imports (the server, Redis) happen inside the commands that need them, so
+``policy-engine validate`` starts fast in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from policy_engine import __version__
+from policy_engine.errors import Diagnostic, PolicyError, Severity
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policy-engine",
+        description="Declarative reliability policies for python-socketio servers.",
+    )
+    parser.add_argument("--version", action="version", version=f"policy-engine {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate", help="check policy files: schema, references, CEL types"
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE", help="policy files to check")
+    validate.add_argument(
+        "--format", choices=("text", "json", "github"), default="text", help="output format"
+    )
+    validate.add_argument(
+        "--strict", action="store_true", help="treat warnings as errors (exit 1 on any)"
+    )
+    validate.add_argument(
+        "--cel-backend",
+        choices=("cel-expr-python", "cel-python"),
+        help="CEL engine (default: cel-expr-python when installed)",
+    )
+
+    commands.add_parser("schema", help="print the policy file's JSON Schema")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    stdout = out or sys.stdout
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    if args.command == "validate":
+        return _validate(args.files, args.format, args.strict, args.cel_backend, stdout)
+    if args.command == "schema":
+        from policy_engine.schema import schema_path
+
+        stdout.write(schema_path().read_text(encoding="utf-8"))
+        return EXIT_OK
+    parser.print_usage(sys.stderr)
+    return EXIT_USAGE
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+def _validate(
+    files: Sequence[str], fmt: str, strict: bool, backend: str | None, out: TextIO
+) -> int:
+    from policy_engine.compiler import compile_file
+
+    results: list[dict[str, object]] = []
+    failed_files = 0
+    error_count = 0
+    for name in files:
+        diagnostics: tuple[Diagnostic, ...]
+        version = None
+        try:
+            result = compile_file(name, backend=backend)
+            diagnostics = result.warnings
+            version = result.policy.version
+        except PolicyError as exc:
+            diagnostics = exc.diagnostics
+        has_error = any(
+            d.severity is Severity.ERROR or (strict and d.severity is Severity.WARNING)
+            for d in diagnostics
+        )
+        failed_files += has_error
+        error_count += sum(1 for d in diagnostics if d.severity is Severity.ERROR)
+        results.append(
+            {
+                "file": name,
+                "valid": not has_error,
+                "version": version,
+                "diagnostics": [_as_json(d) for d in diagnostics],
+            }
+        )
+        if fmt == "text":
+            for diagnostic in diagnostics:
+                out.write(f"{diagnostic}\n")
+            if not has_error:
+                out.write(f"{name}: ok (version {str(version)[:12]})\n")
+        elif fmt == "github":
+            for diagnostic in diagnostics:
+                out.write(_as_github(diagnostic) + "\n")
+    if fmt == "json":
+        json.dump({"valid": not failed_files, "files": results}, out, indent=2)
+        out.write("\n")
+    elif fmt == "text" and failed_files:
+        out.write(f"{error_count} error(s) in {failed_files} file(s)\n")
+    return EXIT_INVALID if failed_files else EXIT_OK
+
+
+def _as_json(diagnostic: Diagnostic) -> dict[str, object]:
+    location = diagnostic.location
+    return {
+        "file": location.file,
+        "line": location.line,
+        "column": location.column,
+        "pointer": location.pointer,
+        "severity": diagnostic.severity.value,
+        "code": diagnostic.code,
+        "message": diagnostic.message,
+        "hint": diagnostic.hint,
+    }
+
+
+def _as_github(diagnostic: Diagnostic) -> str:
+    """A workflow command, so CI shows the problem on the line of the pull request."""
+    location = diagnostic.location
+    level = "error" if diagnostic.severity is Severity.ERROR else "warning"
+    message = diagnostic.message + (f" (hint: {diagnostic.hint})" if diagnostic.hint else "")
+    message = message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    file = str(Path(location.file))
+    return (
+        f"::{level} file={file},line={location.line},col={location.column},"
+        f"title={diagnostic.code}::{message}"
+    )

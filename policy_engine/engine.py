@@ -1,0 +1,784 @@
+"""The decision engine: one compiled policy, the state store, and a verdict per hook.
+
+The engine knows nothing of Socket.IO. The adapter hands it plain-dict contexts (``conn``,
+``claims``, ``event``, ``load``) and turns its :class:`Decision` into protocol actions.
+Rules are judged in an order that refuses cheaply first: shedding (the server is
+overloaded: do as little as possible), then payload checks, authorization, rate limits,
+and finally the counters that a successful connect increments.
+
+A rule in shadow mode is judged exactly like an enforced one, but only named in
+``Decision.shadowed``: it refuses nothing. When the shared store fails, the policy's
+``on_store_error`` decides: let through, refuse, or fall back to this process's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fastjsonschema
+
+from policy_engine.breaker import Permit
+from policy_engine.classify import Classification, classify, error_context
+from policy_engine.contexts import CALL, CLASSIFIED_ERROR, CONN, EVENT, LOAD, Hook
+from policy_engine.decision import ALLOW, Decision, Outcome, TraceEntry, client_payload
+from policy_engine.errors import EvaluationError, StoreError
+from policy_engine.evaluation import evaluate_value, matches
+from policy_engine.ratelimit import CombinedDecision
+from policy_engine.spec import (
+    BackoffSpec,
+    Category,
+    CircuitBreakerSpec,
+    Effect,
+    EvalFailureMode,
+    Mode,
+    PolicySet,
+    Priority,
+    RateLimitSpec,
+    Scope,
+    ShedAction,
+    SheddingRuleSpec,
+    StoreFailureMode,
+)
+from policy_engine.store import ConnectionLimits, MemoryStore, StateStore
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerGuard:
+    """The permits one event holds while its handler runs."""
+
+    permits: tuple[CircuitBreakerSpec, ...]
+    started: float
+
+
+NO_GUARD = BreakerGuard((), 0.0)
+
+
+def new_correlation_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def conn_context(**fields: Any) -> dict[str, Any]:
+    """A ``conn`` variable with every declared field present; unknown names are refused."""
+    context = CONN.defaults()
+    for name, value in fields.items():
+        if name not in context:
+            raise KeyError(f"conn has no field {name!r}")
+        context[name] = value
+    return context
+
+
+def event_context(
+    name: str, payload: Any = None, *, size_bytes: int = 0, has_ack: bool = False
+) -> dict[str, Any]:
+    context = EVENT.defaults()
+    context.update(name=name, payload=payload, size_bytes=size_bytes, has_ack=has_ack)
+    return context
+
+
+class Engine:
+    """Applies one :class:`PolicySet` at a time; ``swap`` replaces it atomically."""
+
+    def __init__(
+        self,
+        policy: PolicySet,
+        store: StateStore | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        rand: Callable[[], float] = random.random,
+        local: MemoryStore | None = None,
+    ) -> None:
+        self.policy = policy
+        self.local = local or (store if isinstance(store, MemoryStore) else MemoryStore())
+        self.store: StateStore = store or self.local
+        self.clock = clock
+        self.rand = rand
+        self.load: dict[str, Any] = LOAD.defaults()
+        self._condition_since: dict[str, float] = {}
+
+    def swap(self, policy: PolicySet) -> None:
+        """Install a new policy; state is keyed by rule name, so unchanged rules keep theirs."""
+        self.policy = policy
+        self._condition_since = {
+            name: since
+            for name, since in self._condition_since.items()
+            if any(rule.name == name for rule in policy.shedding)
+        }
+
+    # -- connect -----------------------------------------------------------------------------
+
+    async def on_connect(
+        self, conn: dict[str, Any], claims: Mapping[str, Any], *, explain: bool = False
+    ) -> Decision:
+        """Judge a handshake; when allowed, the connection is counted until on_disconnect."""
+        policy = self.policy
+        trace: list[TraceEntry] | None = [] if explain else None
+        shadowed: list[str] = []
+        activation = {"conn": conn, "claims": claims, "load": self.load}
+        refusal = (
+            self._shed(Hook.CONNECT, activation, None, trace, shadowed)
+            or await self._auth_throttle(conn, trace)
+            or self._authorize(Hook.CONNECT, activation, trace, shadowed)
+            or await self._rate_limits(Hook.CONNECT, activation, trace, shadowed)
+        )
+        if refusal is not None:
+            return _finish(refusal, shadowed, trace)
+        conn["priority"] = self._priority(activation)
+        limits = policy.connections
+        if limits.max_total or limits.max_per_user or limits.max_per_ip:
+            ceiling = await self._guarded(
+                self.store.open_connection(
+                    ConnectionLimits(
+                        conn["user_id"],
+                        conn["ip"],
+                        limits.max_total,
+                        limits.max_per_user,
+                        limits.max_per_ip,
+                    )
+                ),
+                None,
+            )
+            if trace is not None:
+                trace.append(
+                    TraceEntry(
+                        "connections",
+                        "limits",
+                        ceiling is not None,
+                        "reject" if ceiling else "allow",
+                        {"ceiling": ceiling},
+                    )
+                )
+            if ceiling is not None:
+                payload = self._payload(
+                    code="TOO_MANY_CONNECTIONS",
+                    category=Category.CONNECTION,
+                    message=f"Connection limit reached ({ceiling.replace('_', ' ')}).",
+                    retry_after=limits.retry_after,
+                    policy=f"connections/{ceiling}",
+                )
+                return _finish(
+                    Decision(Outcome.REJECT, f"connections/{ceiling}", payload), shadowed, trace
+                )
+        return _finish(ALLOW, shadowed, trace)
+
+    async def on_disconnect(self, conn: Mapping[str, Any]) -> None:
+        limits = self.policy.connections
+        if limits.max_total or limits.max_per_user or limits.max_per_ip:
+            await self._guarded(self.store.close_connection(conn["user_id"], conn["ip"]), None)
+
+    async def record_auth_failure(self, conn: Mapping[str, Any]) -> int:
+        """Count a failed authentication against the client's IP and user."""
+        spec = self.policy.connections.auth_failures
+        if spec is None:
+            return 0
+        now = self.clock()
+        counts = [
+            await self._guarded(self.store.record_auth_failure(key, spec.window, now), 0)
+            for key in _auth_keys(conn)
+        ]
+        return max(counts, default=0)
+
+    async def clear_auth_failures(self, conn: Mapping[str, Any]) -> None:
+        if self.policy.connections.auth_failures is None:
+            return
+        for key in _auth_keys(conn):
+            await self._guarded(self.store.clear_auth_failures(key), None)
+
+    def counts_as_auth_failure(self, classification: Classification) -> bool:
+        spec = self.policy.connections.auth_failures
+        return spec is not None and classification.code in spec.codes
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def on_event(
+        self,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+        *,
+        explain: bool = False,
+    ) -> Decision:
+        """Judge one incoming event before its handler runs."""
+        policy = self.policy
+        trace: list[TraceEntry] | None = [] if explain else None
+        shadowed: list[str] = []
+        spec = policy.events.get(event["name"]) or policy.default_event
+        event["priority"] = spec.priority.value
+        refusal = self._check_payload(spec.name, spec.max_bytes, spec.validate, event, trace)
+        if refusal is not None:
+            return _finish(refusal, shadowed, trace)
+        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
+        refusal = (
+            self._shed(Hook.EVENT, activation, spec.priority, trace, shadowed)
+            or self._authorize(Hook.EVENT, activation, trace, shadowed)
+            or await self._rate_limits(Hook.EVENT, activation, trace, shadowed)
+        )
+        return _finish(refusal or ALLOW, shadowed, trace)
+
+    async def on_emit(
+        self, conn: Mapping[str, Any], claims: Mapping[str, Any], event: dict[str, Any]
+    ) -> Decision:
+        """Judge one outgoing event: shedding and emit-hook rate limits."""
+        policy = self.policy
+        spec = policy.events.get(event["name"]) or policy.default_event
+        event["priority"] = spec.priority.value
+        if not (self._has_rules(Hook.EMIT)):
+            return ALLOW
+        shadowed: list[str] = []
+        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
+        refusal = self._shed(Hook.EMIT, activation, spec.priority, None, shadowed) or (
+            await self._rate_limits(Hook.EMIT, activation, None, shadowed)
+        )
+        return _finish(refusal or ALLOW, shadowed, None)
+
+    # -- circuit breakers --------------------------------------------------------------------
+
+    async def before_call(
+        self, conn: Mapping[str, Any], claims: Mapping[str, Any], event: Mapping[str, Any]
+    ) -> BreakerGuard | Decision:
+        """Ask every breaker guarding this event for a permit; refuse at once if one is open."""
+        breakers = self.policy.circuit_breakers
+        if not breakers:
+            return NO_GUARD
+        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
+        failure = self.policy.defaults.on_eval_error
+        now = self.clock()
+        taken: list[CircuitBreakerSpec] = []
+        for spec in breakers:
+            if not matches(spec.match, activation, failure):
+                continue
+            permit: Permit | None = await self._guarded(self.store.breaker_acquire(spec, now), None)
+            if permit is None or permit.permitted or spec.mode is Mode.SHADOW:
+                if permit is not None and permit.permitted:
+                    taken.append(spec)
+                continue
+            for held in taken:
+                await self._guarded(self.store.breaker_release(held), None)
+            payload = self._payload(
+                code=spec.code,
+                category=Category.SYSTEM,
+                message=spec.message,
+                retry_after=permit.retry_after,
+                policy=f"circuit_breakers/{spec.name}",
+                retryable=True,
+            )
+            if spec.fallback is not None:
+                payload = {**payload, "fallback": dict(spec.fallback)}
+            return Decision(Outcome.REJECT, f"circuit_breakers/{spec.name}", payload)
+        return BreakerGuard(tuple(taken), now) if taken else NO_GUARD
+
+    async def after_call(
+        self,
+        guard: BreakerGuard,
+        conn: Mapping[str, Any],
+        event: Mapping[str, Any],
+        classification: Classification | None,
+        error: Mapping[str, Any] | None,
+    ) -> list[tuple[str, Any]]:
+        """Report the handler's outcome to the breakers it held; returns their transitions."""
+        if not guard.permits:
+            return []
+        now = self.clock()
+        duration = now - guard.started
+        call = CALL.defaults()
+        call.update(
+            duration_ms=int(duration * 1000), failed=classification is not None, event=event["name"]
+        )
+        error_var = classification.as_context(error or {}) if classification else _NO_ERROR
+        activation = {"conn": conn, "event": event, "error": error_var, "call": call}
+        transitions: list[tuple[str, Any]] = []
+        for spec in guard.permits:
+            # Without record_when every exception is a failure and every return a success;
+            # with it, the expression decides both (a slow success can count as a failure).
+            if spec.record_when is None:
+                failed = classification is not None
+            else:
+                failed = matches(spec.record_when, activation, EvalFailureMode.FAIL_OPEN)
+            transition = await self._guarded(
+                self.store.breaker_record(spec, now, failed=failed, duration=duration), None
+            )
+            if transition is not None:
+                transitions.append((spec.name, transition))
+        return transitions
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def on_error(
+        self,
+        exc: BaseException,
+        hook: Hook,
+        conn: Mapping[str, Any] | None = None,
+        claims: Mapping[str, Any] | None = None,
+        event: Mapping[str, Any] | None = None,
+    ) -> tuple[Classification, dict[str, Any], dict[str, Any]]:
+        """Classify an exception: the classification, its client payload, the error context."""
+        error = error_context(exc, hook.value)
+        activation = {
+            "conn": conn if conn is not None else CONN.defaults(),
+            "claims": claims if claims is not None else {},
+            "event": event if event is not None else EVENT.defaults(),
+            "error": error,
+            "hook": hook.value,
+        }
+        classification = classify(self.policy, activation)
+        return classification, classification.payload(new_correlation_id()), error
+
+    # -- load shedding of connections --------------------------------------------------------
+
+    def connections_to_shed(
+        self, connections: Iterable[Mapping[str, Any]]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """On a sampler tick: the connections to disconnect now, lowest priority first."""
+        now = self.clock()
+        activation = {"load": self.load}
+        chosen: list[tuple[str, dict[str, Any]]] = []
+        for rule in self.policy.shedding:
+            if rule.action is not ShedAction.DISCONNECT or rule.mode is Mode.SHADOW:
+                if rule.action is ShedAction.DISCONNECT:
+                    self._sustained(rule, activation, now)
+                continue
+            if not self._sustained(rule, activation, now):
+                continue
+            ceiling = rule.max_priority.rank
+            candidates = sorted(
+                (c for c in connections if c["priority"] <= ceiling),
+                key=lambda c: (c["priority"], -c["connected_ms"]),
+            )
+            for conn in candidates[: rule.max_disconnects]:
+                payload = self._payload(
+                    code=rule.code,
+                    category=Category.SYSTEM,
+                    message=rule.message,
+                    retry_after=rule.retry_after,
+                    policy=f"shedding/{rule.name}",
+                    retryable=True,
+                )
+                chosen.append((conn["sid"], payload))
+            break
+        return chosen
+
+    # -- rule groups -------------------------------------------------------------------------
+
+    def _has_rules(self, hook: Hook) -> bool:
+        policy = self.policy
+        return any(r.hook is hook for r in policy.rate_limits) or any(
+            r.hook is hook for r in policy.shedding
+        )
+
+    def _check_payload(
+        self,
+        name: str,
+        max_bytes: int | None,
+        validate: Callable[[Any], Any] | None,
+        event: Mapping[str, Any],
+        trace: list[TraceEntry] | None,
+    ) -> Decision | None:
+        if max_bytes is not None and event["size_bytes"] > max_bytes:
+            if trace is not None:
+                trace.append(
+                    TraceEntry(
+                        "events",
+                        name,
+                        True,
+                        "reject",
+                        {"size_bytes": event["size_bytes"], "max_bytes": max_bytes},
+                    )
+                )
+            payload = self._payload(
+                code="PAYLOAD_TOO_LARGE",
+                category=Category.CLIENT,
+                message=f"The event is larger than {max_bytes} bytes.",
+                retry_after=None,
+                policy=f"events/{name}",
+            )
+            return Decision(Outcome.REJECT, f"events/{name}", payload)
+        if validate is not None:
+            try:
+                validate(event["payload"])
+            except fastjsonschema.JsonSchemaValueException as exc:
+                if trace is not None:
+                    trace.append(
+                        TraceEntry("events", name, True, "reject", {"schema": exc.message})
+                    )
+                payload = self._payload(
+                    code="INVALID_PAYLOAD",
+                    category=Category.CLIENT,
+                    message=f"Invalid payload: {exc.message}"[:300],
+                    retry_after=None,
+                    policy=f"events/{name}",
+                )
+                return Decision(Outcome.REJECT, f"events/{name}", payload)
+        if trace is not None:
+            trace.append(
+                TraceEntry("events", name, False, "allow", {"size_bytes": event["size_bytes"]})
+            )
+        return None
+
+    def _shed(
+        self,
+        hook: Hook,
+        activation: Mapping[str, Any],
+        priority: Priority | None,
+        trace: list[TraceEntry] | None,
+        shadowed: list[str],
+    ) -> Decision | None:
+        rules = self.policy.shedding
+        if not rules:
+            return None
+        failure = self.policy.defaults.on_eval_error
+        now = self.clock()
+        for rule in rules:
+            if rule.hook is not hook:
+                continue
+            if priority is not None and priority.rank > rule.max_priority.rank:
+                if trace is not None:
+                    trace.append(
+                        TraceEntry(
+                            "shedding", rule.name, False, "skip", {"priority": priority.value}
+                        )
+                    )
+                continue
+            hit = self._sustained(rule, activation, now, failure)
+            if trace is not None:
+                trace.append(
+                    TraceEntry(
+                        "shedding",
+                        rule.name,
+                        hit,
+                        rule.action.value if hit else "allow",
+                        {"load": dict(self.load)},
+                    )
+                )
+            if not hit:
+                continue
+            if rule.mode is Mode.SHADOW:
+                shadowed.append(f"shedding/{rule.name}")
+                continue
+            outcome = {
+                ShedAction.REJECT: Outcome.REJECT,
+                ShedAction.DROP: Outcome.DROP,
+                ShedAction.DELAY: Outcome.DELAY,
+            }[rule.action]
+            if outcome is Outcome.DELAY:
+                return Decision(Outcome.DELAY, f"shedding/{rule.name}", None, rule.delay)
+            payload = self._payload(
+                code=rule.code,
+                category=Category.SYSTEM,
+                message=rule.message,
+                retry_after=rule.retry_after,
+                policy=f"shedding/{rule.name}",
+                retryable=True,
+            )
+            return Decision(outcome, f"shedding/{rule.name}", payload)
+        return None
+
+    def _sustained(
+        self,
+        rule: SheddingRuleSpec,
+        activation: Mapping[str, Any],
+        now: float,
+        failure: EvalFailureMode = EvalFailureMode.FAIL_OPEN,
+    ) -> bool:
+        """Whether the rule's condition holds, and has held for ``sustained_for``."""
+        if not matches(rule.when, activation, failure):
+            self._condition_since.pop(rule.name, None)
+            return False
+        if rule.sustained_for <= 0:
+            return True
+        since = self._condition_since.setdefault(rule.name, now)
+        return now - since >= rule.sustained_for
+
+    def _authorize(
+        self,
+        hook: Hook,
+        activation: Mapping[str, Any],
+        trace: list[TraceEntry] | None,
+        shadowed: list[str],
+    ) -> Decision | None:
+        authorization = self.policy.authorization
+        failure = self.policy.defaults.on_eval_error
+        for rule in authorization.rules:
+            if rule.hook is not hook:
+                continue
+            hit = matches(rule.when, activation, failure)
+            if trace is not None:
+                trace.append(
+                    TraceEntry(
+                        "authorization", rule.name, hit, rule.effect.value if hit else "skip"
+                    )
+                )
+            if not hit:
+                continue
+            if rule.effect is Effect.ALLOW:
+                return None
+            if rule.mode is Mode.SHADOW:
+                shadowed.append(f"authorization/{rule.name}")
+                continue
+            return self._forbidden(rule.name, rule.code, rule.message, hook)
+        if authorization.default is Effect.DENY:
+            return self._forbidden("default", "FORBIDDEN", "Not allowed.", hook)
+        return None
+
+    def _forbidden(self, name: str, code: str, message: str, hook: Hook) -> Decision:
+        category = Category.CONNECTION if hook is Hook.CONNECT else Category.CLIENT
+        payload = self._payload(
+            code=code,
+            category=category,
+            message=message,
+            retry_after=None,
+            policy=f"authorization/{name}",
+        )
+        return Decision(Outcome.REJECT, f"authorization/{name}", payload)
+
+    async def _rate_limits(
+        self,
+        hook: Hook,
+        activation: Mapping[str, Any],
+        trace: list[TraceEntry] | None,
+        shadowed: list[str],
+    ) -> Decision | None:
+        rules = self.policy.rate_limits
+        if not rules:
+            return None
+        failure = self.policy.defaults.on_eval_error
+        enforced_local: list[tuple[RateLimitSpec, str]] = []
+        enforced_shared: list[tuple[RateLimitSpec, str]] = []
+        shadow: list[tuple[RateLimitSpec, str]] = []
+        for rule in rules:
+            if rule.hook is not hook:
+                continue
+            if rule.when is not None and not matches(rule.when, activation, failure):
+                if trace is not None:
+                    trace.append(TraceEntry("rate_limits", rule.name, False, "skip"))
+                continue
+            try:
+                key = str(evaluate_value(rule.key, activation))
+            except EvaluationError as exc:
+                if trace is not None:
+                    trace.append(
+                        TraceEntry(
+                            "rate_limits", rule.name, False, "key-error", {"error": str(exc)}
+                        )
+                    )
+                if failure is EvalFailureMode.FAIL_CLOSED:
+                    return self._rate_refusal(rule, None)
+                continue
+            if rule.mode is Mode.SHADOW:
+                shadow.append((rule, key))
+            elif rule.scope is Scope.LOCAL or self.store is self.local:
+                enforced_local.append((rule, key))
+            else:
+                enforced_shared.append((rule, key))
+        now = self.clock()
+        for rule, key in shadow:
+            combined = await self._check_rates(
+                [(rule, key)], now, shared=rule.scope is Scope.GLOBAL
+            )
+            if trace is not None:
+                trace.append(
+                    TraceEntry(
+                        "rate_limits",
+                        rule.name,
+                        True,
+                        "shadow-" + ("allow" if combined.allowed else "reject"),
+                        {"key": key, "retry_after": combined.retry_after},
+                    )
+                )
+            if not combined.allowed:
+                shadowed.append(f"rate_limits/{rule.name}")
+        if not enforced_local and not enforced_shared:
+            return None
+        decided: CombinedDecision | None = (
+            self.local.check_rate_limits_now(enforced_local, now) if enforced_local else None
+        )
+        if enforced_shared and (decided is None or decided.allowed):
+            shared = await self._check_rates(enforced_shared, now, shared=True)
+            if decided is None or not shared.allowed:
+                decided = shared
+        if decided is None:
+            return None
+        if trace is not None:
+            for rule, key in (*enforced_local, *enforced_shared):
+                deciding = decided.rule == rule.name
+                trace.append(
+                    TraceEntry(
+                        "rate_limits",
+                        rule.name,
+                        True,
+                        "reject" if deciding and not decided.allowed else "allow",
+                        {"key": key, "retry_after": decided.retry_after if deciding else 0.0},
+                    )
+                )
+        if decided.allowed:
+            return None
+        decided_rule = next(
+            r for r, _ in (*enforced_local, *enforced_shared) if r.name == decided.rule
+        )
+        return self._rate_refusal(decided_rule, decided)
+
+    async def _check_rates(
+        self, checks: Sequence[tuple[RateLimitSpec, str]], now: float, *, shared: bool
+    ) -> CombinedDecision:
+        if not shared or self.store is self.local:
+            return self.local.check_rate_limits_now(checks, now)
+        mode = self.policy.defaults.on_store_error
+        try:
+            return await self._with_timeout(self.store.check_rate_limits(checks, now))
+        except StoreError:
+            if mode is StoreFailureMode.LOCAL:
+                return self.local.check_rate_limits_now(checks, now)
+            allowed = mode is StoreFailureMode.FAIL_OPEN
+            rule = checks[0][0].name if checks else None
+            return CombinedDecision(allowed, 0.0 if allowed else 1.0, rule, None)
+
+    def _rate_refusal(self, rule: RateLimitSpec, combined: CombinedDecision | None) -> Decision:
+        payload = self._payload(
+            code=rule.code,
+            category=Category.CLIENT,
+            message=rule.message,
+            retry_after=combined.retry_after if combined else rule.rate.interval,
+            policy=f"rate_limits/{rule.name}",
+            retryable=True,
+        )
+        return Decision(Outcome.REJECT, f"rate_limits/{rule.name}", payload)
+
+    async def _auth_throttle(
+        self, conn: Mapping[str, Any], trace: list[TraceEntry] | None
+    ) -> Decision | None:
+        """Progressive delays: after ``threshold`` failures, each retry must wait longer."""
+        spec = self.policy.connections.auth_failures
+        if spec is None:
+            return None
+        now = self.clock()
+        worst_count, last = 0, 0.0
+        for key in _auth_keys(conn):
+            count, at = await self._guarded(
+                self.store.auth_failures(key, spec.window, now), (0, 0.0)
+            )
+            if count > worst_count:
+                worst_count, last = count, at
+        if trace is not None:
+            trace.append(
+                TraceEntry(
+                    "connections",
+                    "auth_failures",
+                    worst_count >= spec.threshold,
+                    "check",
+                    {"failures": worst_count},
+                )
+            )
+        if spec.block_after and worst_count >= spec.block_after:
+            payload = self._payload(
+                code="AUTH_BLOCKED",
+                category=Category.CONNECTION,
+                message="Too many failed sign-in attempts; try again later.",
+                retry_after=max(0.0, last + spec.window - now),
+                policy="connections/auth_failures",
+                retryable=True,
+                backoff_name=spec.backoff,
+            )
+            return Decision(Outcome.REJECT, "connections/auth_failures", payload)
+        if worst_count < spec.threshold:
+            return None
+        policy_backoff = self.policy.backoff[spec.backoff]
+        attempt = worst_count - spec.threshold + 1
+        delay = _deterministic_delay(policy_backoff, attempt)
+        wait = last + delay - now
+        if wait <= 0:
+            return None
+        payload = self._payload(
+            code="AUTH_THROTTLED",
+            category=Category.CONNECTION,
+            message="Too many failed sign-in attempts; wait before retrying.",
+            retry_after=wait,
+            policy="connections/auth_failures",
+            retryable=True,
+            backoff_name=spec.backoff,
+        )
+        return Decision(Outcome.REJECT, "connections/auth_failures", payload)
+
+    def _priority(self, activation: Mapping[str, Any]) -> int:
+        expression = self.policy.connections.priority
+        if expression is None:
+            return 0
+        try:
+            value = evaluate_value(expression, activation)
+        except EvaluationError:
+            return 0
+        return value if isinstance(value, int) else 0
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _payload(
+        self,
+        *,
+        code: str,
+        category: Category,
+        message: str,
+        retry_after: float | None,
+        policy: str,
+        retryable: bool = False,
+        backoff_name: str | None = None,
+    ) -> dict[str, Any]:
+        name = backoff_name or self.policy.defaults.backoff
+        return client_payload(
+            code=code,
+            category=category,
+            message=message,
+            retryable=retryable,
+            retry_after=retry_after,
+            backoff=self.policy.backoff.get(name) if retryable else None,
+            policy=policy,
+            correlation_id=new_correlation_id(),
+        )
+
+    async def _with_timeout(self, awaitable: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(awaitable, self.policy.defaults.store_timeout)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            raise StoreError(f"state store did not answer: {exc!r}") from exc
+
+    async def _guarded(self, awaitable: Awaitable[T], fallback: T) -> T:
+        """Run a store call; on failure fall back per policy (memory never fails)."""
+        if self.store is self.local:
+            return await awaitable
+        try:
+            return await self._with_timeout(awaitable)
+        except StoreError:
+            return fallback
+
+
+_NO_ERROR: Mapping[str, Any] = CLASSIFIED_ERROR.defaults()
+
+
+def _auth_keys(conn: Mapping[str, Any]) -> list[str]:
+    keys = [f"ip:{conn['ip']}"]
+    if conn["user_id"]:
+        keys.append(f"user:{conn['user_id']}")
+    return keys
+
+
+def _deterministic_delay(spec: BackoffSpec, attempt: int) -> float:
+    """The un-jittered delay of a backoff policy: a server-side wait must be predictable."""
+    return min(spec.max, spec.base * spec.multiplier ** max(0, attempt - 1))
+
+
+def _finish(decision: Decision, shadowed: list[str], trace: list[TraceEntry] | None) -> Decision:
+    if not shadowed and trace is None:
+        return decision
+    return Decision(
+        decision.outcome,
+        decision.rule,
+        decision.payload,
+        decision.delay,
+        tuple(shadowed),
+        tuple(trace) if trace is not None else (),
+    )

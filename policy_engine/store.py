@@ -1,0 +1,286 @@
+"""The state store protocol, and the embedded in-memory store that needs nothing started.
+
+Strategies decide; stores offer a few narrow, atomic primitives (the split ``limits``
+makes). Each primitive takes everything one decision needs in one call, so a networked
+store answers with one round trip (one Lua script) per hook rather than one per rule.
+State is keyed by rule name and key, never by a rule's parameters: a hot reload that keeps
+a rule keeps its counters and breaker state.
+
+The memory store is the default and the fallback: ``on_store_error: local`` routes to it
+when the shared store does not answer, and ``scope: local`` rules always use it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from policy_engine import breaker, ratelimit
+from policy_engine.breaker import BreakerState, Permit, Transition
+from policy_engine.ratelimit import CombinedDecision, RateState
+from policy_engine.spec import CircuitBreakerSpec, RateLimitSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Which counters a new connection increments, and their ceilings (None: unlimited)."""
+
+    user: str
+    ip: str
+    max_total: int | None
+    max_per_user: int | None
+    max_per_ip: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayedEvent:
+    event_id: int
+    event: str
+    data: Any
+
+
+class StateStore(Protocol):
+    """What the engine needs from shared state; every method is one atomic step."""
+
+    async def check_rate_limits(
+        self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
+    ) -> CombinedDecision:
+        """Judge every (rule, key) together; consume from all or none."""
+        ...
+
+    async def breaker_acquire(self, spec: CircuitBreakerSpec, now: float) -> Permit: ...
+
+    async def breaker_record(
+        self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
+    ) -> Transition | None: ...
+
+    async def breaker_release(self, spec: CircuitBreakerSpec) -> None: ...
+
+    async def open_connection(self, limits: ConnectionLimits) -> str | None:
+        """Count a new connection unless a ceiling is reached; returns the ceiling hit."""
+        ...
+
+    async def close_connection(self, user: str, ip: str) -> None: ...
+
+    async def record_auth_failure(self, key: str, window: float, now: float) -> int:
+        """Add one failure; returns the failures within ``window`` including this one."""
+        ...
+
+    async def auth_failures(self, key: str, window: float, now: float) -> tuple[int, float]:
+        """Failures within ``window`` and when the last one happened (0.0 when none)."""
+        ...
+
+    async def clear_auth_failures(self, key: str) -> None: ...
+
+    async def append_replay(
+        self, stream: str, event: str, data: Any, limit: int, now: float
+    ) -> int:
+        """Buffer an outgoing event for replay; returns its id (increasing per stream)."""
+        ...
+
+    async def replay_since(
+        self, stream: str, after_id: int, max_age: float, now: float
+    ) -> list[ReplayedEvent] | None:
+        """Events after ``after_id``, in order; None when they cannot all be replayed.
+
+        None means the client missed more than is buffered, or was away longer than
+        ``max_age`` (its first missed event is older): it must reload instead.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+class _KeyedStates:
+    """Per-rule states with LRU eviction, so a key-spraying client cannot grow memory."""
+
+    __slots__ = ("limit", "states")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.states: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any:
+        state = self.states.get(key)
+        if state is not None:
+            self.states.move_to_end(key)
+        return state
+
+    def put(self, key: str, state: Any) -> None:
+        states = self.states
+        states[key] = state
+        states.move_to_end(key)
+        if len(states) > self.limit:
+            states.popitem(last=False)
+
+
+class MemoryStore:
+    """The embedded store: this process's state, in dicts, bounded per rule."""
+
+    def __init__(self) -> None:
+        self._rates: dict[str, _KeyedStates] = {}
+        self._breakers: dict[str, BreakerState] = {}
+        self._connections_total = 0
+        self._per_user: dict[str, int] = {}
+        self._per_ip: dict[str, int] = {}
+        self._auth: dict[str, deque[float]] = {}
+        self._replay: dict[str, tuple[int, deque[tuple[int, float, str, Any]]]] = {}
+
+    # -- rate limits -----------------------------------------------------------------------
+
+    def check_rate_limits_now(
+        self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
+    ) -> CombinedDecision:
+        """The synchronous core, so the engine can skip a coroutine on the hot path."""
+        prior: list[tuple[RateLimitSpec, RateState | None]] = []
+        tables: list[_KeyedStates] = []
+        for spec, key in checks:
+            table = self._rates.get(spec.name)
+            if table is None or table.limit != spec.max_keys:
+                table = self._rates[spec.name] = _resize(table, spec.max_keys)
+            state = table.get(key)
+            if state is not None and ratelimit.expires_at(spec, state) <= now:
+                state = None
+            prior.append((spec, state))
+            tables.append(table)
+        combined, states = ratelimit.check_all(prior, now)
+        if combined.allowed:
+            for (_, key), table, state in zip(checks, tables, states, strict=True):
+                if state is not None:
+                    table.put(key, state)
+        return combined
+
+    async def check_rate_limits(
+        self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
+    ) -> CombinedDecision:
+        return self.check_rate_limits_now(checks, now)
+
+    def rate_keys(self, rule: str) -> int:
+        table = self._rates.get(rule)
+        return 0 if table is None else len(table.states)
+
+    # -- circuit breakers ------------------------------------------------------------------
+
+    def breaker_state(self, name: str) -> BreakerState:
+        return self._breakers.get(name) or BreakerState()
+
+    async def breaker_acquire(self, spec: CircuitBreakerSpec, now: float) -> Permit:
+        permit, state = breaker.acquire(spec, self.breaker_state(spec.name), now)
+        self._breakers[spec.name] = state
+        return permit
+
+    async def breaker_record(
+        self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
+    ) -> Transition | None:
+        state, transition = breaker.record(
+            spec, self.breaker_state(spec.name), now, failed=failed, duration=duration
+        )
+        self._breakers[spec.name] = state
+        return transition
+
+    async def breaker_release(self, spec: CircuitBreakerSpec) -> None:
+        self._breakers[spec.name] = breaker.release(self.breaker_state(spec.name))
+
+    # -- connections -----------------------------------------------------------------------
+
+    async def open_connection(self, limits: ConnectionLimits) -> str | None:
+        if limits.max_total is not None and self._connections_total >= limits.max_total:
+            return "max_total"
+        if (
+            limits.user
+            and limits.max_per_user is not None
+            and self._per_user.get(limits.user, 0) >= limits.max_per_user
+        ):
+            return "max_per_user"
+        if limits.max_per_ip is not None and self._per_ip.get(limits.ip, 0) >= limits.max_per_ip:
+            return "max_per_ip"
+        self._connections_total += 1
+        if limits.user:
+            self._per_user[limits.user] = self._per_user.get(limits.user, 0) + 1
+        self._per_ip[limits.ip] = self._per_ip.get(limits.ip, 0) + 1
+        return None
+
+    async def close_connection(self, user: str, ip: str) -> None:
+        self._connections_total = max(0, self._connections_total - 1)
+        _decrement(self._per_user, user)
+        _decrement(self._per_ip, ip)
+
+    def connection_counts(self) -> tuple[int, int, int]:
+        """Total, distinct users and distinct IPs currently counted: for status and tests."""
+        return self._connections_total, len(self._per_user), len(self._per_ip)
+
+    # -- authentication failures -----------------------------------------------------------
+
+    async def record_auth_failure(self, key: str, window: float, now: float) -> int:
+        failures = self._auth.setdefault(key, deque(maxlen=1000))
+        _expire(failures, now - window)
+        failures.append(now)
+        return len(failures)
+
+    async def auth_failures(self, key: str, window: float, now: float) -> tuple[int, float]:
+        failures = self._auth.get(key)
+        if failures is not None:
+            _expire(failures, now - window)
+        if not failures:
+            self._auth.pop(key, None)
+            return 0, 0.0
+        return len(failures), failures[-1]
+
+    async def clear_auth_failures(self, key: str) -> None:
+        self._auth.pop(key, None)
+
+    # -- replay buffers --------------------------------------------------------------------
+
+    async def append_replay(
+        self, stream: str, event: str, data: Any, limit: int, now: float
+    ) -> int:
+        last_id, buffer = self._replay.get(stream, (0, deque()))
+        if buffer.maxlen != limit:
+            buffer = deque(buffer, maxlen=limit)
+        event_id = last_id + 1
+        buffer.append((event_id, now, event, data))
+        self._replay[stream] = (event_id, buffer)
+        return event_id
+
+    async def replay_since(
+        self, stream: str, after_id: int, max_age: float, now: float
+    ) -> list[ReplayedEvent] | None:
+        entry = self._replay.get(stream)
+        if entry is None:
+            return [] if after_id <= 0 else None
+        last_id, buffer = entry
+        if after_id >= last_id:
+            return []
+        oldest = buffer[0][0] if buffer else last_id + 1
+        if after_id + 1 < oldest:
+            return None
+        missed = [entry for entry in buffer if entry[0] > after_id]
+        if missed and now - missed[0][1] > max_age:
+            return None
+        return [ReplayedEvent(event_id, event, data) for event_id, _, event, data in missed]
+
+    async def close(self) -> None:
+        return None
+
+
+def _resize(table: _KeyedStates | None, limit: int) -> _KeyedStates:
+    resized = _KeyedStates(limit)
+    if table is not None:
+        for key, state in list(table.states.items())[-limit:]:
+            resized.states[key] = state
+    return resized
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    value = counts.get(key, 0) - 1
+    if value > 0:
+        counts[key] = value
+    else:
+        counts.pop(key, None)
+
+
+def _expire(times: deque[float], before: float) -> None:
+    while times and times[0] <= before:
+        times.popleft()
