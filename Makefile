@@ -28,6 +28,7 @@ typecheck: $(STAMP)
 
 validate: $(STAMP)
 	$(BIN)/policy-engine validate policies/policies.yaml policies/examples/*.yaml
+	$(BIN)/policy-engine test policies/tests
 
 test: $(STAMP) lint typecheck validate
 	$(BIN)/pytest

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from policy_engine import __version__
+from policy_engine.contexts import Hook
 from policy_engine.errors import Diagnostic, PolicyError, Severity
 
 EXIT_OK = 0
@@ -48,6 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("schema", help="print the policy file's JSON Schema")
+
+    explain = commands.add_parser(
+        "explain", help="evaluate one decision and print it with every rule considered"
+    )
+    explain.add_argument("--policies", required=True, metavar="FILE", help="policy file")
+    explain.add_argument(
+        "--hook", required=True, choices=[h.value for h in _hooks()], help="hook to run"
+    )
+    explain.add_argument(
+        "--context",
+        default="{}",
+        metavar="JSON",
+        help='contexts as JSON, e.g. \'{"conn": {"ip": "1.2.3.4"}, "load": {"loop_lag_ms": 300}}\'',
+    )
+    explain.add_argument("--format", choices=("text", "json"), default="text")
+    explain.add_argument("--cel-backend", choices=("cel-expr-python", "cel-python"))
+
+    test = commands.add_parser("test", help="run policy unit tests written in YAML")
+    test.add_argument("paths", nargs="+", metavar="PATH", help="test files or folders")
+    test.add_argument("--format", choices=("text", "json"), default="text")
+    test.add_argument("--cel-backend", choices=("cel-expr-python", "cel-python"))
     return parser
 
 
@@ -60,6 +82,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
     if args.command == "validate":
         return _validate(args.files, args.format, args.strict, args.cel_backend, stdout)
+    if args.command == "explain":
+        return _explain(
+            args.policies, args.hook, args.context, args.format, args.cel_backend, stdout
+        )
+    if args.command == "test":
+        return _test(args.paths, args.format, args.cel_backend, stdout)
     if args.command == "schema":
         from policy_engine.schema import schema_path
 
@@ -119,6 +147,90 @@ def _validate(
     elif fmt == "text" and failed_files:
         out.write(f"{error_count} error(s) in {failed_files} file(s)\n")
     return EXIT_INVALID if failed_files else EXIT_OK
+
+
+def _hooks() -> list[Hook]:
+    return list(Hook)
+
+
+def _explain(args: argparse.Namespace, out: TextIO) -> int:
+    import asyncio
+
+    from policy_engine.compiler import compile_file
+    from policy_engine.engine import Engine
+    from policy_engine.explain import ContextError, build_context, run_hook
+
+    policies, hook, fmt, backend = args.policies, args.hook, args.format, args.cel_backend
+    try:
+        raw = json.loads(args.context)
+    except json.JSONDecodeError as exc:
+        sys.stderr.write(f"--context is not JSON: {exc}\n")
+        return EXIT_USAGE
+    if not isinstance(raw, dict):
+        sys.stderr.write("--context must be a JSON object of variables\n")
+        return EXIT_USAGE
+    try:
+        policy = compile_file(policies, backend=backend).policy
+    except PolicyError as exc:
+        out.write(f"{exc}\n")
+        return EXIT_INVALID
+    try:
+        contexts = build_context(raw)
+    except ContextError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_USAGE
+    decision = asyncio.run(run_hook(Engine(policy), Hook(hook), contexts, explain=True))
+    if fmt == "json":
+        json.dump(
+            {"hook": hook, "policy_version": policy.version, **decision.to_dict()}, out, indent=2
+        )
+        out.write("\n")
+        return EXIT_OK
+    out.write(f"hook {hook}: {decision.outcome.value}")
+    out.write(f" by {decision.rule}\n" if decision.rule else "\n")
+    for entry in decision.trace:
+        mark = "x" if entry.matched else " "
+        detail = f"  {json.dumps(dict(entry.detail), default=str)}" if entry.detail else ""
+        out.write(f"  [{mark}] {entry.section}/{entry.rule}: {entry.outcome}{detail}\n")
+    if decision.shadowed:
+        out.write(f"  shadow rules that would have refused: {', '.join(decision.shadowed)}\n")
+    if decision.payload is not None:
+        out.write(f"  client payload: {json.dumps(dict(decision.payload))}\n")
+    return EXIT_OK
+
+
+def _test(paths: Sequence[str], fmt: str, backend: str | None, out: TextIO) -> int:
+    from policy_engine.policytest import PolicyTestError, discover, run_file
+
+    files = discover(paths)
+    if not files:
+        sys.stderr.write("no policy test files found\n")
+        return EXIT_USAGE
+    results = []
+    for file in files:
+        try:
+            results.extend(run_file(file, backend=backend))
+        except (PolicyTestError, PolicyError) as exc:
+            sys.stderr.write(f"{exc}\n")
+            return EXIT_INVALID
+    failed = [r for r in results if not r.passed]
+    if fmt == "json":
+        json.dump(
+            [
+                {"file": r.file, "name": r.name, "passed": r.passed, "failures": list(r.failures)}
+                for r in results
+            ],
+            out,
+            indent=2,
+        )
+        out.write("\n")
+    else:
+        for result in results:
+            out.write(f"{'PASS' if result.passed else 'FAIL'} {result.file}: {result.name}\n")
+            for failure in result.failures:
+                out.write(f"     {failure}\n")
+        out.write(f"{len(results) - len(failed)} passed, {len(failed)} failed\n")
+    return EXIT_INVALID if failed else EXIT_OK
 
 
 def _as_json(diagnostic: Diagnostic) -> dict[str, object]:
