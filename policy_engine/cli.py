@@ -83,9 +83,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     if args.command == "validate":
         return _validate(args.files, args.format, args.strict, args.cel_backend, stdout)
     if args.command == "explain":
-        return _explain(
-            args.policies, args.hook, args.context, args.format, args.cel_backend, stdout
-        )
+        return _explain(args, stdout)
     if args.command == "test":
         return _test(args.paths, args.format, args.cel_backend, stdout)
     if args.command == "schema":
