@@ -1,0 +1,267 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from policy_engine.compiler import compile_file, compile_text
+from policy_engine.contexts import Hook
+from policy_engine.decision import Outcome
+from policy_engine.engine import Engine, conn_context, event_context
+from policy_engine.errors import StoreError
+from policy_engine.ratelimit import CombinedDecision
+from policy_engine.spec import PolicySet, RateLimitSpec
+
+SHIPPED = Path(__file__).resolve().parent.parent / "policies" / "policies.yaml"
+PAYLOAD_KEYS = {
+    "code",
+    "category",
+    "message",
+    "retryable",
+    "retry_after_ms",
+    "backoff",
+    "policy",
+    "correlation_id",
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def policy(text: str) -> PolicySet:
+    return compile_text("version: 1\n" + text).policy
+
+
+def engine_for(text: str, store: Any = None) -> tuple[Engine, Clock]:
+    clock = Clock()
+    return Engine(policy(text), store, clock=clock), clock
+
+
+def conn(**fields: Any) -> dict[str, Any]:
+    fields.setdefault("sid", "s1")
+    fields.setdefault("ip", "192.0.2.1")
+    fields.setdefault("conversation_id", "c1")
+    return conn_context(**fields)
+
+
+async def test_every_refusal_carries_the_full_client_payload() -> None:
+    engine = Engine(compile_file(SHIPPED).policy)
+    decision = await engine.on_connect(conn(conversation_id=""), {})
+    assert decision.outcome is Outcome.REJECT
+    assert decision.payload is not None
+    assert set(decision.payload) == PAYLOAD_KEYS
+    assert decision.payload["policy"] == "authorization/require-conversation"
+    assert len(decision.payload["correlation_id"]) == 16
+
+
+SHADOW_AND_ENFORCED = """
+rate_limits:
+  - {name: strict, hook: event, key: conn.sid, limit: 2/minute, mode: shadow}
+  - {name: loose, hook: event, key: conn.sid, limit: 5/minute}
+"""
+
+
+async def test_shadow_rules_name_what_they_would_refuse_but_refuse_nothing() -> None:
+    engine, _ = engine_for(SHADOW_AND_ENFORCED)
+    outcomes = [await engine.on_event(conn(), {}, event_context("x")) for _ in range(5)]
+    assert [d.outcome for d in outcomes] == [Outcome.ALLOW] * 5
+    assert [d.shadowed for d in outcomes] == [(), (), *[("rate_limits/strict",)] * 3]
+    sixth = await engine.on_event(conn(), {}, event_context("x"))
+    assert sixth.rule == "rate_limits/loose"
+
+
+TWO_LIMITS = """
+rate_limits:
+  - {name: per-conn, hook: event, key: conn.sid, limit: 3/minute}
+  - {name: per-conversation, hook: event, key: conn.conversation_id, limit: 4/minute}
+"""
+
+
+async def test_a_refusal_by_one_limit_consumes_nothing_from_the_others() -> None:
+    engine, _ = engine_for(TWO_LIMITS)
+    first = [await engine.on_event(conn(sid="a"), {}, event_context("x")) for _ in range(5)]
+    assert [d.outcome for d in first] == [Outcome.ALLOW] * 3 + [Outcome.REJECT] * 2
+    assert first[-1].rule == "rate_limits/per-conn"
+    # the two refused events did not use the conversation's budget: one is left
+    other = [await engine.on_event(conn(sid="b"), {}, event_context("x")) for _ in range(2)]
+    assert [d.outcome for d in other] == [Outcome.ALLOW, Outcome.REJECT]
+    assert other[-1].rule == "rate_limits/per-conversation"
+
+
+async def test_the_most_restrictive_retry_after_is_reported() -> None:
+    engine, _ = engine_for(
+        """
+rate_limits:
+  - {name: fast, hook: event, key: conn.sid, limit: 1/second, burst: 1}
+  - {name: slow, hook: event, key: conn.sid, limit: 1/minute, burst: 1}
+"""
+    )
+    await engine.on_event(conn(), {}, event_context("x"))
+    refused = await engine.on_event(conn(), {}, event_context("x"))
+    assert refused.rule == "rate_limits/slow"
+    assert refused.payload is not None
+    assert refused.payload["retry_after_ms"] == 60_000
+
+
+async def test_a_reload_keeps_the_state_of_rules_that_kept_their_name() -> None:
+    engine, _ = engine_for(TWO_LIMITS)
+    for _ in range(3):
+        await engine.on_event(conn(), {}, event_context("x"))
+    engine.swap(policy(TWO_LIMITS.replace("per-conversation, hook: event", "renamed, hook: event")))
+    refused = await engine.on_event(conn(), {}, event_context("x"))
+    assert refused.rule == "rate_limits/per-conn"
+
+
+async def test_a_key_spraying_client_cannot_grow_memory_past_max_keys() -> None:
+    engine, _ = engine_for(
+        "rate_limits:\n  - {name: by-ip, hook: connect, key: conn.ip, limit: 5/minute, "
+        "max_keys: 100}\n"
+    )
+    for index in range(1_000):
+        await engine.on_connect(conn(ip=f"10.0.{index // 256}.{index % 256}"), {})
+    assert engine.local.rate_keys("by-ip") == 100
+
+
+async def test_expired_states_count_as_empty() -> None:
+    engine, clock = engine_for(
+        "rate_limits:\n  - {name: l, hook: event, key: conn.sid, limit: 1/second, burst: 1}\n"
+    )
+    assert (await engine.on_event(conn(), {}, event_context("x"))).allowed
+    assert not (await engine.on_event(conn(), {}, event_context("x"))).allowed
+    clock.now += 1.0
+    assert (await engine.on_event(conn(), {}, event_context("x"))).allowed
+
+
+class DownStore:
+    """A shared store that is down: every round trip fails, as Redis does in an outage."""
+
+    def __getattr__(self, name: str) -> Any:
+        async def fail(*args: Any, **kwargs: Any) -> Any:
+            raise StoreError("connection refused")
+
+        return fail
+
+    async def check_rate_limits(
+        self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
+    ) -> CombinedDecision:
+        raise StoreError("connection refused")
+
+
+@pytest.mark.parametrize(
+    ("mode", "allowed_count"), [("fail_open", 5), ("fail_closed", 0), ("local", 2)]
+)
+async def test_a_failing_store_follows_the_declared_failure_mode(
+    mode: str, allowed_count: int
+) -> None:
+    engine, _ = engine_for(
+        f"defaults: {{on_store_error: {mode}}}\n"
+        "rate_limits:\n  - {name: l, hook: event, key: conn.sid, limit: 2/minute}\n",
+        DownStore(),
+    )
+    decisions = [await engine.on_event(conn(), {}, event_context("x")) for _ in range(5)]
+    assert sum(d.allowed for d in decisions) == allowed_count
+
+
+@pytest.mark.parametrize(("mode", "outcome"), [("fail_open", "allow"), ("fail_closed", "reject")])
+async def test_a_failing_expression_follows_on_eval_error(mode: str, outcome: str) -> None:
+    engine, _ = engine_for(
+        f"defaults: {{on_eval_error: {mode}}}\n"
+        "authorization:\n  rules:\n"
+        "    - {name: admins-only, hook: event, when: 'claims.role != \"admin\"', effect: deny}\n"
+    )
+    # claims has no "role": the expression fails at run time instead of being false
+    decision = await engine.on_event(conn(), {}, event_context("x"))
+    assert decision.outcome.value == outcome
+
+
+async def test_connection_limits_are_released_on_disconnect() -> None:
+    engine, _ = engine_for("connections: {max_total: 2, max_per_user: 1}\n")
+    alice = conn(sid="a", user_id="alice")
+    assert (await engine.on_connect(alice, {})).allowed
+    second = await engine.on_connect(conn(sid="b", user_id="alice"), {})
+    assert second.rule == "connections/max_per_user"
+    assert (await engine.on_connect(conn(sid="c", user_id="bob"), {})).allowed
+    third = await engine.on_connect(conn(sid="d", user_id="carol"), {})
+    assert third.rule == "connections/max_total"
+    await engine.on_disconnect(alice)
+    assert (await engine.on_connect(conn(sid="b", user_id="alice"), {})).allowed
+    assert engine.local.connection_counts() == (2, 2, 1)
+
+
+async def test_sustained_overload_sheds_the_lowest_priority_connections_first() -> None:
+    engine, clock = engine_for(
+        """
+connections:
+  priority: 'has(claims.plan) ? 2 : (conn.user_id == "" ? 0 : 1)'
+shedding:
+  - {name: shed, when: load.loop_lag_ms > 1000, action: disconnect, sustained_for: 10s,
+     max_priority: normal, max_disconnects: 2}
+"""
+    )
+    people = [
+        (conn(sid="anon1"), {}),
+        (conn(sid="user1", user_id="u1"), {}),
+        (conn(sid="pro1", user_id="p1"), {"plan": "pro"}),
+        (conn(sid="anon2"), {}),
+    ]
+    for person, claims in people:
+        assert (await engine.on_connect(person, claims)).allowed
+    connections = [person for person, _ in people]
+    engine.load = {**engine.load, "loop_lag_ms": 1500}
+    assert engine.connections_to_shed(connections) == []
+    clock.now += 10
+    chosen = engine.connections_to_shed(connections)
+    assert sorted(sid for sid, _ in chosen) == ["anon1", "anon2"]
+    assert all(payload["code"] == "OVERLOADED" for _, payload in chosen)
+    engine.load = {**engine.load, "loop_lag_ms": 10}
+    assert engine.connections_to_shed(connections) == []
+
+
+async def test_classification_never_leaks_internals() -> None:
+    engine = Engine(compile_file(SHIPPED).policy)
+    secret = "password=hunter2 at /srv/app/secrets.py line 12"
+    classification, payload, error = engine.on_error(
+        RuntimeError(secret), Hook.EVENT, conn(), {}, None
+    )
+    assert classification.code == "INTERNAL"
+    assert set(payload) == PAYLOAD_KEYS
+    assert secret not in str(payload)
+    assert error["message"] == secret  # kept for the logs, not for the client
+
+
+async def test_status_codes_on_exceptions_are_visible_to_rules() -> None:
+    class HTTPError(Exception):
+        status_code = 404
+
+    engine = Engine(compile_file(SHIPPED).policy)
+    classification, _, _ = engine.on_error(HTTPError(), Hook.CONNECT, conn(), {}, None)
+    assert classification.code == "CONVERSATION_NOT_FOUND"
+
+
+async def test_open_breaker_answers_with_its_fallback() -> None:
+    engine, _ = engine_for(
+        """
+circuit_breakers:
+  - {name: search, match: 'event.name == "search"', window: {calls: 4}, minimum_calls: 4,
+     failure_rate: 50%, open_for: 10s, half_open_calls: 1, fallback: {results: []}}
+"""
+    )
+    event = event_context("search")
+    for failed in (True, True, False, False):
+        guard = await engine.before_call(conn(), {}, event)
+        assert not isinstance(guard, type(None))
+        classification = engine.on_error(RuntimeError(), Hook.EVENT)[0] if failed else None
+        await engine.after_call(guard, conn(), event, classification, {})  # type: ignore[arg-type]
+    refused = await engine.before_call(conn(), {}, event)
+    assert not hasattr(refused, "permits")
+    assert refused.payload["fallback"] == {"results": []}  # type: ignore[union-attr]
+    assert refused.payload["retry_after_ms"] == 10_000  # type: ignore[union-attr]
+    other = await engine.before_call(conn(), {}, event_context("chat"))
+    assert hasattr(other, "permits")
