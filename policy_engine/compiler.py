@@ -191,6 +191,7 @@ class _Compiler:
             event_names=names,
             is_name_test=is_name_test,
             path=field_path(source),
+            per_connection=program.variables <= _PER_CONNECTION,
         )
 
     def _expression_position(self, pointer: str, source: str, offset: int) -> tuple[int, int]:
@@ -777,6 +778,8 @@ class _Compiler:
             )
         return AuthorizationSpec(Effect(raw.get("default", "allow")), tuple(rules))
 
+
+_PER_CONNECTION = frozenset({"conn", "claims"})
 
 _DEFAULT_MESSAGES = {
     "connection": "The connection could not be established.",

@@ -25,7 +25,7 @@ import fastjsonschema
 
 from policy_engine.breaker import Permit
 from policy_engine.classify import Classification, classify, error_context
-from policy_engine.contexts import CALL, CLASSIFIED_ERROR, CONN, EVENT, LOAD, Hook
+from policy_engine.contexts import CLASSIFIED_ERROR, CONN, EVENT, LOAD, Hook
 from policy_engine.decision import ALLOW, Decision, Outcome, TraceEntry, client_payload
 from policy_engine.errors import EvaluationError, StoreError
 from policy_engine.evaluation import evaluate_value, matches
@@ -36,6 +36,7 @@ from policy_engine.spec import (
     CircuitBreakerSpec,
     Effect,
     EvalFailureMode,
+    Expression,
     Mode,
     PolicySet,
     Priority,
@@ -103,6 +104,8 @@ class Engine:
         self.rand = rand
         self.load: dict[str, Any] = LOAD.defaults()
         self._condition_since: dict[str, float] = {}
+        # Rate-limit keys that read only conn and claims, computed once per connection.
+        self._connection_keys: dict[str, dict[Expression, str]] = {}
 
     def swap(self, policy: PolicySet) -> None:
         """Install a new policy; state is keyed by rule name, so unchanged rules keep theirs."""
@@ -170,6 +173,7 @@ class Engine:
         return _finish(ALLOW, shadowed, trace)
 
     async def on_disconnect(self, conn: Mapping[str, Any]) -> None:
+        self._connection_keys.pop(conn["sid"], None)
         limits = self.policy.connections
         if limits.max_total or limits.max_per_user or limits.max_per_ip:
             await self._guarded(self.store.close_connection(conn["user_id"], conn["ip"]), None)
@@ -288,10 +292,11 @@ class Engine:
             return []
         now = self.clock()
         duration = now - guard.started
-        call = CALL.defaults()
-        call.update(
-            duration_ms=int(duration * 1000), failed=classification is not None, event=event["name"]
-        )
+        call = {
+            "duration_ms": int(duration * 1000),
+            "failed": classification is not None,
+            "event": event["name"],
+        }
         error_var = classification.as_context(error or {}) if classification else _NO_ERROR
         activation = {"conn": conn, "event": event, "error": error_var, "call": call}
         transitions: list[tuple[str, Any]] = []
@@ -560,7 +565,7 @@ class Engine:
                     trace.append(TraceEntry("rate_limits", rule.name, False, "skip"))
                 continue
             try:
-                key = str(evaluate_value(rule.key, activation))
+                key = self._key(rule.key, activation)
             except EvaluationError as exc:
                 if trace is not None:
                     trace.append(
@@ -623,6 +628,18 @@ class Engine:
             r for r, _ in (*enforced_local, *enforced_shared) if r.name == decided.rule
         )
         return self._rate_refusal(decided_rule, decided)
+
+    def _key(self, expression: Expression, activation: Mapping[str, Any]) -> str:
+        if not expression.per_connection or expression.path is not None:
+            return str(evaluate_value(expression, activation))
+        sid = activation["conn"]["sid"]
+        keys = self._connection_keys.get(sid)
+        if keys is None:
+            keys = self._connection_keys[sid] = {}
+        key = keys.get(expression)
+        if key is None:
+            key = keys[expression] = str(evaluate_value(expression, activation))
+        return key
 
     async def _check_rates(
         self, checks: Sequence[tuple[RateLimitSpec, str]], now: float, *, shared: bool

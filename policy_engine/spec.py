@@ -125,6 +125,9 @@ class Expression:
     event_names: frozenset[str] | None = field(default=None, compare=False, repr=False)
     is_name_test: bool = field(default=False, compare=False, repr=False)
     path: tuple[str, str] | None = field(default=None, compare=False, repr=False)
+    # True when the expression reads only ``conn`` and ``claims``: its value is fixed for
+    # the life of a connection and can be computed once per connection.
+    per_connection: bool = field(default=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
