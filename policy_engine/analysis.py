@@ -21,21 +21,24 @@ _LITERAL = re.compile(_STRING)
 _PATH = re.compile(r"\s*([a-z_][a-z0-9_]*)\.([a-z_][a-z0-9_]*)\s*")
 
 
-def event_name_filter(source: str) -> tuple[frozenset[str] | None, bool]:
-    """The event names the expression requires, and whether it is only that test.
+def event_name_filter(source: str) -> tuple[frozenset[str] | None, str | None]:
+    """The event names the expression requires, and what is left to evaluate after that test.
 
     Recognised: ``event.name == "x"`` or ``event.name in ["x", "y"]`` standing alone or as
     the first operand of a top-level ``&&`` chain (no top-level ``||``, which binds looser).
+    The rest is None when the name test is the whole expression; otherwise it is the
+    remainder of the chain, which alone decides once the name matched (``&&`` is
+    commutative in CEL, so evaluating it alone gives the same answer).
     """
-    head, has_rest = _first_conjunct(source)
+    head, rest = _first_conjunct(source)
     if head is None:
-        return None, False
+        return None, None
     for pattern in (_NAME_EQ, _NAME_IN):
         match = pattern.fullmatch(head)
         if match:
             names = frozenset(_unquote(m) for m in _LITERAL.findall(match.group(1)))
-            return names, not has_rest
-    return None, False
+            return names, rest
+    return None, None
 
 
 def field_path(source: str) -> tuple[str, str] | None:
@@ -44,7 +47,7 @@ def field_path(source: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
-def _first_conjunct(source: str) -> tuple[str | None, bool]:
+def _first_conjunct(source: str) -> tuple[str | None, str | None]:
     """Split at the first top-level ``&&``; refuse sources with a top-level ``||`` or ``?``."""
     depth = 0
     quote = ""
@@ -64,13 +67,13 @@ def _first_conjunct(source: str) -> tuple[str | None, bool]:
         elif char in ")]}":
             depth -= 1
         elif (depth == 0 and source.startswith("||", index)) or (depth == 0 and char == "?"):
-            return None, False
+            return None, None
         elif depth == 0 and split < 0 and source.startswith("&&", index):
             split = index
         index += 1
     if split < 0:
-        return source, False
-    return source[:split], True
+        return source, None
+    return source[:split], source[split + 2 :]
 
 
 def _unquote(literal: str) -> str:

@@ -182,14 +182,18 @@ class _Compiler:
             )
             self.diagnostics.append(Diagnostic(location, exc.code, exc.message, hint))
             return None
-        names, is_name_test = event_name_filter(source) if "event" in variables else (None, False)
+        names, rest = event_name_filter(source) if "event" in variables else (None, None)
+        residual = None
+        if names is not None and rest is not None:
+            residual = self.backend.compile(rest, variables, expect=expect)
         return Expression(
             source,
             context,
             program,
             self.document.locate(pointer),
             event_names=names,
-            is_name_test=is_name_test,
+            is_name_test=names is not None and rest is None,
+            residual=residual,
             path=field_path(source),
             per_connection=program.variables <= _PER_CONNECTION,
         )

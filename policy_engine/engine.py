@@ -25,7 +25,7 @@ import fastjsonschema
 
 from policy_engine.breaker import Permit
 from policy_engine.classify import Classification, classify, error_context
-from policy_engine.contexts import CLASSIFIED_ERROR, CONN, EVENT, LOAD, Hook
+from policy_engine.contexts import CONN, EVENT, LOAD, Hook
 from policy_engine.decision import ALLOW, Decision, Outcome, TraceEntry, client_payload
 from policy_engine.errors import EvaluationError, StoreError
 from policy_engine.evaluation import evaluate_value, matches
@@ -292,23 +292,22 @@ class Engine:
             return []
         now = self.clock()
         duration = now - guard.started
-        call = {
-            "duration_ms": int(duration * 1000),
-            "failed": classification is not None,
-            "event": event["name"],
-        }
-        error_var = classification.as_context(error or {}) if classification else _NO_ERROR
-        activation = {"conn": conn, "event": event, "error": error_var, "call": call}
+        # As in Resilience4j, record_when judges exceptions only: a return is a success,
+        # and slow calls are counted through the breaker's slow_call settings.
+        failed = classification is not None
+        activation: dict[str, Any] | None = None
+        if classification is not None and any(s.record_when for s in guard.permits):
+            call = {"duration_ms": int(duration * 1000), "failed": True, "event": event["name"]}
+            error_var = classification.as_context(error or {})
+            activation = {"conn": conn, "event": event, "error": error_var, "call": call}
         transitions: list[tuple[str, Any]] = []
+        on_eval_error = self.policy.defaults.on_eval_error
         for spec in guard.permits:
-            # Without record_when every exception is a failure and every return a success;
-            # with it, the expression decides both (a slow success can count as a failure).
-            if spec.record_when is None:
-                failed = classification is not None
-            else:
-                failed = matches(spec.record_when, activation, EvalFailureMode.FAIL_OPEN)
+            recorded = failed
+            if activation is not None and spec.record_when is not None:
+                recorded = matches(spec.record_when, activation, on_eval_error)
             transition = await self._guarded(
-                self.store.breaker_record(spec, now, failed=failed, duration=duration), None
+                self.store.breaker_record(spec, now, failed=recorded, duration=duration), None
             )
             if transition is not None:
                 transitions.append((spec.name, transition))
@@ -771,9 +770,6 @@ class Engine:
             return await self._with_timeout(awaitable)
         except StoreError:
             return fallback
-
-
-_NO_ERROR: Mapping[str, Any] = CLASSIFIED_ERROR.defaults()
 
 
 def _auth_keys(conn: Mapping[str, Any]) -> list[str]:

@@ -18,14 +18,16 @@ def matches(
     expression: Expression, activation: Mapping[str, Any], failure: EvalFailureMode
 ) -> bool:
     """Whether a condition holds; a failed evaluation counts as ``failure`` says."""
+    program = expression.program
     names = expression.event_names
     if names is not None:
         if activation["event"]["name"] not in names:
             return False
         if expression.is_name_test:
             return True
+        program = expression.residual or program
     try:
-        return expression.program.evaluate(activation) is True
+        return program.evaluate(activation) is True
     except EvaluationError:
         return failure is EvalFailureMode.FAIL_CLOSED
 

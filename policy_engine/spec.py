@@ -124,6 +124,9 @@ class Expression:
     # whether it is exactly that name test, and a plain ``variable.field`` it reads.
     event_names: frozenset[str] | None = field(default=None, compare=False, repr=False)
     is_name_test: bool = field(default=False, compare=False, repr=False)
+    # With event_names set: the program for the rest of the condition, which reads less
+    # context (often not ``event`` at all) and so converts less data per evaluation.
+    residual: Program | None = field(default=None, compare=False, repr=False)
     path: tuple[str, str] | None = field(default=None, compare=False, repr=False)
     # True when the expression reads only ``conn`` and ``claims``: its value is fixed for
     # the life of a connection and can be computed once per connection.

@@ -103,15 +103,14 @@ class _KeyedStates:
         self.states: OrderedDict[str, Any] = OrderedDict()
 
     def get(self, key: str) -> Any:
-        state = self.states.get(key)
-        if state is not None:
-            self.states.move_to_end(key)
-        return state
+        return self.states.get(key)
 
     def put(self, key: str, state: Any) -> None:
+        """Store and mark as most recently used (only writes count as use)."""
         states = self.states
+        if key in states:
+            states.move_to_end(key)
         states[key] = state
-        states.move_to_end(key)
         if len(states) > self.limit:
             states.popitem(last=False)
 
@@ -134,6 +133,8 @@ class MemoryStore:
         self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
     ) -> CombinedDecision:
         """The synchronous core, so the engine can skip a coroutine on the hot path."""
+        if len(checks) == 1:
+            return self._check_one(*checks[0], now)
         prior: list[tuple[RateLimitSpec, RateState | None]] = []
         tables: list[_KeyedStates] = []
         for spec, key in checks:
@@ -151,6 +152,19 @@ class MemoryStore:
                 if state is not None:
                     table.put(key, state)
         return combined
+
+    def _check_one(self, spec: RateLimitSpec, key: str, now: float) -> CombinedDecision:
+        """One limit alone: the common case, without the bookkeeping of a joint check."""
+        table = self._rates.get(spec.name)
+        if table is None or table.limit != spec.max_keys:
+            table = self._rates[spec.name] = _resize(table, spec.max_keys)
+        state = table.states.get(key)
+        if state is not None and ratelimit.expires_at(spec, state) <= now:
+            state = None
+        decision, new_state = ratelimit.check(spec, state, now)
+        if decision.allowed:
+            table.put(key, new_state)
+        return CombinedDecision(decision.allowed, decision.retry_after, spec.name, decision)
 
     async def check_rate_limits(
         self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
