@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
@@ -23,17 +24,27 @@ from typing import Any
 FieldType = str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class MessageType:
-    """A record of named, typed fields exposed as one CEL variable."""
+    """A record of named, typed fields exposed as one CEL variable.
+
+    Compared by identity: each type is declared once, below, and used as a cache key.
+    """
 
     name: str
     fields: Mapping[str, FieldType]
     doc: str = ""
 
     def defaults(self) -> dict[str, Any]:
-        """A fresh value with every field at its zero value, the base every context starts from."""
-        return {name: zero_value(kind) for name, kind in self.fields.items()}
+        """A fresh value with every field at its zero value, the base every context starts from.
+
+        Built on the hot path (one per event), so scalars come from a prepared template
+        and only container fields get new, unshared objects.
+        """
+        value = dict(_templates(self))
+        for name in _container_fields(self):
+            value[name] = zero_value(self.fields[name])
+        return value
 
 
 def zero_value(kind: FieldType) -> Any:
@@ -50,6 +61,16 @@ def zero_value(kind: FieldType) -> Any:
     if kind.startswith("map<"):
         return {}
     return None
+
+
+@cache
+def _templates(message: MessageType) -> Mapping[str, Any]:
+    return {name: zero_value(kind) for name, kind in message.fields.items()}
+
+
+@cache
+def _container_fields(message: MessageType) -> tuple[str, ...]:
+    return tuple(n for n, k in message.fields.items() if k.startswith(("list<", "map<")))
 
 
 def _message(type_name: str, doc: str, /, **fields: FieldType) -> MessageType:

@@ -259,7 +259,11 @@ class Engine:
         for spec in breakers:
             if not matches(spec.match, activation, failure):
                 continue
-            permit: Permit | None = await self._guarded(self.store.breaker_acquire(spec, now), None)
+            permit: Permit | None
+            if self.store is self.local:
+                permit = self.local.breaker_acquire_now(spec, now)
+            else:
+                permit = await self._guarded(self.store.breaker_acquire(spec, now), None)
             if permit is None or permit.permitted or spec.mode is Mode.SHADOW:
                 if permit is not None and permit.permitted:
                     taken.append(spec)
@@ -306,9 +310,14 @@ class Engine:
             recorded = failed
             if activation is not None and spec.record_when is not None:
                 recorded = matches(spec.record_when, activation, on_eval_error)
-            transition = await self._guarded(
-                self.store.breaker_record(spec, now, failed=recorded, duration=duration), None
-            )
+            if self.store is self.local:
+                transition = self.local.breaker_record_now(
+                    spec, now, failed=recorded, duration=duration
+                )
+            else:
+                transition = await self._guarded(
+                    self.store.breaker_record(spec, now, failed=recorded, duration=duration), None
+                )
             if transition is not None:
                 transitions.append((spec.name, transition))
         return transitions
@@ -583,9 +592,10 @@ class Engine:
                 enforced_shared.append((rule, key))
         now = self.clock()
         for rule, key in shadow:
-            combined = await self._check_rates(
-                [(rule, key)], now, shared=rule.scope is Scope.GLOBAL
-            )
+            if rule.scope is Scope.LOCAL or self.store is self.local:
+                combined = self.local.check_rate_limits_now([(rule, key)], now)
+            else:
+                combined = await self._check_rates([(rule, key)], now, shared=True)
             if trace is not None:
                 trace.append(
                     TraceEntry(

@@ -180,12 +180,12 @@ class MemoryStore:
     def breaker_state(self, name: str) -> BreakerState:
         return self._breakers.get(name) or BreakerState()
 
-    async def breaker_acquire(self, spec: CircuitBreakerSpec, now: float) -> Permit:
+    def breaker_acquire_now(self, spec: CircuitBreakerSpec, now: float) -> Permit:
         permit, state = breaker.acquire(spec, self.breaker_state(spec.name), now)
         self._breakers[spec.name] = state
         return permit
 
-    async def breaker_record(
+    def breaker_record_now(
         self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
     ) -> Transition | None:
         state, transition = breaker.record(
@@ -193,6 +193,14 @@ class MemoryStore:
         )
         self._breakers[spec.name] = state
         return transition
+
+    async def breaker_acquire(self, spec: CircuitBreakerSpec, now: float) -> Permit:
+        return self.breaker_acquire_now(spec, now)
+
+    async def breaker_record(
+        self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
+    ) -> Transition | None:
+        return self.breaker_record_now(spec, now, failed=failed, duration=duration)
 
     async def breaker_release(self, spec: CircuitBreakerSpec) -> None:
         self._breakers[spec.name] = breaker.release(self.breaker_state(spec.name))
