@@ -70,6 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("paths", nargs="+", metavar="PATH", help="test files or folders")
     test.add_argument("--format", choices=("text", "json"), default="text")
     test.add_argument("--cel-backend", choices=("cel-expr-python", "cel-python"))
+
+    serve = commands.add_parser(
+        "serve", help="run a python-socketio app under a policy (uvicorn, hot reload on SIGHUP)"
+    )
+    serve.add_argument(
+        "app",
+        nargs="?",
+        metavar="MODULE:ATTR",
+        help="a socketio.AsyncServer(async_mode='asgi'); default: the built-in demo app",
+    )
+    serve.add_argument("--policies", required=True, metavar="FILE", help="policy file")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="bind port (default 8000)")
+    serve.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="auto: console at a terminal, JSON lines otherwise",
+    )
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    serve.add_argument("--socketio-path", default="socket.io", help="Socket.IO endpoint path")
+    serve.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a shutdown waits for connections to close",
+    )
+    serve.add_argument("--cel-backend", choices=("cel-expr-python", "cel-python"))
     return parser
 
 
@@ -86,6 +115,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return _explain(args, stdout)
     if args.command == "test":
         return _test(args.paths, args.format, args.cel_backend, stdout)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "schema":
         from policy_engine.schema import schema_path
 
@@ -98,6 +129,42 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
 def entry() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Exit 1 on an invalid policy (nothing starts), 2 on a bad MODULE:ATTR."""
+    import asyncio
+    import os
+
+    from policy_engine.logs import configure_logging
+    from policy_engine.serve import AppImportError, build_app, load_server, serve
+
+    configure_logging(args.log_format, level=args.log_level)
+    if args.app:
+        sys.path.insert(0, os.getcwd())  # as uvicorn does: the app's module is found from here
+        try:
+            sio = load_server(args.app)
+        except AppImportError as exc:
+            sys.stderr.write(f"policy-engine serve: {exc}\n")
+            return EXIT_USAGE
+    else:
+        from policy_engine.demo import create_server
+
+        sio = create_server()
+    try:
+        server = build_app(
+            sio, args.policies, socketio_path=args.socketio_path, cel_backend=args.cel_backend
+        )
+    except PolicyError as exc:
+        for diagnostic in exc.diagnostics:
+            sys.stderr.write(f"{diagnostic}\n")
+        sys.stderr.write(f"{len(exc.errors)} error(s) in {args.policies}: not serving\n")
+        return EXIT_INVALID
+    try:
+        asyncio.run(serve(server, args.host, args.port, graceful_timeout=args.graceful_timeout))
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind or start
+        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
+    return EXIT_OK
 
 
 def _validate(

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from enum import StrEnum
+from functools import cache
 from types import MappingProxyType
 from typing import Any
 
