@@ -142,15 +142,11 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, level=args.log_level)
     if args.app:
         sys.path.insert(0, os.getcwd())  # as uvicorn does: the app's module is found from here
-        try:
-            sio = load_server(args.app)
-        except AppImportError as exc:
-            sys.stderr.write(f"policy-engine serve: {exc}\n")
-            return EXIT_USAGE
-    else:
-        from policy_engine.demo import create_server
-
-        sio = create_server()
+    try:
+        sio = load_server(args.app)
+    except AppImportError as exc:
+        sys.stderr.write(f"policy-engine serve: {exc}\n")
+        return EXIT_USAGE
     try:
         server = build_app(
             sio, args.policies, socketio_path=args.socketio_path, cel_backend=args.cel_backend

@@ -1,0 +1,266 @@
+"""Prometheus metrics for the engine's edges, as an :class:`~policy_engine.observer.Observer`.
+
+Every label takes its values from a bounded set: hook names, rule names (``section/name``,
+fixed by the policy file), outcomes, error codes and categories, breaker names, reload
+results. Nothing is labelled by connection, user, IP or conversation: per-key labels are how
+rate-limit exporters blow up their time-series databases.
+
+Each instance owns a :class:`~prometheus_client.CollectorRegistry` (one per server), so two
+servers in one process, or two tests, never register the same name twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
+
+from policy_engine.breaker import Circuit, Transition
+from policy_engine.classify import Classification
+from policy_engine.decision import Decision
+from policy_engine.errors import Diagnostic
+from policy_engine.spec import PolicySet
+
+NAMESPACE = "policy_engine"
+NO_RULE = "none"
+BREAKER_STATE_VALUES: Mapping[Circuit, int] = {
+    Circuit.CLOSED: 0,
+    Circuit.HALF_OPEN: 1,
+    Circuit.OPEN: 2,
+}
+# A decision takes microseconds; the buckets resolve 5 us to 100 ms.
+DECISION_BUCKETS = (
+    0.000005,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.1,
+)
+
+
+class MetricsObserver:
+    """Counts decisions, errors, breaker transitions, sheds, reloads and outbound drops."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, process_metrics: bool = False
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        ns = NAMESPACE
+        self.decisions = Counter(
+            "decisions",
+            "Decisions by hook, deciding rule and outcome (rule 'none' when allowed).",
+            ["hook", "rule", "outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.decision_seconds = Histogram(
+            "decision_seconds",
+            "Time the engine took to decide, by hook.",
+            ["hook"],
+            namespace=ns,
+            registry=reg,
+            buckets=DECISION_BUCKETS,
+        )
+        self.shadow_refusals = Counter(
+            "shadow_refusals",
+            "Refusals a shadow-mode rule would have made, by rule.",
+            ["rule"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.errors = Counter(
+            "errors",
+            "Handler errors by classified code and category.",
+            ["code", "category"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.breaker_state = Gauge(
+            "circuit_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
+            ["breaker"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.breaker_transitions = Counter(
+            "circuit_breaker_transitions",
+            "Circuit breaker transitions.",
+            ["breaker", "from_state", "to_state", "reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.shed_total = Counter(
+            "shed",
+            "Connections or events shed under load, by rule and action.",
+            ["rule", "action"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.reloads = Counter(
+            "policy_reloads",
+            "Policy reloads by result (success or failure).",
+            ["result"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.policy = Info(
+            "policy",
+            "The policy in force: its version hash and source.",
+            namespace=ns,
+            registry=reg,
+        )
+        self.active_connections = Gauge(
+            "active_connections", "Socket.IO connections open now.", namespace=ns, registry=reg
+        )
+        self.connection_events = Counter(
+            "connection_events",
+            "Connection lifecycle events (opened, closed, idle_closed, shed, recovered).",
+            ["event"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.outbound_drops = Counter(
+            "outbound_drops",
+            "Outgoing events dropped instead of queued, by reason.",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.loop_lag_seconds = Gauge(
+            "loop_lag_seconds",
+            "Worst event-loop lag seen during the last sampling interval.",
+            namespace=ns,
+            registry=reg,
+        )
+        self.events_per_second = Gauge(
+            "events_per_second",
+            "Incoming events per second, as sampled.",
+            namespace=ns,
+            registry=reg,
+        )
+        self.overloaded_seconds = Gauge(
+            "overloaded_seconds",
+            "How long the loop lag has stayed above the overload threshold.",
+            namespace=ns,
+            registry=reg,
+        )
+        if process_metrics:
+            ProcessCollector(registry=reg)
+        # Children looked up once per label set: labels() takes a lock and builds a tuple.
+        self._decision_children: dict[tuple[str, str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+        self._breakers: set[str] = set()
+
+    # -- Observer ---------------------------------------------------------------------------
+
+    def decision(
+        self,
+        hook: str,
+        decision: Decision,
+        seconds: float,
+        conn: Mapping[str, Any] | None,  # noqa: ARG002
+    ) -> None:
+        key = (hook, decision.rule or NO_RULE, decision.outcome.value)
+        counter = self._decision_children.get(key)
+        if counter is None:
+            counter = self._decision_children[key] = self.decisions.labels(*key)
+        counter.inc()
+        latency = self._latency_children.get(hook)
+        if latency is None:
+            latency = self._latency_children[hook] = self.decision_seconds.labels(hook)
+        latency.observe(seconds)
+        for rule in decision.shadowed:
+            self.shadow_refusals.labels(rule).inc()
+
+    def error(
+        self,
+        hook: str,  # noqa: ARG002
+        classification: Classification,
+        error: Mapping[str, Any],  # noqa: ARG002
+        payload: Mapping[str, Any],  # noqa: ARG002
+        conn: Mapping[str, Any] | None,  # noqa: ARG002
+    ) -> None:
+        self.errors.labels(classification.code, classification.category.value).inc()
+
+    def breaker_transition(self, name: str, transition: Transition) -> None:
+        self._breakers.add(name)
+        self.breaker_state.labels(name).set(BREAKER_STATE_VALUES[transition.to_state])
+        self.breaker_transitions.labels(
+            name,
+            transition.from_state.value,
+            transition.to_state.value,
+            transition.reason.value,
+        ).inc()
+
+    def shed(self, rule: str, action: str, count: int) -> None:
+        self.shed_total.labels(rule, action).inc(count)
+
+    def reload(
+        self,
+        ok: bool,
+        version: str | None,
+        path: str,
+        diagnostics: Sequence[Diagnostic],  # noqa: ARG002
+    ) -> None:
+        self.reloads.labels("success" if ok else "failure").inc()
+        if ok and version is not None:
+            self.policy.info({"version": version, "source": path})
+
+    def connection(self, event: str, conn: Mapping[str, Any], reason: str = "") -> None:  # noqa: ARG002
+        self.connection_events.labels(event).inc()
+
+    def outbound_drop(self, conn: Mapping[str, Any], event: str, reason: str) -> None:  # noqa: ARG002
+        self.outbound_drops.labels(reason).inc()
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def install_policy(self, policy: PolicySet, source: str | None = None) -> None:
+        """Describe the policy now in force: its version, and a state for every breaker.
+
+        A breaker not seen before starts at closed; one that kept its name keeps its gauge
+        (its state carried over); one the policy dropped disappears from the output.
+        """
+        self.policy.info({"version": policy.version, "source": source or policy.source})
+        self.track_breakers(spec.name for spec in policy.circuit_breakers)
+
+    def track_breakers(self, names: Iterable[str]) -> None:
+        wanted = set(names)
+        for name in self._breakers - wanted:
+            self.breaker_state.remove(name)
+        for name in wanted - self._breakers:
+            self.breaker_state.labels(name).set(BREAKER_STATE_VALUES[Circuit.CLOSED])
+        self._breakers = wanted
+
+    def track_connections(self, count: Callable[[], int]) -> None:
+        """Read the connection count at scrape time, so the gauge is never a tick behind."""
+        self.active_connections.set_function(lambda: float(count()))
+
+    def observe_load(self, load: Mapping[str, int]) -> None:
+        """Publish one load sample (the ``load`` context the engine's rules read)."""
+        self.loop_lag_seconds.set(load.get("loop_lag_ms", 0) / 1000)
+        self.events_per_second.set(load.get("events_per_second", 0))
+        self.overloaded_seconds.set(load.get("overloaded_ms", 0) / 1000)
+        self.active_connections.set(load.get("active_connections", 0))
+
+    def render(self) -> tuple[bytes, str]:
+        """The registry in the Prometheus text format, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
