@@ -4,7 +4,8 @@ The classifier sees an exception the way an operator thinks about it: its type n
 the names of its base classes (so ``"TimeoutError" in error.types`` catches every
 subclass), its module, its message, and the well-known attributes libraries use for
 status codes. The first rule that matches wins; a built-in ``INTERNAL`` classification
-catches whatever no rule does, so the engine always has an answer.
+catches whatever no rule does, so the engine always has an answer; an application's own
+``ConnectionRefusedError`` that no rule classifies is a plain, non-retryable refusal.
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ def classify(policy: PolicySet, activation: Mapping[str, Any]) -> Classification
                 retry_after=rule.retry_after,
                 alert=rule.alert,
             )
+    if "ConnectionRefusedError" in activation["error"]["types"]:
+        # The application refused the handshake on purpose: a refusal, not a server fault.
+        return Classification(
+            rule="refused",
+            category=Category.CONNECTION,
+            severity=ErrorSeverity.INFO,
+            code="CONNECTION_REFUSED",
+            message="The server refused the connection.",
+            retryable=False,
+            backoff=None,
+            retry_after=None,
+            alert=False,
+        )
     return Classification(
         rule="default",
         category=Category.SYSTEM,

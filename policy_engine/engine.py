@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import fastjsonschema
 
-from policy_engine.breaker import Permit
+from policy_engine.breaker import Permit, Transition
 from policy_engine.classify import Classification, classify, error_context
 from policy_engine.contexts import CONN, EVENT, LOAD, Hook
 from policy_engine.decision import ALLOW, Decision, Outcome, TraceEntry, client_payload
@@ -58,6 +58,8 @@ class BreakerGuard:
 
     permits: tuple[CircuitBreakerSpec, ...]
     started: float
+    # Transitions that granting the permits caused (open -> half_open), for the observer.
+    transitions: tuple[tuple[str, Transition], ...] = ()
 
 
 NO_GUARD = BreakerGuard((), 0.0)
@@ -256,6 +258,7 @@ class Engine:
         failure = self.policy.defaults.on_eval_error
         now = self.clock()
         taken: list[CircuitBreakerSpec] = []
+        transitions: list[tuple[str, Transition]] = []
         for spec in breakers:
             if not matches(spec.match, activation, failure):
                 continue
@@ -267,6 +270,8 @@ class Engine:
             if permit is None or permit.permitted or spec.mode is Mode.SHADOW:
                 if permit is not None and permit.permitted:
                     taken.append(spec)
+                    if permit.transition is not None:
+                        transitions.append((spec.name, permit.transition))
                 continue
             for held in taken:
                 await self._guarded(self.store.breaker_release(held), None)
@@ -281,7 +286,7 @@ class Engine:
             if spec.fallback is not None:
                 payload = {**payload, "fallback": dict(spec.fallback)}
             return Decision(Outcome.REJECT, f"circuit_breakers/{spec.name}", payload)
-        return BreakerGuard(tuple(taken), now) if taken else NO_GUARD
+        return BreakerGuard(tuple(taken), now, tuple(transitions)) if taken else NO_GUARD
 
     async def after_call(
         self,

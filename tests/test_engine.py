@@ -265,3 +265,15 @@ circuit_breakers:
     assert refused.payload["retry_after_ms"] == 10_000  # type: ignore[union-attr]
     other = await engine.before_call(conn(), {}, event_context("chat"))
     assert hasattr(other, "permits")
+
+
+async def test_an_application_refusal_no_rule_classifies_is_a_plain_refusal() -> None:
+    class ConnectionRefusedError(Exception):  # the name is what classification sees
+        pass
+
+    engine, _ = engine_for("errors: []\n")
+    classification, payload, _ = engine.on_error(ConnectionRefusedError("no"), Hook.CONNECT)
+    assert (classification.code, classification.retryable) == ("CONNECTION_REFUSED", False)
+    assert payload["category"] == "connection"
+    other, _, _ = engine.on_error(ValueError("boom"), Hook.CONNECT)
+    assert (other.code, other.retryable) == ("INTERNAL", True)
