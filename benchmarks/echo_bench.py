@@ -1,0 +1,150 @@
+"""Echo round trips and idle-connection memory: bare python-socketio against the policy.
+
+Each run starts the server pinned to core 0 and the clients pinned to core 1 (the
+reference baseline's set-up), the two modes alternating, with the same client code:
+
+    python -m benchmarks.echo_bench throughput [--clients 1 50] [--seconds 10] [--rounds 2]
+    python -m benchmarks.echo_bench memory [--connections 1000 5000]
+
+Targets: policy throughput >= 0.90 of bare (aim 0.95), p99 latency <= 1.15x bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(core: int, argv: Sequence[str]) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(core), *argv]
+    return list(argv)
+
+
+@contextmanager
+def server(mode: str) -> Iterator[tuple[int, int]]:
+    port = free_port()
+    argv = [sys.executable, "-m", "benchmarks.echo_server", "--mode", mode, "--port", str(port)]
+    process = subprocess.Popen(pinned(0, argv), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{mode} server did not start")
+        yield port, process.pid
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def run_clients(mode_args: list[str]) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "benchmarks.echo_clients", *mode_args]
+    result = subprocess.run(pinned(1, argv), cwd=ROOT, capture_output=True, text=True, check=True)
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def throughput(clients: Sequence[int], seconds: float, rounds: int) -> None:
+    print(f"echo round trips, {seconds:g} s per run, {rounds} alternating rounds per mode")
+    print(f"{'clients':>7} {'mode':<7} {'events/s':>10} {'p50 us':>8} {'p99 us':>8}")
+    for count in clients:
+        results: dict[str, list[dict[str, Any]]] = {"bare": [], "policy": []}
+        for _ in range(rounds):
+            for mode in ("bare", "policy"):
+                with server(mode) as (port, _):
+                    args = ["--port", str(port), "--clients", str(count), "--seconds", str(seconds)]
+                    results[mode].append(run_clients(["throughput", *args]))
+        summary = {}
+        for mode, runs in results.items():
+            rate = statistics.median(r["events_per_second"] for r in runs)
+            p50 = statistics.median(r["p50_us"] for r in runs)
+            p99 = statistics.median(r["p99_us"] for r in runs)
+            summary[mode] = (rate, p50, p99)
+            print(f"{count:>7} {mode:<7} {rate:>10.0f} {p50:>8.0f} {p99:>8.0f}")
+        bare, policy = summary["bare"], summary["policy"]
+        print(
+            f"{count:>7} ratio   throughput {policy[0] / bare[0]:.3f}  "
+            f"p50 {policy[1] / bare[1]:.3f}x  p99 {policy[2] / bare[2]:.3f}x"
+        )
+
+
+def memory(connections: Sequence[int]) -> None:
+    print(f"{'conns':>6} {'mode':<7} {'before MiB':>10} {'after MiB':>10} {'KiB/conn':>9}")
+    for count in connections:
+        per: dict[str, float] = {}
+        for mode in ("bare", "policy"):
+            with server(mode) as (port, pid):
+                time.sleep(1.0)
+                before = rss_kib(pid)
+                args = ["--port", str(port), "--clients", str(count), "--hold", "3"]
+                ready = subprocess.Popen(
+                    pinned(1, [sys.executable, "-m", "benchmarks.echo_clients", "idle", *args]),
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                assert ready.stdout is not None
+                line = ready.stdout.readline()  # "connected N" once all are up
+                after = rss_kib(pid)
+                ready.wait(60)
+                connected = int(line.split()[1])
+                per[mode] = (after - before) / max(1, connected)
+                print(
+                    f"{connected:>6} {mode:<7} {before / 1024:>10.1f} {after / 1024:>10.1f} "
+                    f"{per[mode]:>9.1f}"
+                )
+        print(f"{count:>6} ratio   per-connection memory {per['policy'] / per['bare']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--clients", type=int, nargs="+", default=[1, 50])
+    t.add_argument("--seconds", type=float, default=10.0)
+    t.add_argument("--rounds", type=int, default=2)
+    m = sub.add_parser("memory")
+    m.add_argument("--connections", type=int, nargs="+", default=[1000, 5000])
+    args = parser.parse_args()
+    if args.what == "throughput":
+        throughput(args.clients, args.seconds, args.rounds)
+    else:
+        memory(args.connections)
+
+
+if __name__ == "__main__":
+    main()
