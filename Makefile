@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+JS_DEPS := tests/js/node_modules/.package-lock.json
+
 .PHONY: setup serve test check lint typecheck validate bench clean
 
 $(STAMP): pyproject.toml
@@ -14,6 +16,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The browser-side contract tests run socket.io-client under Node; without npm they skip.
+$(JS_DEPS): tests/js/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the JavaScript client tests will be skipped"; fi
 
 serve: $(STAMP)
 	$(BIN)/policy-engine serve --policies policies/policies.yaml --host 127.0.0.1 --port 8000
@@ -30,11 +37,14 @@ validate: $(STAMP)
 	$(BIN)/policy-engine validate policies/policies.yaml policies/examples/*.yaml
 	$(BIN)/policy-engine test policies/tests
 
-test: $(STAMP) lint typecheck validate
+test: $(STAMP) $(JS_DEPS) lint typecheck validate
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.validate_bench
+	$(BIN)/python -m benchmarks.decision_bench
+	$(BIN)/python -m benchmarks.echo_bench throughput
+	$(BIN)/python -m benchmarks.echo_bench memory
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/js/node_modules

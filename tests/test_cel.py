@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -184,9 +185,17 @@ def expected(value: Any) -> Any:
     return RAISES if value is RAISES else typed(value)
 
 
-@pytest.fixture(params=BACKENDS)
+# Each engine as the policy compiler gets it, and cel-expr-python alone (without the fast
+# path), which still runs every expression outside the fast path's subset.
+VARIANTS = [(name, True) for name in BACKENDS] + [
+    (name, False) for name in BACKENDS if name == cel.CEL_EXPR_PYTHON
+]
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda v: v[0] + ("" if v[1] else "-engine-only"))
 def backend(request: pytest.FixtureRequest) -> cel.CelBackend:
-    return cel.get_backend(request.param)
+    name, fast_path = request.param
+    return cel.get_backend(name, fast_path=fast_path)
 
 
 def compile_error(
@@ -565,14 +574,15 @@ def test_three_nested_maps_over_fifty_items_are_refused(backend: cel.CelBackend)
 
 
 def test_backends_are_shared_instances(backend: cel.CelBackend) -> None:
-    assert cel.get_backend(backend.name) is backend
+    fast_path = getattr(backend, "fast_path", True)
+    assert cel.get_backend(backend.name, fast_path=fast_path) is backend
 
 
 def test_environment_variable_chooses_the_engine(
     backend: cel.CelBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("POLICY_ENGINE_CEL", backend.name)
-    assert cel.get_backend() is backend
+    assert cel.get_backend(fast_path=getattr(backend, "fast_path", True)) is backend
 
 
 def test_default_engine_is_the_checked_one_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -591,3 +601,14 @@ def test_compile_error_is_a_policy_engine_error() -> None:
     error = cel.CelCompileError("cel-syntax", "Syntax error", 3, "hint")
     assert isinstance(error, PolicyEngineError)
     assert (str(error), error.offset, error.hint) == ("Syntax error", 3, "hint")
+
+
+def test_null_results_do_not_drain_references_to_none() -> None:
+    """cel-expr-python 0.1.3 drops a reference to None per converted null: never convert one."""
+    program = cel.get_backend(cel.CEL_EXPR_PYTHON, fast_path=False).compile(
+        "claims.tier", {"claims": "map<string,dyn>"}, expect="dyn"
+    )
+    before = sys.getrefcount(None)
+    for _ in range(5_000):
+        assert program.evaluate({"claims": {"tier": None}}) is None
+    assert sys.getrefcount(None) >= before - 100
