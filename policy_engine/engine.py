@@ -386,10 +386,8 @@ class Engine:
     # -- rule groups -------------------------------------------------------------------------
 
     def _has_rules(self, hook: Hook) -> bool:
-        policy = self.policy
-        return any(r.hook is hook for r in policy.rate_limits) or any(
-            r.hook is hook for r in policy.shedding
-        )
+        index = self.policy.by_hook
+        return bool(index.rate_limits[hook] or index.shedding[hook])
 
     def _check_payload(
         self,
@@ -448,14 +446,12 @@ class Engine:
         trace: list[TraceEntry] | None,
         shadowed: list[str],
     ) -> Decision | None:
-        rules = self.policy.shedding
+        rules = self.policy.by_hook.shedding[hook]
         if not rules:
             return None
         failure = self.policy.defaults.on_eval_error
         now = self.clock()
         for rule in rules:
-            if rule.hook is not hook:
-                continue
             if priority is not None and priority.rank > rule.max_priority.rank:
                 if trace is not None:
                     trace.append(
@@ -521,11 +517,10 @@ class Engine:
         trace: list[TraceEntry] | None,
         shadowed: list[str],
     ) -> Decision | None:
-        authorization = self.policy.authorization
-        failure = self.policy.defaults.on_eval_error
-        for rule in authorization.rules:
-            if rule.hook is not hook:
-                continue
+        policy = self.policy
+        authorization = policy.authorization
+        failure = policy.defaults.on_eval_error
+        for rule in policy.by_hook.authorization[hook]:
             hit = matches(rule.when, activation, failure)
             if trace is not None:
                 trace.append(
@@ -563,7 +558,7 @@ class Engine:
         trace: list[TraceEntry] | None,
         shadowed: list[str],
     ) -> Decision | None:
-        rules = self.policy.rate_limits
+        rules = self.policy.by_hook.rate_limits[hook]
         if not rules:
             return None
         failure = self.policy.defaults.on_eval_error
@@ -571,8 +566,6 @@ class Engine:
         enforced_shared: list[tuple[RateLimitSpec, str]] = []
         shadow: list[tuple[RateLimitSpec, str]] = []
         for rule in rules:
-            if rule.hook is not hook:
-                continue
             if rule.when is not None and not matches(rule.when, activation, failure):
                 if trace is not None:
                     trace.append(TraceEntry("rate_limits", rule.name, False, "skip"))

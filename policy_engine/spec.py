@@ -312,6 +312,29 @@ class AuthorizationSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class HookIndex:
+    """The rules of each section grouped by hook, so a decision visits only its own."""
+
+    rate_limits: Mapping[Hook, tuple[RateLimitSpec, ...]]
+    shedding: Mapping[Hook | None, tuple[SheddingRuleSpec, ...]]
+    authorization: Mapping[Hook, tuple[AuthzRuleSpec, ...]]
+
+    @classmethod
+    def build(
+        cls,
+        rate_limits: tuple[RateLimitSpec, ...],
+        shedding: tuple[SheddingRuleSpec, ...],
+        authorization: tuple[AuthzRuleSpec, ...],
+    ) -> HookIndex:
+        hooks: list[Hook | None] = [*Hook, None]
+        return cls(
+            {h: tuple(r for r in rate_limits if r.hook is h) for h in Hook},
+            {h: tuple(r for r in shedding if r.hook is h) for h in hooks},
+            {h: tuple(r for r in authorization if r.hook is h) for h in Hook},
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySet:
     """One compiled policy file; ``version`` is the content hash of what was compiled."""
 
@@ -329,6 +352,11 @@ class PolicySet:
     events: Mapping[str, EventSpec]
     authorization: AuthorizationSpec
     default_event: EventSpec = EventSpec("*")
+    by_hook: HookIndex = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        index = HookIndex.build(self.rate_limits, self.shedding, self.authorization.rules)
+        object.__setattr__(self, "by_hook", index)
 
     def event(self, name: str) -> EventSpec:
         return self.events.get(name, self.default_event)
