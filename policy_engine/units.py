@@ -160,8 +160,11 @@ def format_duration(seconds: float) -> str:
     """The shortest exact human form, so explanations print what the operator wrote."""
     if seconds == 0:
         return "0s"
-    for unit, factor in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3)):
+    units = (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3), ("us", 1e-6))
+    for unit, factor in units:
         count = seconds / factor
         if count >= 1 and abs(count - round(count)) < 1e-9:
             return f"{round(count)}{unit}"
-    return f"{seconds * 1e6:g}us"
+    # Not a whole number of any unit: plain decimal seconds (never scientific notation,
+    # which parse_duration would refuse).
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"

@@ -277,3 +277,23 @@ async def test_an_application_refusal_no_rule_classifies_is_a_plain_refusal() ->
     assert payload["category"] == "connection"
     other, _, _ = engine.on_error(ValueError("boom"), Hook.CONNECT)
     assert (other.code, other.retryable) == ("INTERNAL", True)
+
+
+async def test_the_probe_permit_reports_the_move_to_half_open() -> None:
+    engine, clock = engine_for(
+        """
+circuit_breakers:
+  - {name: b, match: 'event.name == "x"', window: {calls: 2}, minimum_calls: 2,
+     open_for: 5s, half_open_calls: 1}
+"""
+    )
+    event = event_context("x")
+    for _ in range(2):
+        guard = await engine.before_call(conn(), {}, event)
+        failure = engine.on_error(RuntimeError(), Hook.EVENT)[0]
+        await engine.after_call(guard, conn(), event, failure, {})  # type: ignore[arg-type]
+    clock.now += 5
+    probe = await engine.before_call(conn(), {}, event)
+    assert [(name, t.to_state.value) for name, t in probe.transitions] == [  # type: ignore[union-attr]
+        ("b", "half_open")
+    ]

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servers import Clients, Served, policy_path, start_server
+
+# -- live Socket.IO servers and clients (tests/servers.py) -------------------------------------
+
+StartServer = Callable[..., Served]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[StartServer]:
+    """Start a real server: ``serve(policy_text=None, setup=..., setup_after=..., **options)``.
+
+    Without ``policy_text`` the shipped policy applies. Every server started is stopped at
+    the end of the test.
+    """
+    started: list[Served] = []
+
+    def start(policy_text: str | None = None, **kwargs: Any) -> Served:
+        served = start_server(policy_path(tmp_path, policy_text), **kwargs)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.live.stop()
+
+
+@pytest.fixture
+async def clients(serve: StartServer) -> AsyncIterator[Clients]:
+    """Real ``socketio.AsyncClient`` connections, closed before the servers stop."""
+    opened = Clients()
+    yield opened
+    await opened.close()

@@ -1,0 +1,203 @@
+"""The overload gate: new handshakes refused at the HTTP layer, from the load alone."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+import socketio
+from servers import CONTRACT_KEYS, WAIT
+
+from policy_engine.compiler import compile_text
+from policy_engine.engine import Engine
+from policy_engine.gate import HandshakeGate
+
+GATE_POLICY = """
+version: 1
+shedding:
+  - name: overloaded
+    hook: connect
+    when: load.loop_lag_ms > 200
+    action: reject
+    retry_after: 5s
+  - name: anonymous-first
+    hook: connect
+    when: load.active_connections > 100 && conn.user_id == ""
+    action: reject
+  - name: watch-cpu
+    hook: connect
+    when: load.cpu_percent > 90
+    action: reject
+    mode: shadow
+  - name: memory
+    hook: connect
+    when: load.memory_mb > 1000
+    action: reject
+    sustained_for: 10s
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Inner:
+    """The Socket.IO app behind the gate: records what reached it."""
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+
+
+def make_gate() -> tuple[HandshakeGate, Engine, Inner, Clock]:
+    engine = Engine(compile_text(GATE_POLICY).policy)
+    inner = Inner()
+    clock = Clock()
+    return HandshakeGate(inner, engine, clock=clock), engine, inner, clock
+
+
+def http(path: str = "/socket.io/", query: bytes = b"EIO=4&transport=polling") -> dict[str, Any]:
+    return {"type": "http", "path": path, "query_string": query, "headers": []}
+
+
+async def call(gate: HandshakeGate, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await gate(scope, receive, send)
+    return sent
+
+
+def overload(engine: Engine, **load: int) -> None:
+    engine.load = {**engine.load, **load}
+
+
+async def test_under_overload_a_new_handshake_gets_503_retry_after_and_the_payload():
+    gate, engine, inner, _ = make_gate()
+    overload(engine, loop_lag_ms=500)
+
+    start, body = await call(gate, http())
+
+    assert start["status"] == 503
+    headers = dict(start["headers"])
+    assert headers[b"retry-after"] == b"5"
+    assert headers[b"content-type"] == b"application/json"
+    payload = json.loads(body["body"])
+    assert set(payload) == CONTRACT_KEYS
+    assert payload["code"] == "OVERLOADED"
+    assert payload["policy"] == "shedding/overloaded"
+    assert payload["retry_after_ms"] == 5000
+    assert payload["retryable"] is True
+    assert inner.scopes == []
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        http(query=b"EIO=4&transport=polling&sid=abc"),  # an existing session
+        http(query=b"sid=abc&EIO=4"),
+        http(path="/api/health"),  # not Socket.IO
+        {**http(), "type": "websocket"},  # its client could not read a refusal
+    ],
+)
+async def test_existing_sessions_other_paths_and_websockets_pass(scope):
+    gate, engine, inner, _ = make_gate()
+    overload(engine, loop_lag_ms=500)
+
+    assert await call(gate, scope) == []
+    assert inner.scopes == [scope]
+
+
+async def test_a_parameter_merely_ending_in_sid_is_still_a_new_handshake():
+    gate, engine, _, _ = make_gate()
+    overload(engine, loop_lag_ms=500)
+
+    start, _ = await call(gate, http(query=b"EIO=4&xsid=1"))
+
+    assert start["status"] == 503
+
+
+async def test_without_overload_everything_passes():
+    gate, _, inner, _ = make_gate()
+
+    assert await call(gate, http()) == []
+    assert len(inner.scopes) == 1
+
+
+async def test_rules_that_need_the_connection_or_are_in_shadow_mode_are_left_to_connect():
+    gate, engine, inner, _ = make_gate()
+    overload(engine, active_connections=500, cpu_percent=99)
+
+    assert gate.judge() is None
+    assert await call(gate, http()) == []
+    assert len(inner.scopes) == 1
+
+
+async def test_a_sustained_rule_refuses_only_once_its_condition_has_held_long_enough():
+    gate, engine, _, clock = make_gate()
+    overload(engine, memory_mb=2000)
+
+    first = gate.judge()
+    clock.now += 11
+    later = gate.judge()
+    overload(engine, memory_mb=10)
+    calm = gate.judge()
+    overload(engine, memory_mb=2000)
+    again = gate.judge()
+
+    assert first is None
+    assert later is not None
+    assert later.rule == "shedding/memory"
+    assert calm is None
+    assert again is None  # the clock restarts when the condition lapses
+
+
+async def test_a_refused_polling_handshake_on_a_real_server(serve, clients):
+    served = serve(GATE_POLICY)
+    overload(served.engine, loop_lag_ms=500)
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{served.url}/socket.io/?EIO=4&transport=polling") as response,
+    ):
+        status, retry_after, payload = (
+            response.status,
+            response.headers["Retry-After"],
+            await response.json(),
+        )
+    client, _ = clients.new()
+    # python-engineio resets its HTTP session before reading a refused handshake's body, so
+    # depending on timing its connect fails as ConnectionError or as aiohttp's RuntimeError.
+    with pytest.raises((socketio.exceptions.ConnectionError, RuntimeError)):
+        await client.connect(served.url, transports=["polling"], wait_timeout=WAIT)
+
+    assert (status, retry_after) == (503, "5")
+    assert payload["code"] == "OVERLOADED"
+    assert served.observer.decisions[-1][0] == "connect"
+    assert served.adapter.active_connections() == 0
+
+
+async def test_a_websocket_client_hears_the_same_refusal_in_connect_error(serve, clients):
+    served = serve(GATE_POLICY)
+    overload(served.engine, loop_lag_ms=500)
+
+    error = await clients.refused(served.url)
+    overload(served.engine, loop_lag_ms=0)
+    client, _ = await clients.connect(served.url, transports=("polling", "websocket"))
+
+    assert error["data"]["code"] == "OVERLOADED"
+    assert error["data"]["policy"] == "shedding/overloaded"
+    assert client.connected
