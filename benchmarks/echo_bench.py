@@ -115,12 +115,15 @@ def memory(connections: Sequence[int]) -> None:
                     pinned(1, [sys.executable, "-m", "benchmarks.echo_clients", "idle", *args]),
                     cwd=ROOT,
                     stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
                     text=True,
                 )
                 assert ready.stdout is not None
                 line = ready.stdout.readline()  # "connected N" once all are up
                 after = rss_kib(pid)
-                ready.wait(60)
+                ready.wait(120)
+                if not line.startswith("connected "):
+                    raise RuntimeError(f"{mode}: the idle clients could not all connect")
                 connected = int(line.split()[1])
                 per[mode] = (after - before) / max(1, connected)
                 print(

@@ -39,8 +39,10 @@ def create_app(mode: str, policies: Path) -> Any:
     sio = create_sio()
     if mode == "bare":
         return socketio.ASGIApp(sio)
+    from policy_engine.logs import configure_logging
     from policy_engine.serve import build_app
 
+    configure_logging("json")  # as `policy-engine serve` does by default
     return build_app(sio, policies)
 
 
