@@ -69,7 +69,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Final, Protocol
 
@@ -79,10 +78,11 @@ import celpy.celparser
 import celpy.celtypes
 import celpy.evaluation
 from google.protobuf import descriptor_pb2, descriptor_pool, struct_pb2
-from lark import Lark, Token, Tree
+from lark import Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
 from lark.tree import Branch
 
+from policy_engine.celgrammar import parser
 from policy_engine.contexts import MessageType, Variable
 from policy_engine.errors import EvaluationError, PolicyEngineError
 from policy_engine.fastpath import compile_fast
@@ -770,25 +770,9 @@ _RESERVED: Final = frozenset(
 )
 
 
-@cache
-def _parser(*, positions: bool) -> Lark:
-    """celpy's grammar; without positions it parses twice as fast (tokens keep theirs)."""
-    grammar = (Path(celpy.celparser.__file__).parent / "cel.lark").read_text()
-    return Lark(
-        grammar,
-        parser="lalr",
-        start="expr",
-        g_regex_flags=re.M,
-        lexer_callbacks={"IDENT": celpy.celparser.CELParser.ambiguous_literals},
-        propagate_positions=positions,
-        maybe_placeholders=False,
-        priority="invert",
-    )
-
-
 def _parse(source: str, *, positions: bool) -> Tree[Token]:
     try:
-        return _parser(positions=positions).parse(source)
+        return parser(positions=positions).parse(source)
     except UnexpectedCharacters as exc:
         offset = exc.pos_in_stream or 0
         character = source[offset : offset + 1]

@@ -371,15 +371,7 @@ class Engine:
                 key=lambda c: (c["priority"], -c["connected_ms"]),
             )
             for conn in candidates[: rule.max_disconnects]:
-                payload = self._payload(
-                    code=rule.code,
-                    category=Category.SYSTEM,
-                    message=rule.message,
-                    retry_after=rule.retry_after,
-                    policy=f"shedding/{rule.name}",
-                    retryable=True,
-                )
-                chosen.append((conn["sid"], payload))
+                chosen.append((conn["sid"], self._shed_payload(rule)))
             break
         return chosen
 
@@ -483,16 +475,18 @@ class Engine:
             }[rule.action]
             if outcome is Outcome.DELAY:
                 return Decision(Outcome.DELAY, f"shedding/{rule.name}", None, rule.delay)
-            payload = self._payload(
-                code=rule.code,
-                category=Category.SYSTEM,
-                message=rule.message,
-                retry_after=rule.retry_after,
-                policy=f"shedding/{rule.name}",
-                retryable=True,
-            )
-            return Decision(outcome, f"shedding/{rule.name}", payload)
+            return Decision(outcome, f"shedding/{rule.name}", self._shed_payload(rule))
         return None
+
+    def _shed_payload(self, rule: SheddingRuleSpec) -> dict[str, Any]:
+        return self._payload(
+            code=rule.code,
+            category=Category.SYSTEM,
+            message=rule.message,
+            retry_after=rule.retry_after,
+            policy=f"shedding/{rule.name}",
+            retryable=True,
+        )
 
     def _sustained(
         self,

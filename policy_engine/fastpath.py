@@ -44,15 +44,14 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import cache, partial
-from pathlib import Path
+from functools import partial
 from typing import Any, Final, NoReturn
 
-import celpy.celparser
-from lark import Lark, Token, Tree
+from lark import Token, Tree
 from lark.exceptions import LarkError
 from lark.tree import Branch
 
+from policy_engine.celgrammar import parser
 from policy_engine.contexts import MessageType, Variable
 from policy_engine.errors import EvaluationError
 
@@ -127,7 +126,7 @@ def compile_fast(
     if expect != "dyn" and expect not in _RESULT_TYPES:
         raise ValueError(f"expect must be bool, int, string or dyn, not {expect!r}")
     try:
-        node = _Compiler(variables).visit(_parser().parse(source))
+        node = _Compiler(variables).visit(parser(positions=False).parse(source))
     except (_UnsupportedError, LarkError, RecursionError):
         return None
     return _finish(node, expect)
@@ -180,22 +179,6 @@ def _plain_text(text: str) -> bool:
 
 class _UnsupportedError(Exception):
     """The source leaves the subset; the caller keeps the CEL program."""
-
-
-@cache
-def _parser() -> Lark:
-    """celpy's grammar, as :mod:`policy_engine.cel` builds it (without positions)."""
-    grammar = (Path(celpy.celparser.__file__).parent / "cel.lark").read_text()
-    return Lark(
-        grammar,
-        parser="lalr",
-        start="expr",
-        g_regex_flags=re.M,
-        lexer_callbacks={"IDENT": celpy.celparser.CELParser.ambiguous_literals},
-        propagate_positions=False,
-        maybe_placeholders=False,
-        priority="invert",
-    )
 
 
 @dataclass(frozen=True, slots=True)
