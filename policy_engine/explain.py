@@ -9,6 +9,7 @@ and returns the decision with every rule considered.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from policy_engine.classify import Classification, classify, error_context
@@ -137,11 +138,5 @@ async def record_call(
 def _with_trace(decision: Decision, trace: tuple[TraceEntry, ...], explain: bool) -> Decision:
     if not explain:
         return decision
-    return Decision(
-        decision.outcome,
-        decision.rule,
-        decision.payload,
-        decision.delay,
-        decision.shadowed,
-        (*trace, TraceEntry("circuit_breakers", decision.rule or "", True, "reject")),
-    )
+    breaker = TraceEntry("circuit_breakers", decision.rule or "", True, "reject")
+    return replace(decision, trace=(*trace, breaker))
