@@ -328,3 +328,44 @@ async def eventually(condition: Callable[[], bool], timeout: float = WAIT) -> No
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.005)
+
+
+# -- small policies and apps shared by the client tests (Python and JavaScript) --------------
+
+_CONNECT_LIMIT = """
+version: 1
+defaults: {backoff: brief}
+backoff:
+  brief: {strategy: constant, base: 10ms, max: 10ms, max_attempts: 2}
+rate_limits:
+  - name: connect-per-ip
+    hook: connect
+    key: conn.ip
+    limit: RATE
+    burst: 1
+"""
+
+EVENT_LIMIT = """
+version: 1
+defaults: {backoff: brief}
+backoff:
+  brief: {strategy: constant, base: 10ms, max: 10ms, max_attempts: 3}
+rate_limits:
+  - name: echo-per-connection
+    hook: event
+    when: event.name == "echo"
+    key: conn.sid
+    limit: 2/s
+    burst: 1
+"""
+
+
+def connect_limit(rate: str) -> str:
+    """A policy that admits one connect per IP at once, then ``rate``."""
+    return _CONNECT_LIMIT.replace("RATE", rate)
+
+
+def echo_app(sio: socketio.AsyncServer) -> None:
+    @sio.event
+    async def echo(sid: str, data: Any) -> Any:
+        return data

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import socketio
-from servers import CONTRACT_KEYS, WAIT
+from servers import CONTRACT_KEYS, EVENT_LIMIT, WAIT, connect_limit, echo_app
 
 from policy_engine.client import (
     DEFAULT_BACKOFF,
@@ -35,46 +35,8 @@ class RecordedSleep:
             await asyncio.sleep(seconds)
 
 
-def echo_app(sio: socketio.AsyncServer) -> None:
-    @sio.event
-    async def echo(sid: str, data: Any) -> Any:
-        return data
-
-
 def connect_decisions(served: Any) -> list[Any]:
     return [decision for hook, decision, _ in served.observer.decisions if hook == "connect"]
-
-
-CONNECT_LIMIT = """
-version: 1
-defaults: {backoff: brief}
-backoff:
-  brief: {strategy: constant, base: 10ms, max: 10ms, max_attempts: 2}
-rate_limits:
-  - name: connect-per-ip
-    hook: connect
-    key: conn.ip
-    limit: {rate}
-    burst: 1
-"""
-
-EVENT_LIMIT = """
-version: 1
-defaults: {backoff: brief}
-backoff:
-  brief: {strategy: constant, base: 10ms, max: 10ms, max_attempts: 3}
-rate_limits:
-  - name: echo-per-connection
-    hook: event
-    when: event.name == "echo"
-    key: conn.sid
-    limit: 2/s
-    burst: 1
-"""
-
-
-def connect_limit(rate: str) -> str:
-    return CONNECT_LIMIT.replace("{rate}", rate)
 
 
 # -- connect -----------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import socketio
-from servers import CONTRACT_KEYS
+from servers import CONTRACT_KEYS, EVENT_LIMIT, connect_limit, echo_app
 
 from policy_engine.backoff import schedule, to_client
 from policy_engine.spec import BackoffSpec, BackoffStrategy
@@ -36,39 +35,6 @@ if _MISSING and os.environ.get("POLICY_ENGINE_REQUIRE_JS"):
     # CI sets this: there, a missing Node set-up must fail instead of hiding behind a skip.
     raise RuntimeError(f"the JavaScript contract tests cannot run: {_MISSING}")
 pytestmark = pytest.mark.skipif(bool(_MISSING), reason=_MISSING)
-
-CONNECT_LIMIT = """
-version: 1
-defaults: {backoff: brief}
-backoff:
-  brief: {strategy: constant, base: 10ms, max: 10ms, max_attempts: 2}
-rate_limits:
-  - name: connect-per-ip
-    hook: connect
-    key: conn.ip
-    limit: 1/1s
-    burst: 1
-"""
-
-EVENT_LIMIT = """
-version: 1
-defaults: {backoff: brief}
-backoff:
-  brief: {strategy: constant, base: 10ms, max: 10ms, max_attempts: 3}
-rate_limits:
-  - name: echo-per-connection
-    hook: event
-    when: event.name == "echo"
-    key: conn.sid
-    limit: 2/s
-    burst: 1
-"""
-
-
-def echo_app(sio: socketio.AsyncServer) -> None:
-    @sio.event
-    async def echo(sid: str, data: Any) -> Any:
-        return data
 
 
 def run_scenario(scenario: str, url: str) -> list[dict[str, Any]]:
@@ -156,7 +122,7 @@ def test_an_event_refused_by_a_rate_limit_comes_back_as_the_ack_payload(serve):
 
 
 def test_a_rate_limited_connect_is_retried_only_after_retry_after_then_succeeds(serve):
-    served = serve(CONNECT_LIMIT, setup=echo_app)
+    served = serve(connect_limit("1/1s"), setup=echo_app)
 
     lines = run_scenario("connect-retry", served.url)
 
