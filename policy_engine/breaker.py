@@ -180,6 +180,9 @@ def record(
     if circuit is Circuit.CLOSED:
         window, reason = _record_closed(spec, state.window, now, failed, slow)
         if reason is None:
+            # A full window of steady outcomes comes back as the same object: so does the state.
+            if window is state.window and state.permits == 0:
+                return state, None
             return BreakerState(Circuit.CLOSED, state.since, window, 0), None
         return BreakerState(Circuit.OPEN, now, None, 0), Transition(
             Circuit.CLOSED, Circuit.OPEN, reason, now
@@ -239,11 +242,14 @@ def _verdict(
 
 
 def _push_count(window: CountWindow, size: int, failed: bool, slow: bool) -> CountWindow:
+    """The window with one more outcome; the very same object when that changes nothing."""
     mask = (1 << size) - 1
     calls = window.calls + 1 if window.calls < size else size
-    return CountWindow(
-        calls, ((window.failed << 1) | failed) & mask, ((window.slow << 1) | slow) & mask
-    )
+    failures = ((window.failed << 1) | failed) & mask
+    slows = ((window.slow << 1) | slow) & mask
+    if calls == window.calls and failures == window.failed and slows == window.slow:
+        return window
+    return CountWindow(calls, failures, slows)
 
 
 def _push_time(

@@ -29,7 +29,7 @@ from policy_engine.contexts import CONN, EVENT, LOAD, Hook
 from policy_engine.decision import ALLOW, Decision, Outcome, TraceEntry, client_payload
 from policy_engine.errors import EvaluationError, StoreError
 from policy_engine.evaluation import evaluate_value, matches
-from policy_engine.ratelimit import CombinedDecision
+from policy_engine.ratelimit import CombinedDecision, RateDecision
 from policy_engine.spec import (
     BackoffSpec,
     Category,
@@ -107,7 +107,7 @@ class Engine:
         self.load: dict[str, Any] = LOAD.defaults()
         self._condition_since: dict[str, float] = {}
         # Rate-limit keys that read only conn and claims, computed once per connection.
-        self._connection_keys: dict[str, dict[Expression, str]] = {}
+        self._connection_keys: dict[str, dict[tuple[str, str], str]] = {}
 
     def swap(self, policy: PolicySet) -> None:
         """Install a new policy; state is keyed by rule name, so unchanged rules keep theirs."""
@@ -217,7 +217,8 @@ class Engine:
         trace: list[TraceEntry] | None = [] if explain else None
         shadowed: list[str] = []
         spec = policy.events.get(event["name"]) or policy.default_event
-        event["priority"] = spec.priority.value
+        # ``_value_`` is the member's value without the ``value`` property's lookup.
+        event["priority"] = spec.priority._value_
         refusal = self._check_payload(spec.name, spec.max_bytes, spec.validate, event, trace)
         if refusal is not None:
             return _finish(refusal, shadowed, trace)
@@ -258,7 +259,7 @@ class Engine:
         failure = self.policy.defaults.on_eval_error
         now = self.clock()
         taken: list[CircuitBreakerSpec] = []
-        transitions: list[tuple[str, Transition]] = []
+        transitions: list[tuple[str, Transition]] | None = None
         for spec in breakers:
             if not matches(spec.match, activation, failure):
                 continue
@@ -271,6 +272,8 @@ class Engine:
                 if permit is not None and permit.permitted:
                     taken.append(spec)
                     if permit.transition is not None:
+                        if transitions is None:
+                            transitions = []
                         transitions.append((spec.name, permit.transition))
                 continue
             for held in taken:
@@ -286,7 +289,9 @@ class Engine:
             if spec.fallback is not None:
                 payload = {**payload, "fallback": dict(spec.fallback)}
             return Decision(Outcome.REJECT, f"circuit_breakers/{spec.name}", payload)
-        return BreakerGuard(tuple(taken), now, tuple(transitions)) if taken else NO_GUARD
+        if not taken:
+            return NO_GUARD
+        return BreakerGuard(tuple(taken), now, tuple(transitions) if transitions else ())
 
     async def after_call(
         self,
@@ -583,25 +588,30 @@ class Engine:
             else:
                 enforced_shared.append((rule, key))
         now = self.clock()
+        local = self.local
         for rule, key in shadow:
-            if rule.scope is Scope.LOCAL or self.store is self.local:
-                combined = self.local.check_rate_limits_now([(rule, key)], now)
+            result: CombinedDecision | RateDecision
+            if rule.scope is Scope.LOCAL or self.store is local:
+                result = local.check_rate_limit_now(rule, key, now)
             else:
-                combined = await self._check_rates([(rule, key)], now, shared=True)
+                result = await self._check_rates([(rule, key)], now, shared=True)
             if trace is not None:
                 trace.append(
                     TraceEntry(
                         "rate_limits",
                         rule.name,
                         True,
-                        "shadow-" + ("allow" if combined.allowed else "reject"),
-                        {"key": key, "retry_after": combined.retry_after},
+                        "shadow-" + ("allow" if result.allowed else "reject"),
+                        {"key": key, "retry_after": result.retry_after},
                     )
                 )
-            if not combined.allowed:
+            if not result.allowed:
                 shadowed.append(f"rate_limits/{rule.name}")
-        if not enforced_local and not enforced_shared:
-            return None
+        if not enforced_shared:
+            if not enforced_local:
+                return None
+            if trace is None and len(enforced_local) == 1:
+                return self._enforce_alone(*enforced_local[0], now)
         decided: CombinedDecision | None = (
             self.local.check_rate_limits_now(enforced_local, now) if enforced_local else None
         )
@@ -630,6 +640,15 @@ class Engine:
         )
         return self._rate_refusal(decided_rule, decided)
 
+    def _enforce_alone(self, rule: RateLimitSpec, key: str, now: float) -> Decision | None:
+        """One local limit alone, untraced: its own decision is the combined one."""
+        single = self.local.check_rate_limit_now(rule, key, now)
+        if single.allowed:
+            return None
+        return self._rate_refusal(
+            rule, CombinedDecision(False, single.retry_after, rule.name, single)
+        )
+
     def _key(self, expression: Expression, activation: Mapping[str, Any]) -> str:
         if not expression.per_connection or expression.path is not None:
             return str(evaluate_value(expression, activation))
@@ -637,9 +656,11 @@ class Engine:
         keys = self._connection_keys.get(sid)
         if keys is None:
             keys = self._connection_keys[sid] = {}
-        key = keys.get(expression)
+        # Keyed as Expression compares (source and context), without its Python-level hash.
+        identity = (expression.source, expression.context)
+        key = keys.get(identity)
         if key is None:
-            key = keys[expression] = str(evaluate_value(expression, activation))
+            key = keys[identity] = str(evaluate_value(expression, activation))
         return key
 
     async def _check_rates(

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from policy_engine import breaker, ratelimit
 from policy_engine.breaker import BreakerState, Permit, Transition
-from policy_engine.ratelimit import CombinedDecision, RateState
+from policy_engine.ratelimit import CombinedDecision, RateDecision, RateState
 from policy_engine.spec import CircuitBreakerSpec, RateLimitSpec
 
 
@@ -109,7 +109,9 @@ class _KeyedStates:
         """Store and mark as most recently used (only writes count as use)."""
         states = self.states
         if key in states:
+            states[key] = state
             states.move_to_end(key)
+            return
         states[key] = state
         if len(states) > self.limit:
             states.popitem(last=False)
@@ -153,8 +155,12 @@ class MemoryStore:
                     table.put(key, state)
         return combined
 
-    def _check_one(self, spec: RateLimitSpec, key: str, now: float) -> CombinedDecision:
-        """One limit alone: the common case, without the bookkeeping of a joint check."""
+    def check_rate_limit_now(self, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
+        """One limit alone: the common case, without the bookkeeping of a joint check.
+
+        Returns the limit's own decision, so a caller that judges it alone (a shadow rule)
+        need not wrap it in a :class:`CombinedDecision`.
+        """
         table = self._rates.get(spec.name)
         if table is None or table.limit != spec.max_keys:
             table = self._rates[spec.name] = _resize(table, spec.max_keys)
@@ -163,6 +169,10 @@ class MemoryStore:
         decision, new_state = ratelimit.check(spec, table.states.get(key), now)
         if decision.allowed:
             table.put(key, new_state)
+        return decision
+
+    def _check_one(self, spec: RateLimitSpec, key: str, now: float) -> CombinedDecision:
+        decision = self.check_rate_limit_now(spec, key, now)
         return CombinedDecision(decision.allowed, decision.retry_after, spec.name, decision)
 
     async def check_rate_limits(
@@ -180,17 +190,21 @@ class MemoryStore:
         return self._breakers.get(name) or BreakerState()
 
     def breaker_acquire_now(self, spec: CircuitBreakerSpec, now: float) -> Permit:
-        permit, state = breaker.acquire(spec, self.breaker_state(spec.name), now)
-        self._breakers[spec.name] = state
+        name = spec.name
+        prior = self._breakers.get(name) or _CLOSED
+        permit, state = breaker.acquire(spec, prior, now)
+        if state is not prior:
+            self._breakers[name] = state
         return permit
 
     def breaker_record_now(
         self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
     ) -> Transition | None:
-        state, transition = breaker.record(
-            spec, self.breaker_state(spec.name), now, failed=failed, duration=duration
-        )
-        self._breakers[spec.name] = state
+        name = spec.name
+        prior = self._breakers.get(name) or _CLOSED
+        state, transition = breaker.record(spec, prior, now, failed=failed, duration=duration)
+        if state is not prior:
+            self._breakers[name] = state
         return transition
 
     async def breaker_acquire(self, spec: CircuitBreakerSpec, now: float) -> Permit:
@@ -284,6 +298,10 @@ class MemoryStore:
 
     async def close(self) -> None:
         return None
+
+
+_CLOSED = BreakerState()
+"""The state of a breaker never used: closed, with an empty window (it is immutable)."""
 
 
 def _resize(table: _KeyedStates | None, limit: int) -> _KeyedStates:
