@@ -11,7 +11,9 @@ servers in one process, or two tests, never register the same name twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import (
@@ -19,11 +21,12 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     Info,
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from policy_engine.breaker import Circuit, Transition
 from policy_engine.classify import Classification
@@ -56,6 +59,55 @@ DECISION_BUCKETS = (
 )
 
 
+# The ``le`` labels, formatted as prometheus_client formats its own histograms' bounds.
+_BUCKET_LABELS = (*(floatToGoString(b) for b in DECISION_BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
+
+
+class DecisionTally:
+    """Decision counts and latencies, kept as plain numbers and exported at scrape time.
+
+    This is the one metric touched on every event, where a Prometheus ``Counter.inc`` and a
+    ``Histogram.observe`` (each behind a lock) cost about 1.6 us, almost 2% of an event's
+    CPU. Decisions are made on the event loop, so plain dict and list updates are enough;
+    the exported series are the same ``policy_engine_decisions_total`` counter and
+    ``policy_engine_decision_seconds`` histogram.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str], int] = {}
+        # Per hook: one count per bucket (the last for +Inf) and the sum of seconds.
+        self.latencies: dict[str, tuple[list[int], list[float]]] = {}
+
+    def add(self, hook: str, rule: str, outcome: str, seconds: float) -> None:
+        key = (hook, rule, outcome)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        latency = self.latencies.get(hook)
+        if latency is None:
+            latency = self.latencies[hook] = ([0] * (len(DECISION_BUCKETS) + 1), [0.0])
+        latency[0][bisect_left(DECISION_BUCKETS, seconds)] += 1
+        latency[1][0] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        counts = CounterMetricFamily(
+            f"{NAMESPACE}_decisions",
+            "Decisions by hook, deciding rule and outcome (rule 'none' when allowed).",
+            labels=["hook", "rule", "outcome"],
+        )
+        for key, count in list(self.counts.items()):
+            counts.add_metric(list(key), count)
+        yield counts
+        histogram = HistogramMetricFamily(
+            f"{NAMESPACE}_decision_seconds",
+            "Time the engine took to decide, by hook.",
+            labels=["hook"],
+        )
+        for hook, (buckets, total) in list(self.latencies.items()):
+            cumulative = list(accumulate(buckets))
+            buckets_out = list(zip(_BUCKET_LABELS, cumulative, strict=True))
+            histogram.add_metric([hook], buckets_out, total[0])
+        yield histogram
+
+
 class MetricsObserver:
     """Counts decisions, errors, breaker transitions, sheds, reloads and outbound drops."""
 
@@ -65,21 +117,8 @@ class MetricsObserver:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
         ns = NAMESPACE
-        self.decisions = Counter(
-            "decisions",
-            "Decisions by hook, deciding rule and outcome (rule 'none' when allowed).",
-            ["hook", "rule", "outcome"],
-            namespace=ns,
-            registry=reg,
-        )
-        self.decision_seconds = Histogram(
-            "decision_seconds",
-            "Time the engine took to decide, by hook.",
-            ["hook"],
-            namespace=ns,
-            registry=reg,
-            buckets=DECISION_BUCKETS,
-        )
+        self.decision_tally = DecisionTally()
+        reg.register(self.decision_tally)
         self.shadow_refusals = Counter(
             "shadow_refusals",
             "Refusals a shadow-mode rule would have made, by rule.",
@@ -165,9 +204,6 @@ class MetricsObserver:
         )
         if process_metrics:
             ProcessCollector(registry=reg)
-        # Children looked up once per label set: labels() takes a lock and builds a tuple.
-        self._decision_children: dict[tuple[str, str, str], Any] = {}
-        self._latency_children: dict[str, Any] = {}
         self._breakers: set[str] = set()
 
     # -- Observer ---------------------------------------------------------------------------
@@ -179,15 +215,7 @@ class MetricsObserver:
         seconds: float,
         conn: Mapping[str, Any] | None,  # noqa: ARG002
     ) -> None:
-        key = (hook, decision.rule or NO_RULE, decision.outcome.value)
-        counter = self._decision_children.get(key)
-        if counter is None:
-            counter = self._decision_children[key] = self.decisions.labels(*key)
-        counter.inc()
-        latency = self._latency_children.get(hook)
-        if latency is None:
-            latency = self._latency_children[hook] = self.decision_seconds.labels(hook)
-        latency.observe(seconds)
+        self.decision_tally.add(hook, decision.rule or NO_RULE, decision.outcome.value, seconds)
         for rule in decision.shadowed:
             self.shadow_refusals.labels(rule).inc()
 

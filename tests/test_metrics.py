@@ -223,3 +223,14 @@ def test_process_metrics_are_optional() -> None:
 
     assert with_process.registry.get_sample_value("process_resident_memory_bytes")
     assert without.registry.get_sample_value("process_resident_memory_bytes") is None
+
+
+def test_decision_latency_buckets_include_their_upper_bound(metrics: MetricsObserver) -> None:
+    allowed = Decision(Outcome.ALLOW)
+    for seconds in (0.000005, 0.0000051, 0.2):
+        metrics.decision("event", allowed, seconds, None)
+    bucket = "decision_seconds_bucket"
+    assert value(metrics, bucket, hook="event", le="5e-06") == 1
+    assert value(metrics, bucket, hook="event", le="1e-05") == 2
+    assert value(metrics, bucket, hook="event", le="0.1") == 2
+    assert value(metrics, bucket, hook="event", le="+Inf") == 3
