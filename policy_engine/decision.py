@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from policy_engine.backoff import to_client
 from policy_engine.spec import BackoffSpec, Category
@@ -38,12 +38,13 @@ class TraceEntry:
     detail: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The verdict at one hook.
 
     ``rule`` names the deciding rule (``section/name``); ``shadowed`` lists the shadow-mode
     rules that would have refused; ``payload`` is what the client receives when refused.
+    A named tuple rather than a frozen dataclass: one may be built per event, and a tuple
+    is built in half the time.
     """
 
     outcome: Outcome

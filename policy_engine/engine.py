@@ -18,8 +18,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import fastjsonschema
 
@@ -52,9 +51,8 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 
-@dataclass(frozen=True, slots=True)
-class BreakerGuard:
-    """The permits one event holds while its handler runs."""
+class BreakerGuard(NamedTuple):
+    """The permits one event holds while its handler runs (a named tuple: one per event)."""
 
     permits: tuple[CircuitBreakerSpec, ...]
     started: float

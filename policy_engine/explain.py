@@ -9,7 +9,6 @@ and returns the decision with every rule considered.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from policy_engine.classify import Classification, classify, error_context
@@ -139,4 +138,4 @@ def _with_trace(decision: Decision, trace: tuple[TraceEntry, ...], explain: bool
     if not explain:
         return decision
     breaker = TraceEntry("circuit_breakers", decision.rule or "", True, "reject")
-    return replace(decision, trace=(*trace, breaker))
+    return decision._replace(trace=(*trace, breaker))
