@@ -358,15 +358,14 @@ class Engine:
         self, connections: Iterable[Mapping[str, Any]]
     ) -> list[tuple[str, dict[str, Any]]]:
         """On a sampler tick: the connections to disconnect now, lowest priority first."""
-        now = self.clock()
         activation = {"load": self.load}
         chosen: list[tuple[str, dict[str, Any]]] = []
         for rule in self.policy.shedding:
             if rule.action is not ShedAction.DISCONNECT or rule.mode is Mode.SHADOW:
                 if rule.action is ShedAction.DISCONNECT:
-                    self._sustained(rule, activation, now)
+                    self._sustained(rule, activation)
                 continue
-            if not self._sustained(rule, activation, now):
+            if not self._sustained(rule, activation):
                 continue
             ceiling = rule.max_priority.rank
             candidates = sorted(
@@ -445,7 +444,6 @@ class Engine:
         if not rules:
             return None
         failure = self.policy.defaults.on_eval_error
-        now = self.clock()
         for rule in rules:
             if priority is not None and priority.rank > rule.max_priority.rank:
                 if trace is not None:
@@ -455,7 +453,7 @@ class Engine:
                         )
                     )
                 continue
-            hit = self._sustained(rule, activation, now, failure)
+            hit = self._sustained(rule, activation, failure)
             if trace is not None:
                 trace.append(
                     TraceEntry(
@@ -495,7 +493,6 @@ class Engine:
         self,
         rule: SheddingRuleSpec,
         activation: Mapping[str, Any],
-        now: float,
         failure: EvalFailureMode = EvalFailureMode.FAIL_OPEN,
     ) -> bool:
         """Whether the rule's condition holds, and has held for ``sustained_for``."""
@@ -504,6 +501,7 @@ class Engine:
             return False
         if rule.sustained_for <= 0:
             return True
+        now = self.clock()
         since = self._condition_since.setdefault(rule.name, now)
         return now - since >= rule.sustained_for
 

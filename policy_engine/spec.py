@@ -82,17 +82,18 @@ class ShedAction(StrEnum):
 
 
 class Priority(StrEnum):
+    """Event and connection priorities; ``rank`` orders them, lowest first."""
+
     LOW = "low"
     NORMAL = "normal"
     HIGH = "high"
     CRITICAL = "critical"
 
-    @property
-    def rank(self) -> int:
-        return _PRIORITY_RANK[self]
+    rank: int  # set below: a plain attribute, read on every event without a lookup
 
 
-_PRIORITY_RANK = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.CRITICAL: 3}
+for _rank, _priority in enumerate(Priority):
+    _priority.rank = _rank
 
 
 class Effect(StrEnum):
