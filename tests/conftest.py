@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from servers import Clients, Served, policy_path, start_server
+
+# Property tests check behaviour, not speed: no per-example deadline (a loaded CI machine
+# must not turn a slow example into a failure), and in CI a fixed seed so a run repeats.
+settings.register_profile("default", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 # -- live Socket.IO servers and clients (tests/servers.py) -------------------------------------
 
