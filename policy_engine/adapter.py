@@ -778,6 +778,7 @@ class PolicyAdapter:
         store = self.engine.store
         now = self.engine.clock()
         limit = recovery.buffer_events
+        retain = recovery.max_disconnection
         own_id = data.get("id")
         if isinstance(own_id, int) and not isinstance(own_id, bool):
             for stream in streams:
@@ -785,7 +786,7 @@ class PolicyAdapter:
                 if last is not None and own_id <= last:
                     continue  # already buffered: the application is replaying it itself
                 store_id = await self._store_call(
-                    store.append_replay(stream, event, data, limit, now)
+                    store.append_replay(stream, event, data, limit, now, retain=retain)
                 )
                 if store_id is not None:
                     self.replay_index.record(stream, own_id, store_id, limit)
@@ -794,7 +795,7 @@ class PolicyAdapter:
             return data, None, None  # one payload cannot carry two streams' ids
         stamped = dict(data)
         store_id = await self._store_call(
-            store.append_replay(streams[0], event, stamped, limit, now)
+            store.append_replay(streams[0], event, stamped, limit, now, retain=retain)
         )
         if store_id is None:
             return data, None, None

@@ -12,6 +12,7 @@ when the shared store does not answer, and ``scope: local`` rules always use it.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from policy_engine import breaker, ratelimit
 from policy_engine.breaker import BreakerState, Permit, Transition
 from policy_engine.ratelimit import CombinedDecision, RateDecision, RateState
 from policy_engine.spec import CircuitBreakerSpec, RateLimitSpec
+
+_FOREVER = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +78,20 @@ class StateStore(Protocol):
     async def clear_auth_failures(self, key: str) -> None: ...
 
     async def append_replay(
-        self, stream: str, event: str, data: Any, limit: int, now: float
+        self,
+        stream: str,
+        event: str,
+        data: Any,
+        limit: int,
+        now: float,
+        *,
+        retain: float = _FOREVER,
     ) -> int:
-        """Buffer an outgoing event for replay; returns its id (increasing per stream)."""
+        """Buffer an outgoing event for replay; returns its id (increasing per stream).
+
+        Streams with no event for ``retain`` seconds may be dropped: nobody can still
+        recover from them. Their ids keep counting where they stopped.
+        """
         ...
 
     async def replay_since(
@@ -127,7 +141,11 @@ class MemoryStore:
         self._per_user: dict[str, int] = {}
         self._per_ip: dict[str, int] = {}
         self._auth: dict[str, deque[float]] = {}
-        self._replay: dict[str, tuple[int, deque[tuple[int, float, str, Any]]]] = {}
+        # Streams in order of their last event, so the idle ones are found at the front.
+        self._replay: OrderedDict[str, tuple[int, deque[tuple[int, float, str, Any]]]] = (
+            OrderedDict()
+        )
+        self._replay_ended: dict[str, int] = {}
 
     # -- rate limits -----------------------------------------------------------------------
 
@@ -269,22 +287,51 @@ class MemoryStore:
     # -- replay buffers --------------------------------------------------------------------
 
     async def append_replay(
-        self, stream: str, event: str, data: Any, limit: int, now: float
+        self,
+        stream: str,
+        event: str,
+        data: Any,
+        limit: int,
+        now: float,
+        *,
+        retain: float = _FOREVER,
     ) -> int:
-        last_id, buffer = self._replay.get(stream, (0, deque()))
+        replay = self._replay
+        entry = replay.pop(stream, None)
+        if entry is None:
+            entry = (self._replay_ended.pop(stream, 0), deque(maxlen=limit))
+        last_id, buffer = entry
         if buffer.maxlen != limit:
             buffer = deque(buffer, maxlen=limit)
         event_id = last_id + 1
         buffer.append((event_id, now, event, data))
-        self._replay[stream] = (event_id, buffer)
+        replay[stream] = (event_id, buffer)  # re-inserted last: oldest activity first
+        self._drop_idle_streams(now - retain)
         return event_id
+
+    def _drop_idle_streams(self, before: float) -> None:
+        """Drop the buffers of streams whose newest event is older than ``before``.
+
+        Only the last id is kept, so that ids never restart and a returning client is
+        told that its events are gone rather than handed a wrong replay.
+        """
+        replay = self._replay
+        while replay:
+            stream, (last_id, buffer) = next(iter(replay.items()))
+            if buffer and buffer[-1][1] >= before:
+                return
+            del replay[stream]
+            self._replay_ended[stream] = last_id
 
     async def replay_since(
         self, stream: str, after_id: int, max_age: float, now: float
     ) -> list[ReplayedEvent] | None:
         entry = self._replay.get(stream)
         if entry is None:
-            return [] if after_id <= 0 else None
+            ended = self._replay_ended.get(stream)
+            if ended is None:
+                return [] if after_id <= 0 else None
+            entry = (ended, deque())
         last_id, buffer = entry
         if after_id >= last_id:
             return []
