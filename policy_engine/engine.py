@@ -253,14 +253,22 @@ class Engine:
         breakers = self.policy.circuit_breakers
         if not breakers:
             return NO_GUARD
-        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
+        activation: dict[str, Any] | None = None
         failure = self.policy.defaults.on_eval_error
+        name = event["name"]
         now = self.clock()
         taken: list[CircuitBreakerSpec] = []
         transitions: list[tuple[str, Transition]] | None = None
         for spec in breakers:
-            if not matches(spec.match, activation, failure):
+            match = spec.match
+            if match.event_names is not None and name not in match.event_names:
                 continue
+            if not match.is_name_test:
+                # Only a condition beyond the event name needs the whole context.
+                if activation is None:
+                    activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
+                if not matches(match, activation, failure):
+                    continue
             permit: Permit | None
             if self.store is self.local:
                 permit = self.local.breaker_acquire_now(spec, now)
