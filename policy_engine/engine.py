@@ -221,11 +221,13 @@ class Engine:
         if refusal is not None:
             return _finish(refusal, shadowed, trace)
         activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
-        refusal = (
-            self._shed(Hook.EVENT, activation, spec.priority, trace, shadowed)
-            or self._authorize(Hook.EVENT, activation, trace, shadowed)
-            or await self._rate_limits(Hook.EVENT, activation, trace, shadowed)
+        refusal = self._shed(Hook.EVENT, activation, spec.priority, trace, shadowed) or (
+            self._authorize(Hook.EVENT, activation, trace, shadowed)
         )
+        if refusal is None and (
+            trace is not None or policy.by_hook.rate_limits_for(Hook.EVENT, event["name"])
+        ):
+            refusal = await self._rate_limits(Hook.EVENT, activation, trace, shadowed)
         return _finish(refusal or ALLOW, shadowed, trace)
 
     async def on_emit(
@@ -561,7 +563,15 @@ class Engine:
         trace: list[TraceEntry] | None,
         shadowed: list[str],
     ) -> Decision | None:
-        rules = self.policy.by_hook.rate_limits[hook]
+        index = self.policy.by_hook
+        event = activation.get("event")
+        # An explanation lists every limit at the hook; a decision visits only those that
+        # can apply to this event.
+        rules = (
+            index.rate_limits_for(hook, event["name"])
+            if event is not None and trace is None
+            else index.rate_limits[hook]
+        )
         if not rules:
             return None
         failure = self.policy.defaults.on_eval_error

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from policy_engine.contexts import Hook
@@ -314,11 +315,23 @@ class AuthorizationSpec:
 
 @dataclass(frozen=True, slots=True)
 class HookIndex:
-    """The rules of each section grouped by hook, so a decision visits only its own."""
+    """The rules of each section grouped by hook, so a decision visits only its own.
+
+    Rate limits are also grouped by event name: a limit whose condition starts with an
+    event-name test can never apply to other events, so for those it is not even visited.
+    """
 
     rate_limits: Mapping[Hook, tuple[RateLimitSpec, ...]]
     shedding: Mapping[Hook | None, tuple[SheddingRuleSpec, ...]]
     authorization: Mapping[Hook, tuple[AuthzRuleSpec, ...]]
+    # Per hook: the limits for each event name that some limit names, and for all others.
+    rate_limits_by_event: Mapping[
+        Hook, tuple[Mapping[str, tuple[RateLimitSpec, ...]], tuple[RateLimitSpec, ...]]
+    ] = field(default_factory=dict)
+
+    def rate_limits_for(self, hook: Hook, event_name: str) -> tuple[RateLimitSpec, ...]:
+        named, others = self.rate_limits_by_event[hook]
+        return named.get(event_name, others)
 
     @classmethod
     def build(
@@ -328,11 +341,29 @@ class HookIndex:
         authorization: tuple[AuthzRuleSpec, ...],
     ) -> HookIndex:
         hooks: list[Hook | None] = [*Hook, None]
+        limits = {h: tuple(r for r in rate_limits if r.hook is h) for h in Hook}
         return cls(
-            {h: tuple(r for r in rate_limits if r.hook is h) for h in Hook},
+            limits,
             {h: tuple(r for r in shedding if r.hook is h) for h in hooks},
             {h: tuple(r for r in authorization if r.hook is h) for h in Hook},
+            {h: _by_event_name(rules) for h, rules in limits.items()},
         )
+
+
+def _by_event_name(
+    rules: tuple[RateLimitSpec, ...],
+) -> tuple[Mapping[str, tuple[RateLimitSpec, ...]], tuple[RateLimitSpec, ...]]:
+    """Each named event's limits, in policy order, and the limits every event meets."""
+
+    def names(rule: RateLimitSpec) -> frozenset[str] | None:
+        return rule.when.event_names if rule.when is not None else None
+
+    named = {n for rule in rules for n in (names(rule) or ())}
+    per_name = {
+        name: tuple(r for r in rules if names(r) is None or name in (names(r) or ()))
+        for name in named
+    }
+    return MappingProxyType(per_name), tuple(r for r in rules if names(r) is None)
 
 
 @dataclass(frozen=True, slots=True)

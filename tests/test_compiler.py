@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policy_engine.compiler import compile_file, compile_text
+from policy_engine.contexts import Hook
 from policy_engine.errors import PolicyError, Severity
 from policy_engine.spec import Mode, RateAlgorithm
 
@@ -174,3 +175,21 @@ def test_arbitrary_text_never_escapes_as_another_exception(text: str) -> None:
         compile_text(text)
     except PolicyError as exc:
         assert exc.diagnostics
+
+
+def test_rate_limits_are_indexed_by_the_event_names_their_conditions_require() -> None:
+    policy = compile_text(
+        "version: 1\nrate_limits:\n"
+        "  - {name: all, hook: event, key: conn.sid, limit: 5/s}\n"
+        "  - {name: a-only, hook: event, when: 'event.name == \"a\"', key: conn.sid, limit: 5/s}\n"
+        '  - {name: a-or-b, hook: event, when: \'event.name in ["a", "b"] && conn.ip != ""\','
+        " key: conn.sid, limit: 5/s}\n"
+        "  - {name: by-ip, hook: event, when: 'conn.ip != \"\"', key: conn.ip, limit: 5/s}\n"
+    ).policy
+
+    def names(event: str) -> list[str]:
+        return [r.name for r in policy.by_hook.rate_limits_for(Hook.EVENT, event)]
+
+    assert names("a") == ["all", "a-only", "a-or-b", "by-ip"]
+    assert names("b") == ["all", "a-or-b", "by-ip"]
+    assert names("other") == ["all", "by-ip"]
