@@ -130,7 +130,9 @@ class Engine:
             self._shed(Hook.CONNECT, activation, None, trace, shadowed)
             or await self._auth_throttle(conn, trace)
             or self._authorize(Hook.CONNECT, activation, trace, shadowed)
-            or await self._rate_limits(Hook.CONNECT, activation, trace, shadowed)
+            or await self._rate_limits(
+                policy.by_hook.rate_limits[Hook.CONNECT], activation, trace, shadowed
+            )
         )
         if refusal is not None:
             return _finish(refusal, shadowed, trace)
@@ -224,10 +226,17 @@ class Engine:
         refusal = self._shed(Hook.EVENT, activation, spec.priority, trace, shadowed) or (
             self._authorize(Hook.EVENT, activation, trace, shadowed)
         )
-        if refusal is None and (
-            trace is not None or policy.by_hook.rate_limits_for(Hook.EVENT, event["name"])
-        ):
-            refusal = await self._rate_limits(Hook.EVENT, activation, trace, shadowed)
+        if refusal is None:
+            # A decision visits only the limits that can apply to this event; an
+            # explanation lists every limit at the hook.
+            index = policy.by_hook
+            rules = (
+                index.rate_limits_for(Hook.EVENT, event["name"])
+                if trace is None
+                else index.rate_limits[Hook.EVENT]
+            )
+            if rules:
+                refusal = await self._rate_limits(rules, activation, trace, shadowed)
         return _finish(refusal or ALLOW, shadowed, trace)
 
     async def on_emit(
@@ -242,7 +251,9 @@ class Engine:
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
         refusal = self._shed(Hook.EMIT, activation, spec.priority, None, shadowed) or (
-            await self._rate_limits(Hook.EMIT, activation, None, shadowed)
+            await self._rate_limits(
+                policy.by_hook.rate_limits_for(Hook.EMIT, event["name"]), activation, None, shadowed
+            )
         )
         return _finish(refusal or ALLOW, shadowed, None)
 
@@ -558,20 +569,11 @@ class Engine:
 
     async def _rate_limits(
         self,
-        hook: Hook,
+        rules: tuple[RateLimitSpec, ...],
         activation: Mapping[str, Any],
         trace: list[TraceEntry] | None,
         shadowed: list[str],
     ) -> Decision | None:
-        index = self.policy.by_hook
-        event = activation.get("event")
-        # An explanation lists every limit at the hook; a decision visits only those that
-        # can apply to this event.
-        rules = (
-            index.rate_limits_for(hook, event["name"])
-            if event is not None and trace is None
-            else index.rate_limits[hook]
-        )
         if not rules:
             return None
         failure = self.policy.defaults.on_eval_error
