@@ -53,7 +53,7 @@ from policy_engine.gate import HandshakeGate
 from policy_engine.identity import ClaimsLoader, identify, load_claims
 from policy_engine.observer import NullObserver, Observer
 from policy_engine.outbound import CRITICAL, Outbox
-from policy_engine.spec import Category, PolicySet, Priority, RecoverySpec, ShedAction
+from policy_engine.spec import Category, Priority, RecoverySpec, ShedAction
 from policy_engine.store import ReplayedEvent
 
 __all__ = ["ClaimsLoader", "ConnectionState", "PolicyAdapter", "attach"]
@@ -208,8 +208,6 @@ class PolicyAdapter:
         self._links: dict[str, _Link] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
-        self._emit_rules_for: PolicySet | None = None
-        self._emit_rules = False
         # The originals, called directly on the hot path.
         self._trigger: Callable[..., Awaitable[Any]] = sio._trigger_event
         self._event_original: Callable[..., Awaitable[Any]] = sio._handle_event_internal
@@ -690,7 +688,8 @@ class PolicyAdapter:
         if emission is not None and not emission.replay:
             if link.closing:
                 return None  # the client is being disconnected for not keeping up
-            if self._has_emit_rules() and not await self._judge_emit(link, emission, pkt):
+            emit_rules = self.engine.policy.by_hook.limits_or_sheds(Hook.EMIT)
+            if emit_rules and not await self._judge_emit(link, emission, pkt):
                 return None
         elif emission is not None or link.closing:
             # A replay goes ahead of held live events; a control packet (the disconnect)
@@ -714,15 +713,6 @@ class PolicyAdapter:
             link.closing = True
             self._spawn(self._close_link(link, "slow_consumer"))
         return None
-
-    def _has_emit_rules(self) -> bool:
-        policy = self.engine.policy
-        if policy is not self._emit_rules_for:
-            self._emit_rules_for = policy
-            self._emit_rules = any(r.hook is Hook.EMIT for r in policy.rate_limits) or any(
-                r.hook is Hook.EMIT for r in policy.shedding
-            )
-        return self._emit_rules
 
     async def _judge_emit(self, link: _Link, emission: Emission, pkt: Any) -> bool:
         state = link.states.get(emission.namespace)

@@ -246,7 +246,7 @@ class Engine:
         policy = self.policy
         spec = policy.events.get(event["name"]) or policy.default_event
         event["priority"] = spec.priority.value
-        if not (self._has_rules(Hook.EMIT)):
+        if not policy.by_hook.limits_or_sheds(Hook.EMIT):
             return ALLOW
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
@@ -399,10 +399,6 @@ class Engine:
         return chosen
 
     # -- rule groups -------------------------------------------------------------------------
-
-    def _has_rules(self, hook: Hook) -> bool:
-        index = self.policy.by_hook
-        return bool(index.rate_limits[hook] or index.shedding[hook])
 
     def _check_payload(
         self,

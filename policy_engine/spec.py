@@ -329,6 +329,10 @@ class HookIndex:
         Hook, tuple[Mapping[str, tuple[RateLimitSpec, ...]], tuple[RateLimitSpec, ...]]
     ] = field(default_factory=dict)
 
+    def limits_or_sheds(self, hook: Hook) -> bool:
+        """Whether any rate limit or shedding rule acts at ``hook`` (emit has none by default)."""
+        return bool(self.rate_limits[hook] or self.shedding[hook])
+
     def rate_limits_for(self, hook: Hook, event_name: str) -> tuple[RateLimitSpec, ...]:
         named, others = self.rate_limits_by_event[hook]
         return named.get(event_name, others)

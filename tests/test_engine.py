@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from servers import CONTRACT_KEYS
 
 from policy_engine.compiler import compile_file, compile_text
 from policy_engine.contexts import Hook
@@ -15,16 +16,6 @@ from policy_engine.ratelimit import CombinedDecision
 from policy_engine.spec import PolicySet, RateLimitSpec
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies" / "policies.yaml"
-PAYLOAD_KEYS = {
-    "code",
-    "category",
-    "message",
-    "retryable",
-    "retry_after_ms",
-    "backoff",
-    "policy",
-    "correlation_id",
-}
 
 
 class Clock:
@@ -56,7 +47,7 @@ async def test_every_refusal_carries_the_full_client_payload() -> None:
     decision = await engine.on_connect(conn(conversation_id=""), {})
     assert decision.outcome is Outcome.REJECT
     assert decision.payload is not None
-    assert set(decision.payload) == PAYLOAD_KEYS
+    assert set(decision.payload) == CONTRACT_KEYS
     assert decision.payload["policy"] == "authorization/require-conversation"
     assert len(decision.payload["correlation_id"]) == 16
 
@@ -231,7 +222,7 @@ async def test_classification_never_leaks_internals() -> None:
         RuntimeError(secret), Hook.EVENT, conn(), {}, None
     )
     assert classification.code == "INTERNAL"
-    assert set(payload) == PAYLOAD_KEYS
+    assert set(payload) == CONTRACT_KEYS
     assert secret not in str(payload)
     assert error["message"] == secret  # kept for the logs, not for the client
 
