@@ -45,7 +45,7 @@ def pinned(core: int, argv: Sequence[str]) -> list[str]:
 def server(mode: str) -> Iterator[tuple[int, int]]:
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.echo_server", "--mode", mode, "--port", str(port)]
-    process = subprocess.Popen(pinned(0, argv), cwd=ROOT)
+    process = subprocess.Popen(pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -71,6 +71,12 @@ def run_clients(mode_args: list[str]) -> dict[str, Any]:
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -80,26 +86,58 @@ def rss_kib(pid: int) -> int:
 
 def throughput(clients: Sequence[int], seconds: float, rounds: int) -> None:
     print(f"echo round trips, {seconds:g} s per run, {rounds} alternating rounds per mode")
-    print(f"{'clients':>7} {'mode':<7} {'events/s':>10} {'p50 us':>8} {'p99 us':>8}")
+    print(
+        f"{'clients':>7} {'mode':<7} {'events/s':>10} {'p50 us':>8} {'p99 us':>8} "
+        f"{'server CPU':>10} {'CPU us/event':>12}"
+    )
     for count in clients:
         results: dict[str, list[dict[str, Any]]] = {"bare": [], "policy": []}
-        for _ in range(rounds):
-            for mode in ("bare", "policy"):
-                with server(mode) as (port, _):
-                    args = ["--port", str(port), "--clients", str(count), "--seconds", str(seconds)]
-                    results[mode].append(run_clients(["throughput", *args]))
+        for round_ in range(rounds):
+            # ABBA order: a drift in machine speed during the run weighs on both modes alike.
+            for mode in ("bare", "policy") if round_ % 2 == 0 else ("policy", "bare"):
+                results[mode].append(measure(mode, count, seconds))
         summary = {}
         for mode, runs in results.items():
             rate = statistics.median(r["events_per_second"] for r in runs)
             p50 = statistics.median(r["p50_us"] for r in runs)
             p99 = statistics.median(r["p99_us"] for r in runs)
-            summary[mode] = (rate, p50, p99)
-            print(f"{count:>7} {mode:<7} {rate:>10.0f} {p50:>8.0f} {p99:>8.0f}")
+            busy = statistics.median(r["server_cpu"] for r in runs)
+            per_event = statistics.median(r["cpu_us_per_event"] for r in runs)
+            summary[mode] = (rate, p50, p99, per_event)
+            print(
+                f"{count:>7} {mode:<7} {rate:>10.0f} {p50:>8.0f} {p99:>8.0f} "
+                f"{busy:>10.0%} {per_event:>12.1f}"
+            )
         bare, policy = summary["bare"], summary["policy"]
         print(
             f"{count:>7} ratio   throughput {policy[0] / bare[0]:.3f}  "
-            f"p50 {policy[1] / bare[1]:.3f}x  p99 {policy[2] / bare[2]:.3f}x"
+            f"p50 {policy[1] / bare[1]:.3f}x  p99 {policy[2] / bare[2]:.3f}x  "
+            f"server capacity {bare[3] / policy[3]:.3f}"
         )
+        # The same ratios round by round (each pair measured back to back), whose median
+        # is steadier than the ratio of medians when the machine's speed drifts.
+        pairs = list(zip(results["bare"], results["policy"], strict=True))
+        throughput_ratios = [p["events_per_second"] / b["events_per_second"] for b, p in pairs]
+        p99_ratios = [p["p99_us"] / b["p99_us"] for b, p in pairs]
+        capacity_ratios = [b["cpu_us_per_event"] / p["cpu_us_per_event"] for b, p in pairs]
+        print(
+            f"{count:>7} paired  throughput {statistics.median(throughput_ratios):.3f}  "
+            f"p99 {statistics.median(p99_ratios):.3f}x  "
+            f"server capacity {statistics.median(capacity_ratios):.3f}  "
+            f"(rounds: {' '.join(f'{r:.3f}' for r in throughput_ratios)})"
+        )
+
+
+def measure(mode: str, clients: int, seconds: float) -> dict[str, Any]:
+    """One timed run: the clients' counts plus the server's CPU use during it."""
+    with server(mode) as (port, pid):
+        args = ["--port", str(port), "--clients", str(clients), "--seconds", str(seconds)]
+        cpu_before, began = cpu_seconds(pid), time.perf_counter()
+        run = run_clients(["throughput", *args])
+        cpu = cpu_seconds(pid) - cpu_before
+        run["server_cpu"] = cpu / (time.perf_counter() - began)
+        run["cpu_us_per_event"] = cpu / run["events"] * 1e6
+        return run
 
 
 def memory(connections: Sequence[int]) -> None:

@@ -41,6 +41,22 @@ def event_name_filter(source: str) -> tuple[frozenset[str] | None, str | None]:
     return None, None
 
 
+def conjuncts(source: str) -> list[str] | None:
+    """The operands of a top-level ``&&`` chain (one for a source without one).
+
+    None when the source has a top-level ``||`` or ``?``, whose operands are not all
+    required for the whole to be true.
+    """
+    parts: list[str] = []
+    rest: str | None = source
+    while rest is not None:
+        head, rest = _first_conjunct(rest)
+        if head is None:
+            return None
+        parts.append(head.strip())
+    return parts
+
+
 def field_path(source: str) -> tuple[str, str] | None:
     """``("conn", "sid")`` for the source ``conn.sid``; None for anything else."""
     match = _PATH.fullmatch(source)

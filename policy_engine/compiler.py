@@ -23,7 +23,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from policy_engine import cel
-from policy_engine.analysis import event_name_filter, field_path
+from policy_engine.analysis import conjuncts, event_name_filter, field_path
 from policy_engine.contexts import (
     BREAKER_MATCH_VARIABLES,
     BREAKER_RECORD_VARIABLES,
@@ -586,9 +586,30 @@ class _Compiler:
                     code=body.get("code", "OVERLOADED"),
                     message=body.get("message", "The server is overloaded; retry later."),
                     location=self.document.locate(pointer),
+                    load_gate=self.load_gate(when.source, variables),
                 )
             )
         return tuple(rules)
+
+    def load_gate(
+        self, source: str, variables: Mapping[str, Variable]
+    ) -> cel.CompiledProgram | None:
+        """The operands of a shedding condition that read only ``load``, as one program.
+
+        While they are false the whole condition is false (``&&`` needs every operand, and
+        CEL's ``false && error`` is false), so the engine evaluates them once per load
+        sample rather than the whole condition once per event. A condition that reads only
+        ``load`` is its own gate.
+        """
+        gate: list[str] = []
+        for part in conjuncts(source) or [source]:
+            try:
+                program = self.backend.compile(part, variables, expect="bool")
+            except cel.CelCompileError:
+                continue  # not a boolean on its own: leave it to the whole condition
+            if program.variables <= _LOAD_ONLY:
+                gate.append(f"({part})")
+        return self.backend.compile(" && ".join(gate), variables) if gate else None
 
     def shed_hook(self, body: Mapping[str, Any], action: ShedAction, pointer: str) -> Hook | None:
         """Which hook a shedding action can act at: refusing needs a connect, dropping an event."""
@@ -784,6 +805,7 @@ class _Compiler:
 
 
 _PER_CONNECTION = frozenset({"conn", "claims"})
+_LOAD_ONLY = frozenset({"load"})
 
 _DEFAULT_MESSAGES = {
     "connection": "The connection could not be established.",

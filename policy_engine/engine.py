@@ -30,11 +30,13 @@ from policy_engine.errors import EvaluationError, StoreError
 from policy_engine.evaluation import evaluate_value, matches
 from policy_engine.ratelimit import CombinedDecision, RateDecision
 from policy_engine.spec import (
+    AuthzRuleSpec,
     BackoffSpec,
     Category,
     CircuitBreakerSpec,
     Effect,
     EvalFailureMode,
+    EventPlan,
     Expression,
     Mode,
     PolicySet,
@@ -61,6 +63,13 @@ class BreakerGuard(NamedTuple):
 
 
 NO_GUARD = BreakerGuard((), 0.0)
+
+
+class EventVerdict(NamedTuple):
+    """An event's decision and the breaker permits it holds (None: not asked for yet)."""
+
+    decision: Decision
+    guard: BreakerGuard | None
 
 
 def new_correlation_id() -> str:
@@ -102,7 +111,11 @@ class Engine:
         self.store: StateStore = store or self.local
         self.clock = clock
         self.rand = rand
+        # Replaced by each load sample, never changed in place: the shedding rules armed
+        # under it are worked out once per sample (see _armed_shedding).
         self.load: dict[str, Any] = LOAD.defaults()
+        self._armed_for: tuple[PolicySet, dict[str, Any]] | None = None
+        self._armed: frozenset[str] = frozenset()
         self._condition_since: dict[str, float] = {}
         # Rate-limit keys that read only conn and claims, computed once per connection.
         self._connection_keys: dict[str, dict[tuple[str, str], str]] = {}
@@ -127,9 +140,15 @@ class Engine:
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "load": self.load}
         refusal = (
-            self._shed(Hook.CONNECT, activation, None, trace, shadowed)
+            self._shed(policy.by_hook.shedding[Hook.CONNECT], activation, None, trace, shadowed)
             or await self._auth_throttle(conn, trace)
-            or self._authorize(Hook.CONNECT, activation, trace, shadowed)
+            or self._authorize(
+                policy.by_hook.authorization[Hook.CONNECT],
+                Hook.CONNECT,
+                activation,
+                trace,
+                shadowed,
+            )
             or await self._rate_limits(
                 policy.by_hook.rate_limits[Hook.CONNECT], activation, trace, shadowed
             )
@@ -213,31 +232,75 @@ class Engine:
         explain: bool = False,
     ) -> Decision:
         """Judge one incoming event before its handler runs."""
-        policy = self.policy
         trace: list[TraceEntry] | None = [] if explain else None
         shadowed: list[str] = []
-        spec = policy.events.get(event["name"]) or policy.default_event
-        # ``_value_`` is the member's value without the ``value`` property's lookup.
-        event["priority"] = spec.priority._value_
-        refusal = self._check_payload(spec.name, spec.max_bytes, spec.validate, event, trace)
-        if refusal is not None:
-            return _finish(refusal, shadowed, trace)
-        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
-        refusal = self._shed(Hook.EVENT, activation, spec.priority, trace, shadowed) or (
-            self._authorize(Hook.EVENT, activation, trace, shadowed)
-        )
-        if refusal is None:
-            # A decision visits only the limits that can apply to this event; an
-            # explanation lists every limit at the hook.
-            index = policy.by_hook
+        plan = self.policy.event_plans[event["name"]]
+        refusal, activation = self._judge_event(plan, conn, claims, event, trace, shadowed)
+        if refusal is None and activation is not None:
+            # An explanation lists every limit at the hook, a decision only those that apply.
             rules = (
-                index.rate_limits_for(Hook.EVENT, event["name"])
-                if trace is None
-                else index.rate_limits[Hook.EVENT]
+                plan.rate_limits if trace is None else self.policy.by_hook.rate_limits[Hook.EVENT]
             )
             if rules:
                 refusal = await self._rate_limits(rules, activation, trace, shadowed)
         return _finish(refusal or ALLOW, shadowed, trace)
+
+    def judge_event_now(
+        self, conn: Mapping[str, Any], claims: Mapping[str, Any], event: dict[str, Any]
+    ) -> EventVerdict | None:
+        """:meth:`on_event` and :meth:`before_call` in one call, when neither has to wait.
+
+        Most events meet no rate limit and, on the memory store, nothing else awaits: their
+        whole verdict costs one plain call instead of two coroutines. None means "await the
+        two methods instead" (a rate limit applies, or a breaker's state is in a shared
+        store). The guard is None when the decision is a delay: breaker permits are asked for
+        after it, so a delayed call does not hold one while it waits.
+        """
+        plan = self.policy.event_plans[event["name"]]
+        if plan.rate_limits or (plan.breakers and self.store is not self.local):
+            return None
+        shadowed: list[str] = []
+        refusal, activation = self._judge_event(plan, conn, claims, event, None, shadowed)
+        decision = _finish(refusal or ALLOW, shadowed, None)
+        if decision.outcome is Outcome.DELAY:
+            return EventVerdict(decision, None)
+        if activation is None or refusal is not None or not plan.breakers:
+            return EventVerdict(decision, NO_GUARD)
+        permits = self._acquire_now(plan.breakers, activation)
+        if isinstance(permits, BreakerGuard):
+            return EventVerdict(decision, permits)
+        return EventVerdict(permits, NO_GUARD)
+
+    def _judge_event(  # noqa: PLR0917 (every caller passes all six)
+        self,
+        plan: EventPlan,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+        trace: list[TraceEntry] | None,
+        shadowed: list[str],
+    ) -> tuple[Decision | None, dict[str, Any] | None]:
+        """Payload, shedding and authorization: the checks that need no store.
+
+        Returns the refusal, if any, and the activation the later checks evaluate against
+        (None when the payload was refused before one was built).
+        """
+        spec = plan.spec
+        event["priority"] = plan.priority
+        refusal = self._check_payload(spec.name, spec.max_bytes, spec.validate, event, trace)
+        if refusal is not None:
+            return refusal, None
+        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
+        if trace is None:
+            shedding, authorization = plan.shedding, plan.authorization
+        else:
+            # An explanation shows every rule at the hook, including those that cannot apply.
+            index = self.policy.by_hook
+            shedding, authorization = index.shedding[Hook.EVENT], index.authorization[Hook.EVENT]
+        refusal = self._shed(shedding, activation, spec.priority, trace, shadowed) or (
+            self._authorize(authorization, Hook.EVENT, activation, trace, shadowed)
+        )
+        return refusal, activation
 
     async def on_emit(
         self, conn: Mapping[str, Any], claims: Mapping[str, Any], event: dict[str, Any]
@@ -250,7 +313,8 @@ class Engine:
             return ALLOW
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
-        refusal = self._shed(Hook.EMIT, activation, spec.priority, None, shadowed) or (
+        sheds = policy.by_hook.shedding[Hook.EMIT]
+        refusal = self._shed(sheds, activation, spec.priority, None, shadowed) or (
             await self._rate_limits(
                 policy.by_hook.rate_limits_for(Hook.EMIT, event["name"]), activation, None, shadowed
             )
@@ -263,54 +327,83 @@ class Engine:
         self, conn: Mapping[str, Any], claims: Mapping[str, Any], event: Mapping[str, Any]
     ) -> BreakerGuard | Decision:
         """Ask every breaker guarding this event for a permit; refuse at once if one is open."""
-        breakers = self.policy.circuit_breakers
+        breakers = self.policy.event_plans[event["name"]].breakers
         if not breakers:
             return NO_GUARD
+        if self.store is self.local:
+            return self._acquire_now(breakers, self._activation(conn, claims, event))
         activation: dict[str, Any] | None = None
-        failure = self.policy.defaults.on_eval_error
-        name = event["name"]
         now = self.clock()
         taken: list[CircuitBreakerSpec] = []
-        transitions: list[tuple[str, Transition]] | None = None
+        transitions: list[tuple[str, Transition]] = []
         for spec in breakers:
-            match = spec.match
-            if match.event_names is not None and name not in match.event_names:
-                continue
-            if not match.is_name_test:
+            if not spec.match.is_name_test:
                 # Only a condition beyond the event name needs the whole context.
-                if activation is None:
-                    activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
-                if not matches(match, activation, failure):
+                activation = activation or self._activation(conn, claims, event)
+                if not matches(spec.match, activation, self.policy.defaults.on_eval_error):
                     continue
-            permit: Permit | None
-            if self.store is self.local:
-                permit = self.local.breaker_acquire_now(spec, now)
-            else:
-                permit = await self._guarded(self.store.breaker_acquire(spec, now), None)
-            if permit is None or permit.permitted or spec.mode is Mode.SHADOW:
-                if permit is not None and permit.permitted:
-                    taken.append(spec)
-                    if permit.transition is not None:
-                        if transitions is None:
-                            transitions = []
-                        transitions.append((spec.name, permit.transition))
+            permit = await self._guarded(self.store.breaker_acquire(spec, now), None)
+            if self._granted(spec, permit, taken, transitions):
                 continue
             for held in taken:
                 await self._guarded(self.store.breaker_release(held), None)
-            payload = self._payload(
-                code=spec.code,
-                category=Category.SYSTEM,
-                message=spec.message,
-                retry_after=permit.retry_after,
-                policy=f"circuit_breakers/{spec.name}",
-                retryable=True,
-            )
-            if spec.fallback is not None:
-                payload = {**payload, "fallback": dict(spec.fallback)}
-            return Decision(Outcome.REJECT, f"circuit_breakers/{spec.name}", payload)
-        if not taken:
-            return NO_GUARD
-        return BreakerGuard(tuple(taken), now, tuple(transitions) if transitions else ())
+            return self._breaker_refusal(spec, permit)
+        return BreakerGuard(tuple(taken), now, tuple(transitions)) if taken else NO_GUARD
+
+    def _acquire_now(
+        self, breakers: tuple[CircuitBreakerSpec, ...], activation: Mapping[str, Any]
+    ) -> BreakerGuard | Decision:
+        """:meth:`before_call` on the memory store, whose breaker state needs no await."""
+        local = self.local
+        now = self.clock()
+        taken: list[CircuitBreakerSpec] = []
+        transitions: list[tuple[str, Transition]] = []
+        for spec in breakers:
+            if not spec.match.is_name_test and not matches(
+                spec.match, activation, self.policy.defaults.on_eval_error
+            ):
+                continue
+            permit = local.breaker_acquire_now(spec, now)
+            if self._granted(spec, permit, taken, transitions):
+                continue
+            for held in taken:
+                local.breaker_release_now(held)
+            return self._breaker_refusal(spec, permit)
+        return BreakerGuard(tuple(taken), now, tuple(transitions)) if taken else NO_GUARD
+
+    def _activation(
+        self, conn: Mapping[str, Any], claims: Mapping[str, Any], event: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return {"conn": conn, "claims": claims, "event": event, "load": self.load}
+
+    @staticmethod
+    def _granted(
+        spec: CircuitBreakerSpec,
+        permit: Permit | None,
+        taken: list[CircuitBreakerSpec],
+        transitions: list[tuple[str, Transition]],
+    ) -> bool:
+        """Whether the call may go on past this breaker; notes the permit it holds."""
+        if permit is not None and permit.permitted:
+            taken.append(spec)
+            if permit.transition is not None:
+                transitions.append((spec.name, permit.transition))
+            return True
+        # No answer from the store (its failure mode let the call through), or shadow mode.
+        return permit is None or spec.mode is Mode.SHADOW
+
+    def _breaker_refusal(self, spec: CircuitBreakerSpec, permit: Permit | None) -> Decision:
+        payload = self._payload(
+            code=spec.code,
+            category=Category.SYSTEM,
+            message=spec.message,
+            retry_after=permit.retry_after if permit is not None else None,
+            policy=f"circuit_breakers/{spec.name}",
+            retryable=True,
+        )
+        if spec.fallback is not None:
+            payload = {**payload, "fallback": dict(spec.fallback)}
+        return Decision(Outcome.REJECT, f"circuit_breakers/{spec.name}", payload)
 
     async def after_call(
         self,
@@ -451,16 +544,16 @@ class Engine:
 
     def _shed(
         self,
-        hook: Hook,
+        rules: tuple[SheddingRuleSpec, ...],
         activation: Mapping[str, Any],
         priority: Priority | None,
         trace: list[TraceEntry] | None,
         shadowed: list[str],
     ) -> Decision | None:
-        rules = self.policy.by_hook.shedding[hook]
         if not rules:
             return None
         failure = self.policy.defaults.on_eval_error
+        armed = self._armed_shedding()
         for rule in rules:
             if priority is not None and priority.rank > rule.max_priority.rank:
                 if trace is not None:
@@ -470,6 +563,8 @@ class Engine:
                         )
                     )
                 continue
+            if trace is None and rule.name not in armed:
+                continue  # its load condition is false under this sample
             hit = self._sustained(rule, activation, failure)
             if trace is not None:
                 trace.append(
@@ -506,6 +601,33 @@ class Engine:
             retryable=True,
         )
 
+    def _armed_shedding(self) -> frozenset[str]:
+        """The shedding rules whose ``load`` operands hold under the current load sample.
+
+        The others cannot apply to any event until the next sample, so they are not
+        evaluated per event; as their condition is false, their ``sustained_for`` clocks
+        restart. A gate that fails to evaluate arms its rule, which then meets the policy's
+        ``on_eval_error`` per event as before.
+        """
+        policy, load = self.policy, self.load
+        armed_for = self._armed_for
+        if armed_for is not None and armed_for[0] is policy and armed_for[1] is load:
+            return self._armed
+        armed: set[str] = set()
+        variables = {"load": load}
+        for rule in policy.shedding:
+            gate = rule.load_gate
+            try:
+                holds = gate is None or gate.evaluate(variables) is True
+            except EvaluationError:
+                holds = True
+            if holds:
+                armed.add(rule.name)
+            else:
+                self._condition_since.pop(rule.name, None)
+        self._armed_for, self._armed = (policy, load), frozenset(armed)
+        return self._armed
+
     def _sustained(
         self,
         rule: SheddingRuleSpec,
@@ -524,6 +646,7 @@ class Engine:
 
     def _authorize(
         self,
+        rules: tuple[AuthzRuleSpec, ...],
         hook: Hook,
         activation: Mapping[str, Any],
         trace: list[TraceEntry] | None,
@@ -532,7 +655,7 @@ class Engine:
         policy = self.policy
         authorization = policy.authorization
         failure = policy.defaults.on_eval_error
-        for rule in policy.by_hook.authorization[hook]:
+        for rule in rules:
             hit = matches(rule.when, activation, failure)
             if trace is not None:
                 trace.append(

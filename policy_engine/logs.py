@@ -302,14 +302,16 @@ class CompositeObserver:
 
     def __init__(self, *observers: Observer) -> None:
         self.observers: tuple[Observer, ...] = observers
+        # Every event reports a decision: those reports go to bound methods looked up once.
+        self._decision_reports = tuple((o, o.decision) for o in observers)
         self._log = structlog.get_logger(LOGGER_NAME)
 
     def decision(
         self, hook: str, decision: Decision, seconds: float, conn: Mapping[str, Any] | None
     ) -> None:
-        for observer in self.observers:
+        for observer, report in self._decision_reports:
             try:
-                observer.decision(hook, decision, seconds, conn)
+                report(hook, decision, seconds, conn)
             except Exception:
                 self._failed(observer, "decision")
 

@@ -215,7 +215,8 @@ class MetricsObserver:
         seconds: float,
         conn: Mapping[str, Any] | None,  # noqa: ARG002
     ) -> None:
-        self.decision_tally.add(hook, decision.rule or NO_RULE, decision.outcome.value, seconds)
+        # ``_value_``: the member's value without the ``value`` property's call.
+        self.decision_tally.add(hook, decision.rule or NO_RULE, decision.outcome._value_, seconds)
         for rule in decision.shadowed:
             self.shadow_refusals.labels(rule).inc()
 

@@ -245,6 +245,9 @@ class SheddingRuleSpec:
     code: str = "OVERLOADED"
     message: str = "The server is overloaded; retry later."
     location: Location = field(compare=False, repr=False, default=Location(""))
+    # The part of ``when`` that reads only ``load`` (see Compiler.load_gate): while it is
+    # false, so is ``when``, whatever the event.
+    load_gate: Program | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +374,78 @@ def _by_event_name(
 
 
 @dataclass(frozen=True, slots=True)
+class EventPlan:
+    """The rules the event hook can apply to one event name, in policy order.
+
+    Rules whose condition starts with a test for other event names, and shedding rules
+    whose ``max_priority`` is below the event's priority, can never apply to it: leaving
+    them out here means a decision does not even visit them. Order is kept, so the first
+    matching authorization rule still wins.
+    """
+
+    spec: EventSpec
+    priority: str
+    shedding: tuple[SheddingRuleSpec, ...]
+    authorization: tuple[AuthzRuleSpec, ...]
+    rate_limits: tuple[RateLimitSpec, ...]
+    breakers: tuple[CircuitBreakerSpec, ...]
+
+
+class EventPlans:
+    """One :class:`EventPlan` per event name the policy mentions, and one for all others.
+
+    Names come only from the policy (its ``events`` and the names its conditions test), so
+    the map stays bounded however many different names clients send.
+    """
+
+    __slots__ = ("_named", "_other")
+
+    def __init__(
+        self,
+        events: Mapping[str, EventSpec],
+        default_event: EventSpec,
+        index: HookIndex,
+        breakers: tuple[CircuitBreakerSpec, ...],
+    ) -> None:
+        shedding = index.shedding[Hook.EVENT]
+        authorization = index.authorization[Hook.EVENT]
+        expressions = [
+            *(r.when for r in shedding),
+            *(r.when for r in authorization),
+            *(r.when for r in index.rate_limits[Hook.EVENT] if r.when is not None),
+            *(b.match for b in breakers),
+        ]
+        names = set(events).union(*(e.event_names or () for e in expressions))
+
+        def applies(expression: Expression, name: str | None) -> bool:
+            return expression.event_names is None or name in expression.event_names
+
+        def plan(name: str | None) -> EventPlan:
+            spec = (events.get(name) if name is not None else None) or default_event
+            rank = spec.priority.rank
+            return EventPlan(
+                spec=spec,
+                priority=spec.priority.value,
+                shedding=tuple(
+                    r for r in shedding if rank <= r.max_priority.rank and applies(r.when, name)
+                ),
+                authorization=tuple(r for r in authorization if applies(r.when, name)),
+                rate_limits=(
+                    index.rate_limits_for(Hook.EVENT, name)
+                    if name is not None
+                    else index.rate_limits_by_event[Hook.EVENT][1]
+                ),
+                breakers=tuple(b for b in breakers if applies(b.match, name)),
+            )
+
+        self._named: Mapping[str, EventPlan] = {name: plan(name) for name in names}
+        self._other = plan(None)
+
+    def __getitem__(self, name: str) -> EventPlan:
+        return self._named.get(name, self._other)
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySet:
     """One compiled policy file; ``version`` is the content hash of what was compiled."""
 
@@ -389,10 +464,13 @@ class PolicySet:
     authorization: AuthorizationSpec
     default_event: EventSpec = EventSpec("*")
     by_hook: HookIndex = field(init=False, compare=False, repr=False)
+    event_plans: EventPlans = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         index = HookIndex.build(self.rate_limits, self.shedding, self.authorization.rules)
         object.__setattr__(self, "by_hook", index)
+        plans = EventPlans(self.events, self.default_event, index, self.circuit_breakers)
+        object.__setattr__(self, "event_plans", plans)
 
     def event(self, name: str) -> EventSpec:
         return self.events.get(name, self.default_event)

@@ -233,8 +233,11 @@ class MemoryStore:
     ) -> Transition | None:
         return self.breaker_record_now(spec, now, failed=failed, duration=duration)
 
-    async def breaker_release(self, spec: CircuitBreakerSpec) -> None:
+    def breaker_release_now(self, spec: CircuitBreakerSpec) -> None:
         self._breakers[spec.name] = breaker.release(self.breaker_state(spec.name))
+
+    async def breaker_release(self, spec: CircuitBreakerSpec) -> None:
+        self.breaker_release_now(spec)
 
     # -- connections -----------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ from servers import CONTRACT_KEYS
 
 from policy_engine.compiler import compile_file, compile_text
 from policy_engine.contexts import Hook
-from policy_engine.decision import Outcome
-from policy_engine.engine import Engine, conn_context, event_context
+from policy_engine.decision import Decision, Outcome
+from policy_engine.engine import NO_GUARD, BreakerGuard, Engine, conn_context, event_context
 from policy_engine.errors import StoreError
 from policy_engine.ratelimit import CombinedDecision
 from policy_engine.spec import PolicySet, RateLimitSpec
@@ -288,3 +288,211 @@ circuit_breakers:
     assert [(name, t.to_state.value) for name, t in probe.transitions] == [  # type: ignore[union-attr]
         ("b", "half_open")
     ]
+
+
+# -- event plans, the one-call verdict and shedding's load gates ------------------------------
+# The engine resolves per event name which rules can apply, judges events that need no store
+# in one plain call, and evaluates the ``load`` part of shedding conditions once per load
+# sample. Each shortcut must decide exactly what the full path decides.
+
+PLANNED = """
+events:
+  chat: {priority: high}
+  telemetry: {priority: low}
+shedding:
+  - {name: drop-low, hook: event, when: "load.loop_lag_ms > 500", action: drop, max_priority: low}
+  - name: delay-chat
+    hook: event
+    when: 'event.name == "chat" && load.loop_lag_ms > 300'
+    action: delay
+    delay: 10ms
+    max_priority: high
+authorization:
+  rules:
+    - {name: chat-needs-user, hook: event, when: 'event.name == "chat" && conn.user_id == ""',
+       effect: deny}
+    - {name: everyone, hook: event, when: "conn.ip != ''", effect: allow}
+rate_limits:
+  - {name: chat-rate, hook: event, when: 'event.name == "chat"', key: conn.sid, limit: 5/second}
+  - {name: all-rate, hook: event, key: conn.sid, limit: 100/second}
+circuit_breakers:
+  - {name: tools, match: 'event.name in ["tool", "chat"]', failure_rate: 50%,
+     window: {calls: 10}, minimum_calls: 5, open_for: 10s}
+"""
+
+
+def names(rules: Any) -> list[str]:
+    return [rule.name for rule in rules]
+
+
+def test_a_plan_holds_only_the_rules_that_can_apply_to_its_event() -> None:
+    plans = policy(PLANNED).event_plans
+    chat, telemetry, other = plans["chat"], plans["telemetry"], plans["anything-else"]
+    # Shedding: by event name, and by the event's priority against max_priority.
+    assert names(chat.shedding) == ["delay-chat"]
+    assert names(telemetry.shedding) == ["drop-low"]
+    assert names(other.shedding) == []  # normal priority is above drop-low's max
+    # Authorization keeps policy order, so the first match still wins.
+    assert names(chat.authorization) == ["chat-needs-user", "everyone"]
+    assert names(other.authorization) == ["everyone"]
+    assert names(chat.rate_limits) == ["chat-rate", "all-rate"]
+    assert names(other.rate_limits) == ["all-rate"]
+    assert names(chat.breakers) == ["tools"]
+    assert names(plans["tool"].breakers) == ["tools"]
+    assert names(other.breakers) == []
+    assert (chat.priority, telemetry.priority, other.priority) == ("high", "low", "normal")
+
+
+async def full_verdict(
+    engine: Engine, conn: dict[str, Any], claims: dict[str, Any], event: dict[str, Any]
+) -> tuple[Decision, BreakerGuard]:
+    decision = await engine.on_event(conn, claims, event)
+    if decision.outcome not in (Outcome.ALLOW, Outcome.DELAY):
+        return decision, NO_GUARD
+    permits = await engine.before_call(conn, claims, event)
+    if isinstance(permits, BreakerGuard):
+        return decision, permits
+    return permits, NO_GUARD
+
+
+SHORTCUT_CASES = [
+    ("echo", {}, {}, 0),
+    ("echo", {"sub": "alice"}, {}, 350),  # the shipped delay for normal events
+    ("telemetry", {}, {}, 600),  # dropped under overload
+    ("telemetry", {}, {}, 100),
+    ("oh_event", {"role": "viewer"}, {}, 0),
+    ("echo", {}, {"x": "y" * 70_000}, 0),  # over the default 64 KB
+]
+
+
+@pytest.mark.parametrize(("name", "claims", "payload", "lag"), SHORTCUT_CASES)
+async def test_the_one_call_verdict_is_what_the_full_path_decides(
+    name: str, claims: dict[str, Any], payload: dict[str, Any], lag: int
+) -> None:
+    shipped = compile_file(SHIPPED).policy
+    engines = [Engine(shipped, clock=Clock()), Engine(shipped, clock=Clock())]
+    for engine in engines:
+        engine.load = {**engine.load, "loop_lag_ms": lag}
+    conn = conn_context(sid="s1", ip="192.0.2.1", user_id="alice", conversation_id="c1")
+    size = 80_000 if payload else 40
+    quick = engines[0].judge_event_now(
+        conn, claims, event_context(name, payload, size_bytes=size, has_ack=True)
+    )
+    full, guard = await full_verdict(
+        engines[1], conn, claims, event_context(name, payload, size_bytes=size, has_ack=True)
+    )
+    assert quick is not None
+    assert (quick.decision.outcome, quick.decision.rule) == (full.outcome, full.rule)
+    if full.outcome is Outcome.DELAY:
+        assert quick.guard is None  # permits are asked for after the delay
+    else:
+        assert quick.guard == guard
+
+
+async def test_an_event_a_rate_limit_applies_to_takes_the_awaited_path() -> None:
+    engine = Engine(compile_file(SHIPPED).policy, clock=Clock())
+    conn = conn_context(sid="s1", ip="192.0.2.1", user_id="alice", conversation_id="c1")
+    event = event_context("oh_user_action", {"action": "run"}, size_bytes=40)
+    assert engine.judge_event_now(conn, {}, event) is None
+    assert engine.judge_event_now(conn, {}, event_context("echo", 1, size_bytes=10)) is not None
+
+
+async def test_breaker_permits_taken_in_one_call_are_the_breakers_own() -> None:
+    text = """
+circuit_breakers:
+  - {name: tools, match: 'event.name == "tool"', failure_rate: 50%, window: {calls: 4},
+     minimum_calls: 2, open_for: 10s}
+"""
+    clock = Clock()
+    engine = Engine(policy(text), clock=clock)
+    conn = conn_context(sid="s1", ip="192.0.2.1")
+    for _ in range(2):
+        verdict = engine.judge_event_now(conn, {}, event_context("tool"))
+        assert verdict is not None
+        assert verdict.guard is not None
+        assert names(verdict.guard.permits) == ["tools"]
+        failure = engine.on_error(RuntimeError(), Hook.EVENT)[0]
+        await engine.after_call(verdict.guard, conn, event_context("tool"), failure, {})
+    refused = engine.judge_event_now(conn, {}, event_context("tool"))
+    assert refused is not None
+    assert refused.decision.outcome is Outcome.REJECT
+    assert refused.decision.rule == "circuit_breakers/tools"
+    assert refused.guard == NO_GUARD
+    assert engine.judge_event_now(conn, {}, event_context("chat")) is not None  # not guarded
+
+
+GATED = """
+defaults: {on_eval_error: fail_closed}
+shedding:
+  - {name: gated, hook: event, when: 'load.loop_lag_ms > 300 && event.priority == "normal"',
+     action: drop, max_priority: normal}
+  - {name: load-only, hook: event, when: "load.loop_lag_ms > 900 || load.memory_mb > 100",
+     action: drop, max_priority: normal}
+  - {name: no-load, hook: event, when: 'event.name == "noisy"', action: drop, max_priority: normal}
+"""
+
+
+def test_the_load_gate_is_the_part_of_a_condition_that_reads_only_load() -> None:
+    rules = {rule.name: rule for rule in policy(GATED).shedding}
+    assert rules["gated"].load_gate is not None
+    assert rules["gated"].load_gate.evaluate({"load": {"loop_lag_ms": 301}}) is True
+    assert rules["gated"].load_gate.evaluate({"load": {"loop_lag_ms": 300}}) is False
+    assert rules["load-only"].load_gate is not None  # the whole condition is its gate
+    assert rules["load-only"].load_gate.evaluate({"load": {"loop_lag_ms": 0, "memory_mb": 200}})
+    assert rules["no-load"].load_gate is None
+
+
+async def test_shedding_follows_each_new_load_sample() -> None:
+    engine = Engine(policy(GATED), clock=Clock())
+    conn = conn_context(sid="s1", ip="192.0.2.1")
+    outcomes = []
+    for lag in (0, 500, 0, 950):
+        engine.load = {**engine.load, "loop_lag_ms": lag}
+        decision = await engine.on_event(conn, {}, event_context("echo"))
+        outcomes.append((decision.outcome, decision.rule))
+    assert outcomes == [
+        (Outcome.ALLOW, None),
+        (Outcome.DROP, "shedding/gated"),
+        (Outcome.ALLOW, None),
+        (Outcome.DROP, "shedding/gated"),
+    ]
+    noisy = await engine.on_event(conn, {}, event_context("noisy"))
+    assert noisy.rule == "shedding/gated"  # first in policy order; no-load is never gated
+
+
+async def test_a_closed_gate_restarts_the_sustained_clock() -> None:
+    text = """
+shedding:
+  - {name: slow, hook: event, when: 'load.loop_lag_ms > 300 && event.priority == "normal"',
+     action: drop, max_priority: normal, sustained_for: 10s}
+"""
+    clock = Clock()
+    engine = Engine(policy(text), clock=clock)
+    conn = conn_context(sid="s1", ip="192.0.2.1")
+
+    async def at(seconds: float, lag: int) -> Outcome:
+        clock.now = 100.0 + seconds
+        engine.load = {**engine.load, "loop_lag_ms": lag}
+        return (await engine.on_event(conn, {}, event_context("echo"))).outcome
+
+    assert await at(0, 500) is Outcome.ALLOW  # the clock starts
+    assert await at(6, 10) is Outcome.ALLOW  # the gate closes: the clock restarts
+    assert await at(12, 500) is Outcome.ALLOW  # only 0 s sustained now
+    assert await at(21, 500) is Outcome.ALLOW  # 9 s
+    assert await at(23, 500) is Outcome.DROP  # 11 s
+
+
+async def test_a_gate_that_fails_to_evaluate_leaves_the_rule_to_on_eval_error() -> None:
+    text = """
+defaults: {on_eval_error: fail_closed}
+shedding:
+  - name: broken
+    hook: event
+    when: 'int(load.loop_lag_ms) / int(load.memory_mb) > 1 && event.priority == "normal"'
+    action: drop
+    max_priority: normal
+"""
+    engine = Engine(policy(text), clock=Clock())
+    engine.load = {**engine.load, "loop_lag_ms": 5, "memory_mb": 0}  # division by zero
+    decision = await engine.on_event(conn_context(sid="s1"), {}, event_context("echo"))
+    assert (decision.outcome, decision.rule) == (Outcome.DROP, "shedding/broken")
