@@ -48,6 +48,7 @@ from socketio import packet as sio_packet
 
 from policy_engine.classify import Classification
 from policy_engine.contexts import Hook
+from policy_engine.cors import CorsPolicy
 from policy_engine.decision import Decision, Outcome, client_payload
 from policy_engine.engine import (
     NO_GUARD,
@@ -247,7 +248,11 @@ class PolicyAdapter:
         """``socketio.ASGIApp`` behind the overload gate; its lifespan starts this adapter."""
         inner = socketio.ASGIApp(self.sio, other_asgi_app, socketio_path=socketio_path)
         gate = HandshakeGate(
-            inner, self.engine, socketio_path=socketio_path, observer=self.observer
+            inner,
+            self.engine,
+            socketio_path=socketio_path,
+            observer=self.observer,
+            cors=CorsPolicy.of(self.sio.eio),
         )
         return _Lifespan(gate, self.start, self.stop)
 
@@ -986,6 +991,9 @@ def _measured(packet_class: type[Any]) -> type[Any]:
     encoded to count. Attachments arrive as further messages on the same transport task.
     """
 
+    decode = packet_class.decode
+    add_attachment = packet_class.add_attachment
+
     class MeasuredPacket(packet_class):  # type: ignore[misc]
         def decode(self, encoded_packet: Any) -> Any:
             if type(encoded_packet) is str:
@@ -993,11 +1001,11 @@ def _measured(packet_class: type[Any]) -> type[Any]:
             else:
                 size = len(encoded_packet)  # a whole packet in binary (a msgpack server)
             _INBOUND_SIZE.set(size)
-            return super().decode(encoded_packet)
+            return decode(self, encoded_packet)
 
         def add_attachment(self, attachment: Any) -> Any:
             _INBOUND_SIZE.set(_INBOUND_SIZE.get() + len(attachment))
-            return super().add_attachment(attachment)
+            return add_attachment(self, attachment)
 
     MeasuredPacket.__name__ = MeasuredPacket.__qualname__ = f"Measured{packet_class.__name__}"
     return MeasuredPacket

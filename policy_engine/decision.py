@@ -42,7 +42,9 @@ class Decision(NamedTuple):
     """The verdict at one hook.
 
     ``rule`` names the deciding rule (``section/name``); ``shadowed`` lists the shadow-mode
-    rules that would have refused; ``payload`` is what the client receives when refused.
+    rules that would have refused; ``payload`` is what the client receives when refused;
+    ``key`` is the refused rate-limit key, set only for rules with ``key_label`` (metrics
+    label their refusals with it).
     A named tuple rather than a frozen dataclass: one may be built per event, and a tuple
     is built in half the time.
     """
@@ -53,6 +55,7 @@ class Decision(NamedTuple):
     delay: float = 0.0
     shadowed: tuple[str, ...] = ()
     trace: tuple[TraceEntry, ...] = ()
+    key: str | None = None
 
     @property
     def allowed(self) -> bool:

@@ -770,10 +770,10 @@ class Engine:
                 )
         if decided.allowed:
             return None
-        decided_rule = next(
-            r for r, _ in (*enforced_local, *enforced_shared) if r.name == decided.rule
+        decided_rule, decided_key = next(
+            (r, k) for r, k in (*enforced_local, *enforced_shared) if r.name == decided.rule
         )
-        return self._rate_refusal(decided_rule, decided)
+        return self._rate_refusal(decided_rule, decided, decided_key)
 
     def _enforce_alone(self, rule: RateLimitSpec, key: str, now: float) -> Decision | None:
         """One local limit alone, untraced: its own decision is the combined one."""
@@ -781,7 +781,7 @@ class Engine:
         if single.allowed:
             return None
         return self._rate_refusal(
-            rule, CombinedDecision(False, single.retry_after, rule.name, single)
+            rule, CombinedDecision(False, single.retry_after, rule.name, single), key
         )
 
     def _key(self, expression: Expression, activation: Mapping[str, Any]) -> str:
@@ -813,7 +813,9 @@ class Engine:
             rule = checks[0][0].name if checks else None
             return CombinedDecision(allowed, 0.0 if allowed else 1.0, rule, None)
 
-    def _rate_refusal(self, rule: RateLimitSpec, combined: CombinedDecision | None) -> Decision:
+    def _rate_refusal(
+        self, rule: RateLimitSpec, combined: CombinedDecision | None, key: str | None = None
+    ) -> Decision:
         payload = self._payload(
             code=rule.code,
             category=Category.CLIENT,
@@ -822,7 +824,12 @@ class Engine:
             policy=f"rate_limits/{rule.name}",
             retryable=True,
         )
-        return Decision(Outcome.REJECT, f"rate_limits/{rule.name}", payload)
+        return Decision(
+            Outcome.REJECT,
+            f"rate_limits/{rule.name}",
+            payload,
+            key=key if rule.key_label else None,
+        )
 
     async def _auth_throttle(
         self, conn: Mapping[str, Any], trace: list[TraceEntry] | None
@@ -945,11 +952,6 @@ def _deterministic_delay(spec: BackoffSpec, attempt: int) -> float:
 def _finish(decision: Decision, shadowed: list[str], trace: list[TraceEntry] | None) -> Decision:
     if not shadowed and trace is None:
         return decision
-    return Decision(
-        decision.outcome,
-        decision.rule,
-        decision.payload,
-        decision.delay,
-        tuple(shadowed),
-        tuple(trace) if trace is not None else (),
+    return decision._replace(
+        shadowed=tuple(shadowed), trace=tuple(trace) if trace is not None else ()
     )

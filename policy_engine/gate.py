@@ -13,6 +13,9 @@ current ``load`` alone: a rule that also reads ``conn`` or ``claims`` cannot be 
 the connect hook, which sees the full context. Shadow-mode rules are left to the connect
 hook too, which reports them.
 
+The refusal carries the CORS headers Engine.IO would have added (see ``cors``), so a
+browser client on another origin can read the advice; CORS preflights pass to Engine.IO.
+
 WebSocket handshakes pass as well: a browser (or any WebSocket-only client) cannot read the
 status or body of a refused upgrade, so its retry advice must come in the ``connect_error``
 data, which the connect hook's shedding sends.
@@ -28,6 +31,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from policy_engine.contexts import Hook
+from policy_engine.cors import CorsPolicy
 from policy_engine.decision import Decision, Outcome, client_payload
 from policy_engine.engine import Engine, new_correlation_id
 from policy_engine.evaluation import matches
@@ -55,11 +59,13 @@ class HandshakeGate:
         observer: Observer | None = None,
         status: int = 503,
         clock: Callable[[], float] = time.monotonic,
+        cors: CorsPolicy | None = None,
     ) -> None:
         self.app = app
         self.engine = engine
         self.observer: Observer = observer or NullObserver()
         self.status = status
+        self.cors = cors or CorsPolicy()
         self.clock = clock
         path = "/" + socketio_path.strip("/")
         self._prefixes = (path + "/", path)
@@ -71,11 +77,14 @@ class HandshakeGate:
             decision = self.judge()
             if decision is not None:
                 self.observer.decision("connect", decision, time.perf_counter() - started, None)
-                await self._refuse(send, decision)
+                await self._refuse(scope, send, decision)
                 return
         await self.app(scope, receive, send)
 
     def is_new_session(self, scope: Scope) -> bool:
+        """A handshake request; a CORS preflight is left to Engine.IO, which answers it."""
+        if scope.get("method") == "OPTIONS":
+            return False
         path = str(scope.get("path", ""))
         if not (path.startswith(self._prefixes[0]) or path == self._prefixes[1]):
             return False
@@ -112,7 +121,7 @@ class HandshakeGate:
             return Decision(Outcome.REJECT, f"shedding/{rule.name}", payload)
         return None
 
-    async def _refuse(self, send: Send, decision: Decision) -> None:
+    async def _refuse(self, scope: Scope, send: Send, decision: Decision) -> None:
         payload = dict(decision.payload or {})
         body = json.dumps(payload, separators=(",", ":")).encode()
         retry_after_ms = payload.get("retry_after_ms") or 0
@@ -121,6 +130,7 @@ class HandshakeGate:
             (b"content-length", str(len(body)).encode()),
             (b"retry-after", str(max(1, math.ceil(retry_after_ms / 1000))).encode()),
             (b"cache-control", b"no-store"),
+            *self.cors.headers(scope),
         ]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -154,6 +154,14 @@ class MetricsObserver:
             namespace=ns,
             registry=reg,
         )
+        self.rate_limited_keys = Counter(
+            "rate_limited_keys",
+            "Rate-limit refusals by rule and key, for rules that set key_label (one series "
+            "per refused key: keep such rules few).",
+            ["rule", "key"],
+            namespace=ns,
+            registry=reg,
+        )
         self.reloads = Counter(
             "policy_reloads",
             "Policy reloads by result (success or failure).",
@@ -217,6 +225,8 @@ class MetricsObserver:
     ) -> None:
         # ``_value_``: the member's value without the ``value`` property's call.
         self.decision_tally.add(hook, decision.rule or NO_RULE, decision.outcome._value_, seconds)
+        if decision.key is not None:
+            self.rate_limited_keys.labels(decision.rule, decision.key).inc()
         for rule in decision.shadowed:
             self.shadow_refusals.labels(rule).inc()
 

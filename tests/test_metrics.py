@@ -7,6 +7,7 @@ from policy_engine.breaker import Circuit, Reason, Transition
 from policy_engine.classify import Classification
 from policy_engine.compiler import compile_text
 from policy_engine.decision import ALLOW, Decision, Outcome
+from policy_engine.engine import Engine, conn_context, event_context
 from policy_engine.errors import Diagnostic, Location
 from policy_engine.metrics import MetricsObserver
 from policy_engine.spec import Category, ErrorSeverity
@@ -234,3 +235,36 @@ def test_decision_latency_buckets_include_their_upper_bound(metrics: MetricsObse
     assert value(metrics, bucket, hook="event", le="1e-05") == 2
     assert value(metrics, bucket, hook="event", le="0.1") == 2
     assert value(metrics, bucket, hook="event", le="+Inf") == 3
+
+
+async def test_only_key_label_rules_label_their_refusals_with_the_key(
+    metrics: MetricsObserver,
+) -> None:
+    engine = Engine(
+        compile_text(
+            """\
+version: 1
+rate_limits:
+  - {name: labelled, hook: event, when: 'event.name == "a"', key: conn.user_id,
+     limit: 1/minute, key_label: true}
+  - {name: plain, hook: event, when: 'event.name == "b"', key: conn.user_id, limit: 1/minute}
+"""
+        ).policy
+    )
+    client = conn_context(sid="s1", ip="192.0.2.1", user_id="ada")
+    for name in ("a", "a", "b", "b"):
+        decision = await engine.on_event(client, {}, event_context(name))
+        metrics.decision("event", decision, 0.00001, client)
+
+    assert value(metrics, "rate_limited_keys_total", rule="rate_limits/labelled", key="ada") == 1
+    keys = {
+        sample.labels.get("key")
+        for family in metrics.registry.collect()
+        if family.name == P + "rate_limited_keys"
+        for sample in family.samples
+    }
+    assert keys == {"ada"}  # the plain rule's refusal is counted without its key
+    plain = value(
+        metrics, "decisions_total", hook="event", rule="rate_limits/plain", outcome="reject"
+    )
+    assert plain == 1
