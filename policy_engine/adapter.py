@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -62,8 +62,8 @@ from policy_engine.gate import HandshakeGate
 from policy_engine.identity import ClaimsLoader, identify, load_claims
 from policy_engine.observer import NullObserver, Observer
 from policy_engine.outbound import CRITICAL, Outbox
-from policy_engine.spec import Category, Priority, RecoverySpec, ShedAction
-from policy_engine.store import ReplayedEvent
+from policy_engine.recovery import Recovery
+from policy_engine.spec import Category, Priority, ShedAction
 
 __all__ = ["ClaimsLoader", "ConnectionState", "PolicyAdapter", "attach"]
 
@@ -137,64 +137,6 @@ class _Link:
         self.closing = False
 
 
-class ReplayIndex:
-    """Where a reconnecting client left off, for connection-state recovery.
-
-    The store numbers buffered events per stream; clients know the ``id`` inside each
-    payload, which is the store's number unless the application set its own. This index
-    maps one to the other for the last ``buffer_events`` of each stream (the part of the
-    buffer that can still be replayed), and remembers which conversations have, or
-    recently had, connected clients: only those are worth buffering.
-    """
-
-    def __init__(self) -> None:
-        self._ids: dict[str, OrderedDict[int, int]] = {}
-        self._present: dict[str, int] = {}
-        self._left_at: dict[str, float] = {}
-
-    def knows(self, conversation: str) -> bool:
-        return conversation in self._present or conversation in self._left_at
-
-    def join(self, conversation: str) -> None:
-        self._present[conversation] = self._present.get(conversation, 0) + 1
-        self._left_at.pop(conversation, None)
-
-    def leave(self, conversation: str, now: float) -> None:
-        count = self._present.get(conversation, 0) - 1
-        if count > 0:
-            self._present[conversation] = count
-            return
-        self._present.pop(conversation, None)
-        self._left_at[conversation] = now
-
-    def last_payload_id(self, stream: str) -> int | None:
-        ids = self._ids.get(stream)
-        return next(reversed(ids)) if ids else None
-
-    def record(self, stream: str, payload_id: int, store_id: int, limit: int) -> None:
-        ids = self._ids.setdefault(stream, OrderedDict())
-        ids[payload_id] = store_id
-        while len(ids) > limit:
-            ids.popitem(last=False)
-
-    def store_id(self, stream: str, payload_id: int) -> int | None:
-        """The store's number for a payload id; 0 for "before the first", while buffered."""
-        ids = self._ids.get(stream)
-        if not ids:
-            return None
-        found = ids.get(payload_id)
-        if found is None and payload_id == 0 and next(iter(ids.values())) == 1:
-            return 0  # the client saw none of this stream, which is still complete
-        return found
-
-    def prune(self, now: float, max_age: float) -> None:
-        """Forget conversations nobody has been connected to for longer than ``max_age``."""
-        expired = [c for c, at in self._left_at.items() if now - at > max_age]
-        for conversation in expired:
-            del self._left_at[conversation]
-            self._ids.pop(conversation, None)
-
-
 class PolicyAdapter:
     """The policy installed on one ``socketio.AsyncServer``; created by :func:`attach`."""
 
@@ -212,8 +154,14 @@ class PolicyAdapter:
         self.observer: Observer = observer or NullObserver()
         self.error_event = error_event
         self.claims_loader = claims_loader
-        self.replay_index = ReplayIndex()
         self._states: dict[str, ConnectionState] = {}
+        self.recovery = Recovery(
+            engine,
+            self.observer,
+            conversation_of=self._conversation_of,
+            replay=self._send_replayed,
+            notify=self._notify,
+        )
         self._links: dict[str, _Link] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -364,7 +312,7 @@ class PolicyAdapter:
         try:
             result = await self._accept(state, args, claims_error)
             if recovering:
-                replayed_up_to = await self._recover(state, latest)
+                replayed_up_to = await self.recovery.recover(sid, namespace, conn, latest)
         finally:
             if link is not None:
                 link.outbox.release(_duplicate_of(conn["conversation_id"], replayed_up_to))
@@ -461,7 +409,7 @@ class PolicyAdapter:
             link.states[state.namespace] = state
         conversation = state.conn["conversation_id"]
         if conversation:
-            self.replay_index.join(conversation)
+            self.recovery.index.join(conversation)
 
     def _new_link(self, eio_sid: str) -> _Link | None:
         socket = self.sio.eio.sockets.get(eio_sid)
@@ -491,7 +439,7 @@ class PolicyAdapter:
                 link.outbox.close()
         conversation = state.conn["conversation_id"]
         if conversation:
-            self.replay_index.leave(conversation, time.monotonic())
+            self.recovery.index.leave(conversation, time.monotonic())
         try:
             await self.engine.on_disconnect(state.conn)
         except Exception:
@@ -679,7 +627,7 @@ class PolicyAdapter:
         stream: str | None = None
         event_id: int | None = None
         if recovery.enabled and event in recovery.events and isinstance(data, dict):
-            data, stream, event_id = await self._buffer(event, data, to or room, recovery)
+            data, stream, event_id = await self.recovery.buffer(event, data, to or room)
         token = _EMISSION.set(
             Emission(event, spec.priority.rank, namespace or "/", data, stream, event_id)
         )
@@ -776,127 +724,19 @@ class PolicyAdapter:
 
     # -- connection-state recovery -----------------------------------------------------------
 
-    async def _buffer(
-        self, event: str, data: dict[str, Any], target: Any, recovery: RecoverySpec
-    ) -> tuple[dict[str, Any], str | None, int | None]:
-        """Append an event sent to a conversation to its replay buffer; stamp its id."""
-        streams = self._streams(target)
-        if not streams:
-            return data, None, None
-        store = self.engine.store
-        now = self.engine.clock()
-        limit = recovery.buffer_events
-        retain = recovery.max_disconnection
-        own_id = data.get("id")
-        if isinstance(own_id, int) and not isinstance(own_id, bool):
-            for stream in streams:
-                last = self.replay_index.last_payload_id(stream)
-                if last is not None and own_id <= last:
-                    continue  # already buffered: the application is replaying it itself
-                store_id = await self._store_call(
-                    store.append_replay(stream, event, data, limit, now, retain=retain)
-                )
-                if store_id is not None:
-                    self.replay_index.record(stream, own_id, store_id, limit)
-            return data, streams[0] if len(streams) == 1 else None, own_id
-        if len(streams) != 1:
-            return data, None, None  # one payload cannot carry two streams' ids
-        stamped = dict(data)
-        store_id = await self._store_call(
-            store.append_replay(streams[0], event, stamped, limit, now, retain=retain)
-        )
-        if store_id is None:
-            return data, None, None
-        stamped["id"] = store_id
-        self.replay_index.record(streams[0], store_id, store_id, limit)
-        return stamped, streams[0], store_id
+    def _conversation_of(self, sid: str) -> str | None:
+        state = self._states.get(sid)
+        return state.conn["conversation_id"] if state is not None else None
 
-    def _streams(self, target: Any) -> list[str]:
-        """The conversations an emit goes to: rooms named after one, or sids that have one.
-
-        A broadcast to a whole namespace belongs to no conversation and is not buffered.
-        """
-        targets = target if isinstance(target, list | tuple) else (target,)
-        streams: list[str] = []
-        for room in targets:
-            if not isinstance(room, str):
-                continue
-            state = self._states.get(room)
-            stream = state.conn["conversation_id"] if state is not None else room
-            if stream and stream not in streams and self.replay_index.knows(stream):
-                streams.append(stream)
-        return streams
-
-    async def _recover(self, state: ConnectionState, latest: int) -> int:
-        """Replay, and should the replay itself fail, tell the client to reload instead."""
+    async def _send_replayed(
+        self, event: str, data: Any, sid: str, namespace: str, stream: str
+    ) -> None:
+        """A missed event, sent ahead of the live events held back while it replays."""
+        token = _EMISSION.set(Emission(event, CRITICAL, namespace, data, stream, None, True))
         try:
-            return await self._replay(state, latest)
-        except Exception:
-            _log.exception("replaying missed events to %s failed", state.sid)
-            with contextlib.suppress(Exception):
-                await self._notify(state.sid, state.namespace, self._unrecoverable_payload())
-            return latest
-
-    async def _replay(self, state: ConnectionState, latest: int) -> int:
-        """Send a reconnecting client what it missed; returns the last event id it now has.
-
-        Missed events come from the store's buffer after the one the client names; when
-        they cannot all be replayed (the buffer moved past it, it is older than
-        ``max_disconnection``, or this server never saw it), the client is told to reload.
-        """
-        recovery = self.engine.policy.recovery
-        stream = state.conn["conversation_id"]
-        after = self.replay_index.store_id(stream, latest)
-        missed: list[ReplayedEvent] | None = None
-        if after is not None:
-            missed = await self._store_call(
-                self.engine.store.replay_since(
-                    stream, after, recovery.max_disconnection, self.engine.clock()
-                )
-            )
-        if missed is None:
-            await self._notify(state.sid, state.namespace, self._unrecoverable_payload())
-            self.observer.connection("recovery_unavailable", state.conn, f"after {latest}")
-            return latest
-        last_sent = latest
-        for replayed in missed:
-            data = replayed.data
-            if isinstance(data, dict) and not isinstance(data.get("id"), int):
-                data = {**data, "id": replayed.event_id}
-            token = _EMISSION.set(
-                Emission(replayed.event, CRITICAL, state.namespace, data, stream, None, True)
-            )
-            try:
-                await self._emit(replayed.event, data, to=state.sid, namespace=state.namespace)
-            finally:
-                _EMISSION.reset(token)
-            if isinstance(data, dict) and isinstance(data.get("id"), int):
-                last_sent = max(last_sent, data["id"])
-        self.observer.connection("recovered", state.conn, f"{len(missed)} events")
-        return last_sent
-
-    def _unrecoverable_payload(self) -> dict[str, Any]:
-        return client_payload(
-            code="RECOVERY_UNAVAILABLE",
-            category=Category.CONNECTION,
-            message="Missed events can no longer be replayed; reload the conversation.",
-            retryable=False,
-            retry_after=None,
-            backoff=None,
-            policy="recovery",
-            correlation_id=new_correlation_id(),
-        )
-
-    async def _store_call(self, awaitable: Awaitable[Any]) -> Any:
-        """A replay-buffer call; a store that fails or lags costs recovery, never the emit."""
-        engine = self.engine
-        try:
-            if engine.store is engine.local:
-                return await awaitable
-            return await asyncio.wait_for(awaitable, engine.policy.defaults.store_timeout)
-        except Exception:
-            _log.warning("replay buffer unavailable", exc_info=True)
-            return None
+            await self._emit(event, data, to=sid, namespace=namespace)
+        finally:
+            _EMISSION.reset(token)
 
     # -- idle connections --------------------------------------------------------------------
 
@@ -908,7 +748,7 @@ class PolicyAdapter:
             await asyncio.sleep(tick)
             try:
                 await self._close_idle()
-                self.replay_index.prune(time.monotonic(), policy.recovery.max_disconnection)
+                self.recovery.index.prune(time.monotonic(), policy.recovery.max_disconnection)
             except Exception:
                 _log.exception("idle reaper tick failed")
 

@@ -72,6 +72,9 @@ class EventVerdict(NamedTuple):
     guard: BreakerGuard | None
 
 
+_ALLOWED = EventVerdict(ALLOW, NO_GUARD)
+
+
 def new_correlation_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -259,6 +262,15 @@ class Engine:
         plan = self.policy.event_plans[event["name"]]
         if plan.rate_limits or (plan.breakers and self.store is not self.local):
             return None
+        if plan.plain:
+            # The common case, answered without building a context: only the size and the
+            # shedding rules armed under the current load sample can refuse this event.
+            max_bytes = plan.spec.max_bytes
+            if (max_bytes is None or event["size_bytes"] <= max_bytes) and (
+                not plan.shedding or self._armed_shedding().isdisjoint(plan.shedding_names)
+            ):
+                event["priority"] = plan.priority
+                return _ALLOWED
         shadowed: list[str] = []
         refusal, activation = self._judge_event(plan, conn, claims, event, None, shadowed)
         decision = _finish(refusal or ALLOW, shadowed, None)

@@ -135,6 +135,9 @@ class LogObserver:
     one that also knows the policy's ``connections.auth_failures.codes``.
     """
 
+    # It writes refusals and shadow-mode hits only: a plain allowed decision need not reach it.
+    quiet_when_allowed = True
+
     def __init__(
         self,
         logger: Any = None,
@@ -302,14 +305,22 @@ class CompositeObserver:
 
     def __init__(self, *observers: Observer) -> None:
         self.observers: tuple[Observer, ...] = observers
-        # Every event reports a decision: those reports go to bound methods looked up once.
+        # Every event reports a decision: those reports go to bound methods looked up once,
+        # and a plain allowed one skips the observers that say it does not concern them
+        # (``quiet_when_allowed``).
         self._decision_reports = tuple((o, o.decision) for o in observers)
+        self._allowed_reports = tuple(
+            (o, o.decision) for o in observers if not getattr(o, "quiet_when_allowed", False)
+        )
         self._log = structlog.get_logger(LOGGER_NAME)
 
     def decision(
         self, hook: str, decision: Decision, seconds: float, conn: Mapping[str, Any] | None
     ) -> None:
-        for observer, report in self._decision_reports:
+        reports = self._decision_reports
+        if decision.outcome is Outcome.ALLOW and not decision.shadowed:
+            reports = self._allowed_reports
+        for observer, report in reports:
             try:
                 report(hook, decision, seconds, conn)
             except Exception:

@@ -389,6 +389,10 @@ class EventPlan:
     authorization: tuple[AuthzRuleSpec, ...]
     rate_limits: tuple[RateLimitSpec, ...]
     breakers: tuple[CircuitBreakerSpec, ...]
+    # Nothing to evaluate but the size and the shedding rules (which are armed only under
+    # load): no payload schema, no authorization rule, the default allow, no breaker.
+    plain: bool = False
+    shedding_names: frozenset[str] = frozenset()
 
 
 class EventPlans:
@@ -406,6 +410,7 @@ class EventPlans:
         default_event: EventSpec,
         index: HookIndex,
         breakers: tuple[CircuitBreakerSpec, ...],
+        authorization_default: Effect,
     ) -> None:
         shedding = index.shedding[Hook.EVENT]
         authorization = index.authorization[Hook.EVENT]
@@ -423,19 +428,29 @@ class EventPlans:
         def plan(name: str | None) -> EventPlan:
             spec = (events.get(name) if name is not None else None) or default_event
             rank = spec.priority.rank
+            sheds = tuple(
+                r for r in shedding if rank <= r.max_priority.rank and applies(r.when, name)
+            )
+            authorizes = tuple(r for r in authorization if applies(r.when, name))
+            guards = tuple(b for b in breakers if applies(b.match, name))
             return EventPlan(
                 spec=spec,
                 priority=spec.priority.value,
-                shedding=tuple(
-                    r for r in shedding if rank <= r.max_priority.rank and applies(r.when, name)
-                ),
-                authorization=tuple(r for r in authorization if applies(r.when, name)),
+                shedding=sheds,
+                authorization=authorizes,
                 rate_limits=(
                     index.rate_limits_for(Hook.EVENT, name)
                     if name is not None
                     else index.rate_limits_by_event[Hook.EVENT][1]
                 ),
-                breakers=tuple(b for b in breakers if applies(b.match, name)),
+                breakers=guards,
+                plain=(
+                    spec.validate is None
+                    and not authorizes
+                    and authorization_default is Effect.ALLOW
+                    and not guards
+                ),
+                shedding_names=frozenset(r.name for r in sheds),
             )
 
         self._named: Mapping[str, EventPlan] = {name: plan(name) for name in names}
@@ -469,7 +484,13 @@ class PolicySet:
     def __post_init__(self) -> None:
         index = HookIndex.build(self.rate_limits, self.shedding, self.authorization.rules)
         object.__setattr__(self, "by_hook", index)
-        plans = EventPlans(self.events, self.default_event, index, self.circuit_breakers)
+        plans = EventPlans(
+            self.events,
+            self.default_event,
+            index,
+            self.circuit_breakers,
+            self.authorization.default,
+        )
         object.__setattr__(self, "event_plans", plans)
 
     def event(self, name: str) -> EventSpec:

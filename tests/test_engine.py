@@ -341,6 +341,16 @@ def test_a_plan_holds_only_the_rules_that_can_apply_to_its_event() -> None:
     assert names(plans["tool"].breakers) == ["tools"]
     assert names(other.breakers) == []
     assert (chat.priority, telemetry.priority, other.priority) == ("high", "low", "normal")
+    assert telemetry.shedding_names == frozenset({"drop-low"})
+    # Only events with nothing but size and shedding to check take the plain path: here an
+    # authorization rule applies to every event.
+    assert not any(plan.plain for plan in (chat, telemetry, other))
+    shipped = compile_file(SHIPPED).policy.event_plans
+    assert shipped["echo"].plain
+    assert shipped["telemetry"].plain
+    assert not shipped["oh_user_action"].plain  # a schema, an authorization rule, a breaker
+    deny_by_default = policy("authorization: {default: deny}\n").event_plans
+    assert not deny_by_default["echo"].plain
 
 
 async def full_verdict(

@@ -298,3 +298,19 @@ def test_console_lines_at_a_terminal_or_when_asked() -> None:
 def test_an_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown log format"):
         configure_logging("xml")
+
+
+class QuietRecorder(Recorder):
+    quiet_when_allowed = True
+
+
+def test_a_plain_allowed_decision_skips_observers_quiet_when_allowed() -> None:
+    quiet, loud = QuietRecorder(), Recorder()
+    composite = CompositeObserver(quiet, loud)
+    composite.decision("event", ALLOW, 0.0, CONN)
+    composite.decision("event", ALLOW._replace(shadowed=("rate_limits/x",)), 0.0, CONN)
+    composite.decision("event", refusal("rate_limits/x"), 0.0, CONN)
+
+    assert loud.calls == ["decision"] * 3
+    assert quiet.calls == ["decision"] * 2  # the shadow hit and the refusal
+    assert LogObserver.quiet_when_allowed  # it logs refusals and shadow hits only
