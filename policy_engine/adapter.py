@@ -155,6 +155,7 @@ class PolicyAdapter:
         self.error_event = error_event
         self.claims_loader = claims_loader
         self._states: dict[str, ConnectionState] = {}
+        self._events_received = 0
         self.recovery = Recovery(
             engine,
             self.observer,
@@ -191,6 +192,10 @@ class PolicyAdapter:
 
     def active_connections(self) -> int:
         return len(self._states)
+
+    def events_received(self) -> int:
+        """Events from connected clients since the start (the load's events per second)."""
+        return self._events_received
 
     def asgi_app(self, other_asgi_app: Any = None, *, socketio_path: str = "socket.io") -> ASGIApp:
         """``socketio.ASGIApp`` behind the overload gate; its lifespan starts this adapter."""
@@ -460,6 +465,7 @@ class PolicyAdapter:
             await self._event_original(server, sid, eio_sid, data, namespace, ack)
             return
         engine = self.engine
+        self._events_received += 1
         now = _monotonic()
         state.last_activity = now
         conn = state.conn

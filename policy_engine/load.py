@@ -46,15 +46,19 @@ class ConnectionSource(Protocol):
 
     def active_connections(self) -> int: ...
 
+    def events_received(self) -> int:
+        """Events received since the start, for ``load.events_per_second``."""
+        ...
+
     async def shed_tick(self) -> int: ...
 
 
 class EventCounter(NullObserver):
     """Counts incoming events, O(1) each, for ``load.events_per_second``.
 
-    It is an observer so it counts every event the engine judges without a change to the
-    adapter: put it in the server's composite observer. ``count_event()`` is for callers
-    that count events themselves.
+    For a sampler without the adapter (which counts its own events): as an observer it
+    counts every event the engine judges; ``count_event()`` is for callers that count
+    events themselves.
     """
 
     def __init__(self) -> None:
@@ -135,9 +139,10 @@ def _rss_bytes() -> int:
 class LoadSampler:
     """Samples load every ``interval`` seconds into ``engine.load``, then sheds.
 
-    ``connections`` is the adapter (its ``active_connections()`` is read and its
-    ``shed_tick()`` called after every sample) or a plain callable returning the count (no
-    shedding). ``events`` is the counter behind ``events_per_second``.
+    ``connections`` is the adapter (its ``active_connections()`` and ``events_received()``
+    are read and its ``shed_tick()`` called after every sample) or a plain callable
+    returning the count (no shedding). ``events``, when given, is the counter behind
+    ``events_per_second`` instead of the adapter's.
     """
 
     def __init__(
@@ -156,20 +161,23 @@ class LoadSampler:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.engine = engine
+        counter = events if events is not None else EventCounter()
+        self._events: Callable[[], int] = lambda: counter.total
         if isinstance(connections, ConnectionSource):
             self._count: Callable[[], int] = connections.active_connections
             self._shed: Callable[[], Any] | None = connections.shed_tick
+            if events is None:
+                self._events = connections.events_received
         else:
             self._count, self._shed = connections, None
         self.interval = interval
         self.probe_interval = min(probe_interval, interval)
-        self.events = events if events is not None else EventCounter()
         self.lag_threshold_ms = lag_threshold_ms
         self.process = process if process is not None else ProcessProbe()
         self._listeners = list(on_sample)
         self._clock = clock
         self.samples = 0
-        self._last_events = self.events.total
+        self._last_events = self._events()
         self._last_at = clock()
         self._overloaded_since: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -182,7 +190,7 @@ class LoadSampler:
         """Start sampling on the running loop; starting twice is a no-op."""
         if self.running:
             return
-        self._last_events = self.events.total
+        self._last_events = self._events()
         self._last_at = self._clock()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="load-sampler")
 
@@ -208,7 +216,7 @@ class LoadSampler:
         else:
             self._overloaded_since = None
             overloaded_ms = 0
-        total = self.events.total
+        total = self._events()
         elapsed = now - self._last_at
         rate = round((total - self._last_events) / elapsed) if elapsed > 0 else 0
         self._last_events, self._last_at = total, now

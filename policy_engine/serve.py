@@ -43,7 +43,7 @@ from policy_engine.classify import Classification
 from policy_engine.compiler import compile_file
 from policy_engine.engine import Engine
 from policy_engine.errors import PolicyEngineError
-from policy_engine.load import EventCounter, LoadSampler
+from policy_engine.load import LoadSampler
 from policy_engine.logs import CompositeObserver, LogObserver, is_auth_error
 from policy_engine.metrics import MetricsObserver
 from policy_engine.observer import Observer
@@ -241,14 +241,11 @@ def build_app(
     source = str(policies)
     engine = Engine(result.policy, MemoryStore())
     metrics = MetricsObserver(registry, process_metrics=True)
-    events = EventCounter()
 
     def is_audit_error(classification: Classification) -> bool:
         return engine.counts_as_auth_failure(classification) or is_auth_error(classification)
 
-    observer = CompositeObserver(
-        metrics, LogObserver(is_audit_error=is_audit_error), events, *observers
-    )
+    observer = CompositeObserver(metrics, LogObserver(is_audit_error=is_audit_error), *observers)
     adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)
     metrics.install_policy(result.policy, source)
     metrics.track_connections(adapter.active_connections)
@@ -263,7 +260,6 @@ def build_app(
         engine,
         adapter,
         sample_interval,
-        events=events,
         lag_threshold_ms=lag_threshold_ms,
         on_sample=[metrics.observe_load],
     )

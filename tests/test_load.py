@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
+from servers import WAIT, echo_app
 from structlog.testing import capture_logs
 
 from policy_engine.compiler import compile_file
@@ -21,9 +22,13 @@ class FakeAdapter:
         self.connections = connections
         self.fail = fail
         self.shed_ticks = 0
+        self.events = 0
 
     def active_connections(self) -> int:
         return self.connections
+
+    def events_received(self) -> int:
+        return self.events
 
     async def shed_tick(self) -> int:
         self.shed_ticks += 1
@@ -127,6 +132,27 @@ def test_events_per_second_comes_from_the_counter(engine_factory: EngineFactory)
 
     clock.now = 3.0
     assert sampler.sample(0.0, clock.now)["events_per_second"] == 0
+
+
+def test_events_per_second_comes_from_the_adapter_when_no_counter_is_given(
+    engine_factory: EngineFactory,
+) -> None:
+    clock = FakeClock()
+    adapter = FakeAdapter()
+    sampler = LoadSampler(engine_factory(), adapter, process=FixedProbe(), clock=clock)
+    adapter.events = 30
+    clock.now = 2.0
+
+    assert sampler.sample(0.0, clock.now)["events_per_second"] == 15
+
+
+async def test_a_live_adapter_counts_the_events_its_clients_send(serve, clients) -> None:
+    served = serve(setup=echo_app)
+    client, _ = await clients.connect(served.url, query={"conversation_id": "c1"})
+    for n in range(5):
+        await client.call("echo", n, timeout=WAIT)
+
+    assert served.adapter.events_received() == 5
 
 
 def test_overloaded_ms_is_how_long_lag_stayed_above_the_threshold(
