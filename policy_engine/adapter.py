@@ -469,7 +469,8 @@ class PolicyAdapter:
         now = _monotonic()
         state.last_activity = now
         conn = state.conn
-        conn["connected_ms"] = int((now - state.connected_at) * 1000)
+        if engine.policy.reads_connection_age:
+            conn["connected_ms"] = int((now - state.connected_at) * 1000)
         claims = state.claims
         size = len(data)
         event = {

@@ -12,8 +12,8 @@ reload) when only its position in the file moved.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -357,6 +357,18 @@ class HookIndex:
         )
 
 
+def _expressions(value: Any) -> Iterator[Expression]:
+    """Every expression inside a compiled section (specs, tuples and mappings of them)."""
+    if isinstance(value, Expression):
+        yield value
+    elif is_dataclass(value) and not isinstance(value, type):
+        for item in fields(value):
+            yield from _expressions(getattr(value, item.name))
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _expressions(item)
+
+
 def _by_event_name(
     rules: tuple[RateLimitSpec, ...],
 ) -> tuple[Mapping[str, tuple[RateLimitSpec, ...]], tuple[RateLimitSpec, ...]]:
@@ -480,8 +492,18 @@ class PolicySet:
     default_event: EventSpec = EventSpec("*")
     by_hook: HookIndex = field(init=False, compare=False, repr=False)
     event_plans: EventPlans = field(init=False, compare=False, repr=False)
+    # Whether any expression reads ``conn.connected_ms``: only then is it kept current on
+    # every event (disconnect shedding refreshes it itself).
+    reads_connection_age: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        sections = (self.errors, self.rate_limits, self.circuit_breakers, self.shedding)
+        sources = [
+            e.source for e in _expressions((*sections, self.connections, self.authorization))
+        ]
+        object.__setattr__(
+            self, "reads_connection_age", any("connected_ms" in source for source in sources)
+        )
         index = HookIndex.build(self.rate_limits, self.shedding, self.authorization.rules)
         object.__setattr__(self, "by_hook", index)
         plans = EventPlans(

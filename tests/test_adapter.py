@@ -269,6 +269,27 @@ async def test_binary_attachments_count_towards_the_event_size(serve, clients):
     assert after == "small again"
 
 
+SETTLING_POLICY = """\
+version: 1
+authorization:
+  rules:
+    - {name: settle-first, hook: event, when: "conn.connected_ms < 300", effect: deny,
+       code: TOO_SOON}
+"""
+
+
+async def test_rules_see_the_connection_age_of_each_event(serve, clients):
+    served = serve(SETTLING_POLICY, setup=conversation_app)
+    client, _ = await clients.connect(served.url, query=conversation(), headers=fresh_ip())
+
+    early = await client.call("echo", 1, timeout=WAIT)
+    await asyncio.sleep(0.4)
+    later = await client.call("echo", 2, timeout=WAIT)
+
+    assert early["code"] == "TOO_SOON"
+    assert later == 2
+
+
 async def test_a_handler_exception_is_answered_in_the_ack_and_others_keep_going(serve, clients):
     served = serve(setup=conversation_app)
     failing, _ = await clients.connect(served.url, query=conversation(), headers=fresh_ip())
