@@ -43,6 +43,7 @@ test: $(STAMP) $(JS_DEPS) lint typecheck validate
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.validate_bench
 	$(BIN)/python -m benchmarks.decision_bench
+	$(BIN)/python -m benchmarks.hook_bench
 	$(BIN)/python -m benchmarks.echo_bench throughput
 	$(BIN)/python -m benchmarks.echo_bench memory
 
