@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a shutdown waits for connections to close",
     )
     serve.add_argument("--cel-backend", choices=("cel-expr-python", "cel-python"))
+    serve.add_argument(
+        "--store",
+        default=os.environ.get("POLICY_ENGINE_STORE", "memory"),
+        metavar="URL",
+        help="shared state store: memory (default; each process its own) or redis://host:port/db"
+        " (several processes share limits, breakers, connection counts and replay buffers);"
+        " default from POLICY_ENGINE_STORE",
+    )
     return parser
 
 
@@ -132,12 +141,11 @@ def entry() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Exit 1 on an invalid policy (nothing starts), 2 on a bad MODULE:ATTR."""
+    """Exit 1 on an invalid policy (nothing starts), 2 on a bad MODULE:ATTR or store URL."""
     import asyncio
-    import os
 
     from policy_engine.logs import configure_logging
-    from policy_engine.serve import AppImportError, build_app, load_server, serve
+    from policy_engine.serve import AppImportError, build_app, load_server, open_store, serve
 
     configure_logging(args.log_format, level=args.log_level)
     if args.app:
@@ -148,8 +156,17 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"policy-engine serve: {exc}\n")
         return EXIT_USAGE
     try:
+        store = open_store(args.store)
+    except (ValueError, ImportError) as exc:
+        sys.stderr.write(f"policy-engine serve: {exc}\n")
+        return EXIT_USAGE
+    try:
         server = build_app(
-            sio, args.policies, socketio_path=args.socketio_path, cel_backend=args.cel_backend
+            sio,
+            args.policies,
+            socketio_path=args.socketio_path,
+            cel_backend=args.cel_backend,
+            store=store,
         )
     except PolicyError as exc:
         for diagnostic in exc.diagnostics:

@@ -1,6 +1,6 @@
 """Run a python-socketio application under a policy: the assembly behind ``policy-engine serve``.
 
-:func:`build_app` wires the parts together (compiled policy, engine on the memory store,
+:func:`build_app` wires the parts together (compiled policy, engine on its state store,
 Socket.IO adapter, structlog and Prometheus observers, hot reloader, load sampler) and
 returns a :class:`PolicyServer`, an ASGI application that answers the operations endpoints
 itself and hands everything else to the Socket.IO app behind the policy:
@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +49,7 @@ from policy_engine.logs import CompositeObserver, LogObserver, is_auth_error
 from policy_engine.metrics import MetricsObserver
 from policy_engine.observer import Observer
 from policy_engine.reload import PolicyReloader
-from policy_engine.store import MemoryStore
+from policy_engine.store import MemoryStore, StateStore
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -106,6 +107,8 @@ class PolicyServer:
         self.draining = True
         await self.sampler.stop()
         await self.adapter.stop()
+        with contextlib.suppress(Exception):
+            await self.engine.store.close()
         self.started = False
 
     def shutdown(self, *, force: bool = False) -> None:
@@ -146,6 +149,7 @@ class PolicyServer:
             "ready": not self.not_ready_because(),
             "breakers": self.breaker_states(),
             "connections": {"active": self.adapter.active_connections()},
+            "store": "memory" if self.engine.store is self.engine.local else "shared",
             "load": dict(self.engine.load),
         }
 
@@ -224,6 +228,18 @@ class PolicyServer:
         return 200, _JSON, json.dumps(self.status()).encode()
 
 
+def open_store(url: str | None) -> StateStore | None:
+    """The shared state store a URL names: ``redis://``, ``rediss://`` or ``unix://`` for
+    Redis; None (each process keeps its own state) for no URL or ``memory``."""
+    if not url or url == "memory":
+        return None
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from policy_engine.redis_store import RedisStore  # noqa: PLC0415 (the redis extra)
+
+        return RedisStore(url)
+    raise ValueError(f"unknown state store {url!r}: use memory or a redis:// URL")
+
+
 def build_app(
     sio: socketio.AsyncServer,
     policies: str | Path,
@@ -235,11 +251,20 @@ def build_app(
     socketio_path: str = "socket.io",
     cel_backend: str | None = None,
     claims_loader: ClaimsLoader | None = None,
+    store: StateStore | None = None,
 ) -> PolicyServer:
-    """Compile ``policies`` and put ``sio`` behind it; raises PolicyError on an invalid file."""
+    """Compile ``policies`` and put ``sio`` behind it; raises PolicyError on an invalid file.
+
+    ``store`` is the shared state store (see :func:`open_store`); without one, state lives
+    in this process's memory. Processes sharing a store must agree on the time, so their
+    engines then read the wall clock rather than this process's monotonic one.
+    """
     result = compile_file(policies, backend=cel_backend)
     source = str(policies)
-    engine = Engine(result.policy, MemoryStore())
+    shared = store is not None and not isinstance(store, MemoryStore)
+    engine = Engine(
+        result.policy, store or MemoryStore(), clock=time.time if shared else time.monotonic
+    )
     metrics = MetricsObserver(registry, process_metrics=True)
 
     def is_audit_error(classification: Classification) -> bool:

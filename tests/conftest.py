@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from hypothesis import settings
+from redis_server import RedisServer
 from servers import Clients, Served, policy_path, start_server
 
 # Property tests check behaviour, not speed: no per-example deadline (a loaded CI machine
@@ -45,3 +46,13 @@ async def clients(serve: StartServer) -> AsyncIterator[Clients]:
     opened = Clients()
     yield opened
     await opened.close()
+
+
+@pytest.fixture
+def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of one test alone (a free loopback port), which may stop, pause and
+    restart it; skipped without redis-server unless POLICY_ENGINE_REQUIRE_REDIS=1."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()

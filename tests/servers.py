@@ -29,6 +29,7 @@ from policy_engine.decision import Decision
 from policy_engine.engine import Engine
 from policy_engine.errors import Diagnostic
 from policy_engine.identity import ClaimsLoader
+from policy_engine.store import StateStore
 
 T = TypeVar("T")
 
@@ -187,13 +188,21 @@ def start_server(
     setup: Callable[[socketio.AsyncServer], None] | None = None,
     setup_after: Callable[[socketio.AsyncServer], None] | None = None,
     claims_loader: ClaimsLoader | None = None,
+    store: StateStore | None = None,
     **sio_options: Any,
 ) -> Served:
-    """``setup`` registers handlers before ``attach``; ``setup_after`` after it."""
+    """``setup`` registers handlers before ``attach``; ``setup_after`` after it.
+
+    With a shared ``store``, the engine reads the wall clock, as ``policy-engine serve``
+    does, so that servers sharing it agree on the time.
+    """
     sio = socketio.AsyncServer(async_mode="asgi", **sio_options)
     if setup is not None:
         setup(sio)
-    engine = Engine(compile_file(policy).policy)
+    if store is None:
+        engine = Engine(compile_file(policy).policy)
+    else:
+        engine = Engine(compile_file(policy).policy, store, clock=time.time)
     observer = RecordingObserver()
     adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)
     if setup_after is not None:

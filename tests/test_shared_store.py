@@ -1,0 +1,143 @@
+"""Servers sharing a Redis store: one budget for all of them, and outages by the policy.
+
+Real servers on loopback with real clients, and a real ``redis-server`` of the test's own
+(see ``redis_server.py``): several servers count against the same limits, a Redis that
+goes away is met as the policy's ``on_store_error`` says, and once it is back the same
+servers share their state again without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import socketio
+from redis_server import RedisServer
+from servers import WAIT, Served, echo_app, policy_path, start_server
+
+from policy_engine.cli import main
+from policy_engine.redis_store import RedisStore
+from policy_engine.serve import open_store
+
+LIMIT = 4
+
+
+def shared_limit(on_store_error: str) -> str:
+    return f"""
+version: 1
+defaults: {{store_timeout: 300ms, on_store_error: {on_store_error}}}
+rate_limits:
+  - {{name: everyone, hook: event, when: 'event.name == "echo"', key: '"all"',
+     limit: {LIMIT}/minute, burst: {LIMIT}}}
+"""
+
+
+@pytest.fixture
+def shared_servers(
+    tmp_path: Path, own_redis_server: RedisServer, request: pytest.FixtureRequest
+) -> Iterator[list[Served]]:
+    """Two servers on one Redis store (each its own client connection to it)."""
+    mode = getattr(request, "param", "fail_open")
+    policy = policy_path(tmp_path, shared_limit(mode))
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    served = [
+        start_server(policy, setup=echo_app, store=RedisStore(own_redis_server.url, prefix=prefix))
+        for _ in range(2)
+    ]
+    yield served
+    for one in served:
+        asyncio.run_coroutine_threadsafe(one.engine.store.close(), one.live.loop).result(WAIT)
+        one.live.stop()
+
+
+async def connect(served: Served) -> socketio.AsyncClient:
+    client = socketio.AsyncClient(reconnection=False)
+    await client.connect(served.url, transports=["websocket"], wait_timeout=WAIT)
+    return client
+
+
+async def echo(client: socketio.AsyncClient, n: int) -> Any:
+    return await client.call("echo", n, timeout=WAIT)
+
+
+def refused(answer: Any) -> bool:
+    return isinstance(answer, dict) and answer.get("policy") == "rate_limits/everyone"
+
+
+async def test_servers_sharing_a_store_share_one_budget(shared_servers: list[Served]) -> None:
+    first, second = [await connect(served) for served in shared_servers]
+    try:
+        answers = [await echo(client, n) for n, client in enumerate([first, second] * LIMIT)]
+    finally:
+        await first.disconnect()
+        await second.disconnect()
+
+    assert answers[:LIMIT] == list(range(LIMIT))  # both servers count against the same 4
+    assert all(refused(answer) for answer in answers[LIMIT:])
+    assert answers[LIMIT]["retry_after_ms"] > 0
+
+
+async def reconnected(served: Served) -> None:
+    """Wait until the server's store answers again (its first call after a restart may
+    meet a connection the restart closed, which that call's failure mode then covers)."""
+    store = served.engine.store
+    assert isinstance(store, RedisStore)
+    for _ in range(100):
+        try:
+            await served.run(store.ping())
+            return
+        except Exception:
+            await asyncio.sleep(0.05)
+    raise AssertionError("the store never answered again")
+
+
+@pytest.mark.parametrize("shared_servers", ["fail_open", "fail_closed", "local"], indirect=True)
+async def test_a_redis_outage_follows_on_store_error_then_recovers_by_itself(
+    shared_servers: list[Served], own_redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    redis = own_redis_server
+    mode = request.node.callspec.params["shared_servers"]
+    served = shared_servers[0]
+    client = await connect(served)
+    try:
+        assert await echo(client, 0) == 0  # counted in Redis: 1 of 4
+
+        redis.stop()
+        during = [await echo(client, n) for n in range(1, 1 + 2 * LIMIT)]
+        redis.start()  # same port, empty: nothing was persisted
+        await reconnected(served)
+        # The same store, never rebuilt: the shared budget (fresh after the restart)
+        # applies again, four more and then refusals, whatever the failure mode.
+        after = [await echo(client, n) for n in range(LIMIT + 1)]
+    finally:
+        await client.disconnect()
+
+    if mode == "fail_open":
+        assert during == list(range(1, 1 + 2 * LIMIT))  # nothing refused while Redis is away
+    elif mode == "fail_closed":
+        assert all(refused(answer) for answer in during)
+        assert during[0]["retryable"] is True
+    else:  # local: this process's own budget stands in, so the limit still holds
+        assert during[:LIMIT] == list(range(1, 1 + LIMIT))
+        assert all(refused(answer) for answer in during[LIMIT:])
+    assert after[:LIMIT] == list(range(LIMIT))
+    assert refused(after[LIMIT])
+
+
+def test_the_store_url_chooses_the_store() -> None:
+    assert open_store(None) is None
+    assert open_store("memory") is None
+    assert isinstance(open_store("redis://127.0.0.1:1/0"), RedisStore)
+    with pytest.raises(ValueError, match="unknown state store"):
+        open_store("mongodb://somewhere")
+
+
+def test_serve_refuses_an_unknown_store_before_starting(tmp_path: Path, capsys: Any) -> None:
+    policy = policy_path(tmp_path, "version: 1\n")
+    code = main(["serve", "--policies", str(policy), "--store", "mongodb://somewhere"])
+    assert code == 2
+    assert "unknown state store" in capsys.readouterr().err
