@@ -9,7 +9,11 @@ event; when that can no longer be done it is told to reload (``RECOVERY_UNAVAILA
 
 The buffering is the store's; what this module keeps is per process: which conversations
 have, or recently had, clients here (only those are worth buffering), and the map from the
-ids inside payloads to the store's numbers.
+ids inside payloads to the store's numbers. On a shared store (Redis) a client may come
+back to another process: every conversation is buffered there, and a process that never
+saw a stream's ids takes the client's id as the store's own, which it is unless the
+application numbers its events itself (then the client is told to reload, never guessed
+at).
 """
 
 from __future__ import annotations
@@ -161,7 +165,10 @@ class Recovery:
         """The conversations an emit goes to: rooms named after one, or sids that have one.
 
         A broadcast to a whole namespace belongs to no conversation and is not buffered.
+        On a shared store every conversation is buffered: its clients may be connected to,
+        and come back to, other processes, which this one cannot know about.
         """
+        shared = self.engine.store is not self.engine.local
         targets = target if isinstance(target, list | tuple) else (target,)
         streams: list[str] = []
         for room in targets:
@@ -169,7 +176,7 @@ class Recovery:
                 continue
             conversation = self._conversation_of(room)
             stream = room if conversation is None else conversation
-            if stream and stream not in streams and self.index.knows(stream):
+            if stream and stream not in streams and (shared or self.index.knows(stream)):
                 streams.append(stream)
         return streams
 
@@ -193,16 +200,22 @@ class Recovery:
         they cannot all be replayed (the buffer moved past it, it is older than
         ``max_disconnection``, or this server never saw it), the client is told to reload.
         """
-        recovery = self.engine.policy.recovery
+        engine = self.engine
+        recovery = engine.policy.recovery
         stream = conn["conversation_id"]
         after = self.index.store_id(stream, latest)
+        # Buffered by another process, whose ids this one never saw: the ids clients hold
+        # are then the store's own, unless the application numbers the stream itself.
+        elsewhere = after is None and engine.store is not engine.local
+        if elsewhere:
+            after = latest
         missed: list[ReplayedEvent] | None = None
         if after is not None:
             missed = await self._store_call(
-                self.engine.store.replay_since(
-                    stream, after, recovery.max_disconnection, self.engine.clock()
-                )
+                engine.store.replay_since(stream, after, recovery.max_disconnection, engine.clock())
             )
+        if elsewhere and missed and any(_own_id(e) not in (None, e.event_id) for e in missed):
+            missed = None  # the application's own ids: nothing here maps them to the store's
         if missed is None:
             await self._notify(sid, namespace, self.unavailable_payload())
             self.observer.connection("recovery_unavailable", conn, f"after {latest}")
@@ -241,3 +254,10 @@ class Recovery:
         except Exception:
             _log.warning("replay buffer unavailable", exc_info=True)
             return None
+
+
+def _own_id(event: ReplayedEvent) -> int | None:
+    """The ``id`` the application put in a buffered payload itself, if any."""
+    data = event.data
+    own = data.get("id") if isinstance(data, dict) else None
+    return own if isinstance(own, int) and not isinstance(own, bool) else None

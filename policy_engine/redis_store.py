@@ -228,11 +228,13 @@ return id
 _REPLAY_SINCE = """
 -- KEYS: the buffer, the stream's last id. ARGV[1]: the last id the client has.
 -- Returns {-1} for an unknown stream, {0} when nothing was missed, {-2} when more was
--- missed than is buffered, else {1, the missed entries in order}.
+-- missed than is buffered or the id is after the stream's last, else {1, the missed
+-- entries in order}.
 local last = redis.call('GET', KEYS[2])
 if not last then return {-1} end
 local missed = tonumber(last) - tonumber(ARGV[1])
-if missed <= 0 then return {0} end
+if missed < 0 then return {-2} end
+if missed == 0 then return {0} end
 if missed > redis.call('LLEN', KEYS[1]) then return {-2} end
 return {1, redis.call('LRANGE', KEYS[1], -missed, -1)}
 """

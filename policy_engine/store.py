@@ -100,7 +100,8 @@ class StateStore(Protocol):
         """Events after ``after_id``, in order; None when they cannot all be replayed.
 
         None means the client missed more than is buffered, or was away longer than
-        ``max_age`` (its first missed event is older): it must reload instead.
+        ``max_age`` (its first missed event is older), or names an id after the stream's
+        last (ids that restarted, or were never the store's): it must reload instead.
         """
         ...
 
@@ -336,7 +337,9 @@ class MemoryStore:
                 return [] if after_id <= 0 else None
             entry = (ended, deque())
         last_id, buffer = entry
-        if after_id >= last_id:
+        if after_id > last_id:
+            return None  # an id this stream never had (its ids restarted, or are not ours)
+        if after_id == last_id:
             return []
         oldest = buffer[0][0] if buffer else last_id + 1
         if after_id + 1 < oldest:

@@ -13,11 +13,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 import socketio
 from redis_server import RedisServer
-from servers import WAIT, Served, echo_app, policy_path, start_server
+from servers import WAIT, Served, echo_app, eventually, policy_path, start_server
 
 from policy_engine.cli import main
 from policy_engine.redis_store import RedisStore
@@ -42,10 +43,17 @@ def shared_servers(
 ) -> Iterator[list[Served]]:
     """Two servers on one Redis store (each its own client connection to it)."""
     mode = getattr(request, "param", "fail_open")
-    policy = policy_path(tmp_path, shared_limit(mode))
+    yield from two_servers(tmp_path, own_redis_server, shared_limit(mode), echo_app)
+
+
+def two_servers(
+    tmp_path: Path, redis: RedisServer, policy_text: str, setup: Any
+) -> Iterator[list[Served]]:
+    """Two live servers, each with its own RedisStore on ``redis`` (one key prefix)."""
+    policy = policy_path(tmp_path, policy_text)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     served = [
-        start_server(policy, setup=echo_app, store=RedisStore(own_redis_server.url, prefix=prefix))
+        start_server(policy, setup=setup, store=RedisStore(redis.url, prefix=prefix))
         for _ in range(2)
     ]
     yield served
@@ -126,6 +134,77 @@ async def test_a_redis_outage_follows_on_store_error_then_recovers_by_itself(
         assert all(refused(answer) for answer in during[LIMIT:])
     assert after[:LIMIT] == list(range(LIMIT))
     assert refused(after[LIMIT])
+
+
+RECOVERY = """
+version: 1
+recovery: {enabled: true, max_disconnection: 1m, buffer_events: 100, events: [oh_event]}
+"""
+
+
+def joins_its_conversation(sio: socketio.AsyncServer) -> None:
+    @sio.event
+    async def connect(sid: str, environ: dict[str, Any], auth: Any) -> None:
+        await sio.enter_room(sid, parse_qs(environ["QUERY_STRING"])["conversation_id"][0])
+
+
+@pytest.fixture
+def recovering_servers(tmp_path: Path, own_redis_server: RedisServer) -> Iterator[list[Served]]:
+    yield from two_servers(tmp_path, own_redis_server, RECOVERY, joins_its_conversation)
+
+
+async def miss_two_events(first: Served, clients: Any, own_ids: bool) -> int:
+    """A client sees three events on ``first``, leaves, and two more are sent meanwhile."""
+    client, inbox = await clients.connect(first.url, query={"conversation_id": "c1"})
+    for n, text in enumerate("abc"):
+        await first.emit(
+            "oh_event", {"text": text, **({"id": 100 + n} if own_ids else {})}, room="c1"
+        )
+    await inbox.until(lambda: len(inbox.of("oh_event")) == 3)
+    latest = int(inbox.of("oh_event")[-1]["id"])
+    await client.disconnect()
+    await eventually(lambda: first.adapter.active_connections() == 0)
+    for n, text in enumerate("de", start=3):
+        await first.emit(
+            "oh_event", {"text": text, **({"id": 100 + n} if own_ids else {})}, room="c1"
+        )
+    return latest
+
+
+async def come_back(served: Served, clients: Any, latest: int, done: Any) -> Any:
+    """Reconnect to ``served`` naming the last event seen; the inbox once ``done(inbox)``."""
+    client, inbox = await clients.connect(
+        served.url, query={"conversation_id": "c1", "latest_event_id": latest}
+    )
+    await inbox.until(lambda: done(inbox))
+    await client.disconnect()
+    return inbox
+
+
+async def test_a_client_recovers_on_another_server_sharing_the_store(
+    recovering_servers: list[Served], clients: Any
+) -> None:
+    first, second = recovering_servers
+    latest = await miss_two_events(first, clients, own_ids=False)
+
+    inbox = await come_back(second, clients, latest, lambda got: len(got.of("oh_event")) == 2)
+
+    assert latest == 3
+    assert [(event["text"], event["id"]) for event in inbox.of("oh_event")] == [("d", 4), ("e", 5)]
+    assert any(event == "recovered" for event, _, _ in second.observer.connections)
+
+
+async def test_ids_only_the_application_knows_are_not_guessed_on_another_server(
+    recovering_servers: list[Served], clients: Any
+) -> None:
+    first, second = recovering_servers
+    latest = await miss_two_events(first, clients, own_ids=True)
+
+    inbox = await come_back(second, clients, latest, lambda got: bool(got.of("policy_error")))
+
+    assert latest == 102
+    assert inbox.of("oh_event") == []
+    assert inbox.of("policy_error")[0]["code"] == "RECOVERY_UNAVAILABLE"
 
 
 def test_the_store_url_chooses_the_store() -> None:
