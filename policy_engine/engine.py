@@ -48,6 +48,7 @@ from policy_engine.spec import (
     StoreFailureMode,
 )
 from policy_engine.store import ConnectionLimits, MemoryStore, StateStore
+from policy_engine.storehealth import StoreHealth
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -120,6 +121,7 @@ class Engine:
         self._armed_for: tuple[PolicySet, dict[str, Any]] | None = None
         self._armed: frozenset[str] = frozenset()
         self._condition_since: dict[str, float] = {}
+        self.store_health = StoreHealth()
         # Rate-limit keys that read only conn and claims, computed once per connection.
         self._connection_keys: dict[str, dict[tuple[str, str], str]] = {}
 
@@ -934,10 +936,17 @@ class Engine:
         )
 
     async def _with_timeout(self, awaitable: Awaitable[T]) -> T:
+        """A shared-store call within ``store_timeout``; StoreError when it fails."""
         try:
-            return await asyncio.wait_for(awaitable, self.policy.defaults.store_timeout)
+            answer = await asyncio.wait_for(awaitable, self.policy.defaults.store_timeout)
+        except StoreError as exc:
+            self.store_health.failed(exc)
+            raise
         except (TimeoutError, OSError, ConnectionError) as exc:
+            self.store_health.failed(exc)
             raise StoreError(f"state store did not answer: {exc!r}") from exc
+        self.store_health.answered()
+        return answer
 
     async def _guarded(self, awaitable: Awaitable[T], fallback: T) -> T:
         """Run a store call; on failure fall back per policy (memory never fails)."""

@@ -286,6 +286,19 @@ class LogObserver:
         getattr(self._log, level)(event, **fields)
 
 
+def log_store_availability(available: bool, detail: str) -> None:
+    """One event when the shared store stops answering, one when it answers again.
+
+    In between, decisions that need it follow the policy's ``on_store_error``; the count
+    of failed calls is in the metrics, not one log line each.
+    """
+    log = structlog.get_logger(LOGGER_NAME)
+    if available:
+        log.info("store.recovered", outcome="available", audit=False)
+    else:
+        log.warning("store.unavailable", outcome="unavailable", error=detail, audit=False)
+
+
 def _identity(conn: Mapping[str, Any] | None) -> dict[str, Any]:
     if conn is None:
         return {"sid": None, "user_id": None, "ip": None}

@@ -25,7 +25,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
 
 from policy_engine.breaker import Circuit, Transition
@@ -33,6 +38,7 @@ from policy_engine.classify import Classification
 from policy_engine.decision import Decision
 from policy_engine.errors import Diagnostic
 from policy_engine.spec import PolicySet
+from policy_engine.storehealth import StoreHealth
 
 NAMESPACE = "policy_engine"
 NO_RULE = "none"
@@ -106,6 +112,23 @@ class DecisionTally:
             buckets_out = list(zip(_BUCKET_LABELS, cumulative, strict=True))
             histogram.add_metric([hook], buckets_out, total[0])
         yield histogram
+
+
+class _StoreCollector:
+    def __init__(self, health: StoreHealth) -> None:
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_store_up",
+            "1 while the shared state store answers, 0 since a call to it failed.",
+            value=1.0 if self.health.available else 0.0,
+        )
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_store_failures",
+            "Calls to the shared state store that failed (each met by on_store_error).",
+            value=self.health.failures,
+        )
 
 
 class MetricsObserver:
@@ -292,6 +315,12 @@ class MetricsObserver:
     def track_connections(self, count: Callable[[], int]) -> None:
         """Read the connection count at scrape time, so the gauge is never a tick behind."""
         self.active_connections.set_function(lambda: float(count()))
+
+    def track_store(self, health: StoreHealth) -> None:
+        """Export the shared store's health, read at scrape time: whether it answers now
+        (``policy_engine_store_up``) and its failed calls so far
+        (``policy_engine_store_failures_total``), each failure met by on_store_error."""
+        self.registry.register(_StoreCollector(health))
 
     def observe_load(self, load: Mapping[str, int]) -> None:
         """Publish one load sample (the ``load`` context the engine's rules read)."""

@@ -247,13 +247,17 @@ class Recovery:
     async def _store_call(self, awaitable: Awaitable[Any]) -> Any:
         """A replay-buffer call; a store that fails or lags costs recovery, never the emit."""
         engine = self.engine
+        if engine.store is engine.local:
+            return await awaitable
         try:
-            if engine.store is engine.local:
-                return await awaitable
-            return await asyncio.wait_for(awaitable, engine.policy.defaults.store_timeout)
-        except Exception:
-            _log.warning("replay buffer unavailable", exc_info=True)
+            answer = await asyncio.wait_for(awaitable, engine.policy.defaults.store_timeout)
+        except Exception as exc:
+            # Counted, and logged once per outage through the engine's store health.
+            engine.store_health.failed(exc)
+            _log.debug("replay buffer unavailable", exc_info=True)
             return None
+        engine.store_health.answered()
+        return answer
 
 
 def _own_id(event: ReplayedEvent) -> int | None:

@@ -10,7 +10,8 @@ itself and hands everything else to the Socket.IO app behind the policy:
   shutting down, so a load balancer stops sending new clients first (readiness);
 * ``/metrics``: Prometheus text;
 * ``/status``: JSON: policy version, source, load time, reload counts, breaker states,
-  active connections and the current load sample.
+  active connections, the state store (and on a shared one, whether it answers) and the
+  current load sample.
 
 The operations endpoints sit in front of the adapter's overload gate: a health check must
 get an answer precisely when the server sheds Socket.IO traffic. :func:`serve` runs it all
@@ -45,7 +46,12 @@ from policy_engine.compiler import compile_file
 from policy_engine.engine import Engine
 from policy_engine.errors import PolicyEngineError
 from policy_engine.load import LoadSampler
-from policy_engine.logs import CompositeObserver, LogObserver, is_auth_error
+from policy_engine.logs import (
+    CompositeObserver,
+    LogObserver,
+    is_auth_error,
+    log_store_availability,
+)
 from policy_engine.metrics import MetricsObserver
 from policy_engine.observer import Observer
 from policy_engine.reload import PolicyReloader
@@ -149,8 +155,20 @@ class PolicyServer:
             "ready": not self.not_ready_because(),
             "breakers": self.breaker_states(),
             "connections": {"active": self.adapter.active_connections()},
-            "store": "memory" if self.engine.store is self.engine.local else "shared",
+            "store": self.store_status(),
             "load": dict(self.engine.load),
+        }
+
+    def store_status(self) -> dict[str, Any]:
+        engine = self.engine
+        if engine.store is engine.local:
+            return {"kind": "memory"}
+        health = engine.store_health
+        return {
+            "kind": type(engine.store).__name__,
+            "available": health.available,
+            "failures": health.failures,
+            "on_store_error": engine.policy.defaults.on_store_error.value,
         }
 
     def breaker_states(self) -> dict[str, str]:
@@ -271,6 +289,9 @@ def build_app(
         return engine.counts_as_auth_failure(classification) or is_auth_error(classification)
 
     observer = CompositeObserver(metrics, LogObserver(is_audit_error=is_audit_error), *observers)
+    if shared:
+        engine.store_health.listeners.append(log_store_availability)
+        metrics.track_store(engine.store_health)
     adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)
     metrics.install_policy(result.policy, source)
     metrics.track_connections(adapter.active_connections)

@@ -19,10 +19,12 @@ import pytest
 import socketio
 from redis_server import RedisServer
 from servers import WAIT, Served, echo_app, eventually, policy_path, start_server
+from structlog.testing import capture_logs
 
 from policy_engine.cli import main
+from policy_engine.engine import conn_context, event_context
 from policy_engine.redis_store import RedisStore
-from policy_engine.serve import open_store
+from policy_engine.serve import build_app, open_store
 
 LIMIT = 4
 
@@ -205,6 +207,46 @@ async def test_ids_only_the_application_knows_are_not_guessed_on_another_server(
     assert latest == 102
     assert inbox.of("oh_event") == []
     assert inbox.of("policy_error")[0]["code"] == "RECOVERY_UNAVAILABLE"
+
+
+async def test_an_outage_is_logged_once_counted_in_metrics_and_its_end_logged(
+    tmp_path: Path, own_redis_server: RedisServer
+) -> None:
+    policy = policy_path(tmp_path, shared_limit("fail_open"))
+    store = RedisStore(own_redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    server = build_app(socketio.AsyncServer(async_mode="asgi"), policy, store=store)
+    engine = server.engine
+    client = conn_context(sid="s1", ip="192.0.2.1")
+
+    async def decide() -> str:
+        return (await engine.on_event(client, {}, event_context("echo"))).outcome.value
+
+    def metric(name: str) -> float | None:
+        return server.metrics.registry.get_sample_value(f"policy_engine_{name}")
+
+    try:
+        with capture_logs() as logs:
+            healthy = await decide()
+            own_redis_server.stop()
+            during = [await decide() for _ in range(3)]
+            down, failures = metric("store_up"), metric("store_failures_total")
+            own_redis_server.start()
+            await store.ping()  # once it answers, so do the engine's next calls
+            after = await decide()
+    finally:
+        await store.close()
+
+    assert (healthy, during, after) == ("allow", ["allow"] * 3, "allow")  # fail_open
+    assert (down, failures) == (0.0, 3.0)
+    assert metric("store_up") == 1.0
+    events = [entry["event"] for entry in logs if entry["event"].startswith("store.")]
+    assert events == ["store.unavailable", "store.recovered"]
+    assert server.status()["store"] == {
+        "kind": "RedisStore",
+        "available": True,
+        "failures": 3,
+        "on_store_error": "fail_open",
+    }
 
 
 def test_the_store_url_chooses_the_store() -> None:
