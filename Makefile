@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.validate_bench
 	$(BIN)/python -m benchmarks.decision_bench
 	$(BIN)/python -m benchmarks.hook_bench
+	$(BIN)/python -m benchmarks.store_bench
 	$(BIN)/python -m benchmarks.echo_bench throughput
 	$(BIN)/python -m benchmarks.echo_bench memory
 

@@ -92,6 +92,12 @@ reload, never handed events of a stream whose ids restarted.
 _SWEEP_LIMIT = 256
 """Idle replay buffers dropped per append at most, so one script never runs long."""
 
+_KNOWN_LIMIT = 100_000
+"""Keys whose last value is remembered at most (see ``RedisStore._decide``)."""
+
+_UNREAD = object()
+"""A key whose value this process has not read or written yet."""
+
 _RETRY_BASE = 0.001
 _RETRY_CAP = 0.016
 
@@ -276,6 +282,8 @@ class RedisStore:
             )
         )
         self._max_attempts = max_attempts
+        # The values this process last read or wrote, per key (see _decide).
+        self._known: dict[str, Raw] = {}
         register = self._client.register_script
         self._compare_and_set = register(_COMPARE_AND_SET)
         self._open_connection = register(_OPEN_CONNECTION)
@@ -357,13 +365,29 @@ class RedisStore:
     async def _decide(self, keys: list[str], step: Step[T]) -> T:
         """Read ``keys``, decide with ``step`` and write its states if nobody came between.
 
-        When another writer did, decide again on the values the script saw: at once the
-        first time, then after a short random pause, so that contending callers spread out.
+        The values this process last read or wrote are tried first, without reading: the
+        compare-and-set accepts a write only if they are still current, and hands back the
+        current values otherwise. A state this process keeps updating (a connection's or a
+        conversation's limit, a breaker's window here alone) then costs one round trip, not
+        two. A decision that writes nothing is never taken on remembered values: those are
+        read first. When another writer came between, decide again on the values the
+        script saw: at once the first time, then after a short random pause, so that
+        contending callers spread out.
         """
-        values: list[Raw] = list(await self._client.mget(keys))
+        known = self._known
+        values: list[Raw] | None = None
+        remembered = [known.get(key, _UNREAD) for key in keys]
+        if _UNREAD not in remembered:
+            values = remembered  # type: ignore[assignment]
         for attempt in range(self._max_attempts):
+            if values is None:
+                values = list(await self._client.mget(keys))
+                self._remember(keys, values)
             answer, writes = step(values)
             if writes is None:
+                if values is remembered:
+                    values = None  # decide again on what Redis holds now
+                    continue
                 return answer
             args: list[str | bytes | int] = []
             for value, (new_value, ttl) in zip(values, writes, strict=True):
@@ -371,8 +395,10 @@ class RedisStore:
                 args += [new_value, ttl]
             reply = await self._compare_and_set(keys=keys, args=args)
             if reply[0] == 1:
+                self._remember(keys, [value or None for value, _ in writes])
                 return answer
             values = list(reply[1:]) + [None] * (len(keys) + 1 - len(reply))
+            self._remember(keys, values)
             if attempt:
                 delay = min(_RETRY_CAP, _RETRY_BASE * 2 ** (attempt - 1))
                 await asyncio.sleep(random.uniform(0.0, delay))
@@ -380,6 +406,13 @@ class RedisStore:
             f"redis store: state of {keys[0]!r} kept changing under "
             f"{self._max_attempts} attempts to update it"
         )
+
+    def _remember(self, keys: list[str], values: Sequence[Raw]) -> None:
+        known = self._known
+        if len(known) > _KNOWN_LIMIT:
+            known.clear()  # a bound, not a cache policy: what is forgotten is read again
+        for key, value in zip(keys, values, strict=True):
+            known[key] = value
 
     # -- connections -----------------------------------------------------------------------
 

@@ -1,0 +1,135 @@
+"""The decision for one event on the Redis store, against the memory store.
+
+The same work as ``decision_bench`` (one ``oh_user_action`` under the shipped policy:
+payload, authorization, shedding, the two rate limits, the breaker's permit and outcome),
+with the engine's state in a Redis the benchmark starts on a free loopback port. Under the
+shipped policy the per-connection limit stays in the process (``scope: local``); the
+per-conversation limit and the breaker are shared, so each event makes a few round trips.
+
+    python -m benchmarks.store_bench [--events 5000] [--tasks 50]
+
+Reports one event at a time (latency) and ``--tasks`` connections deciding at once
+(throughput), for both stores. Needs ``redis-server`` on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from benchmarks.decision_bench import SHIPPED, summary
+from benchmarks.echo_bench import free_port
+from policy_engine.compiler import compile_file
+from policy_engine.engine import BreakerGuard, Engine, conn_context, event_context
+from policy_engine.redis_store import RedisStore
+from policy_engine.spec import PolicySet
+from policy_engine.store import StateStore
+
+PAYLOAD = {"action": "run", "args": {"command": "ls"}}
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not on PATH")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as directory:
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", directory]
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+class SteppingClock:
+    """Wall-clock seconds that advance 30 ms per event: 33 events/s per connection."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def decide(engine: Engine, conn: dict[str, Any], claims: dict[str, Any]) -> None:
+    event = event_context("oh_user_action", PAYLOAD, size_bytes=64, has_ack=True)
+    decision = await engine.on_event(conn, claims, event)
+    if decision.allowed:
+        guard = await engine.before_call(conn, claims, event)
+        if isinstance(guard, BreakerGuard):
+            await engine.after_call(guard, conn, event, None, None)
+
+
+async def latencies(policy: PolicySet, store: StateStore | None, events: int) -> list[float]:
+    clock = SteppingClock()
+    engine = Engine(policy, store, clock=clock)
+    conn = conn_context(sid="s1", ip="192.0.2.1", user_id="alice", conversation_id="c1")
+    claims = {"sub": "alice", "role": "editor"}
+    await engine.on_connect(conn, claims)
+    samples = []
+    for _ in range(events):
+        clock.now += 0.03
+        started = time.perf_counter_ns()
+        await decide(engine, conn, claims)
+        samples.append((time.perf_counter_ns() - started) / 1000)
+    return samples
+
+
+async def throughput(policy: PolicySet, store: StateStore | None, tasks: int, each: int) -> float:
+    """Decisions per second with ``tasks`` connections deciding at once."""
+    engine = Engine(policy, store, clock=time.time)
+
+    async def connection(index: int) -> None:
+        conn = conn_context(
+            sid=f"s{index}", ip="192.0.2.1", user_id=f"u{index}", conversation_id=f"c{index}"
+        )
+        for _ in range(each):
+            await decide(engine, conn, {"sub": f"u{index}"})
+            await asyncio.sleep(0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection(i) for i in range(tasks)))
+    return tasks * each / (time.perf_counter() - started)
+
+
+async def run(url: str, events: int, tasks: int) -> None:
+    policy = compile_file(SHIPPED).policy
+    stores: dict[str, StateStore | None] = {"memory": None, "redis": RedisStore(url)}
+    print(f"{events} oh_user_action decisions one at a time; {tasks} connections at once")
+    print(f"{'store':<8} {'median us':>10} {'p99 us':>10} {'decisions/s':>12}")
+    for name, store in stores.items():
+        await latencies(policy, store, 200)  # warm up
+        median, p99 = summary(await latencies(policy, store, events))
+        rate = statistics.median(
+            [await throughput(policy, store, tasks, max(1, events // tasks)) for _ in range(3)]
+        )
+        print(f"{name:<8} {median:>10.1f} {p99:>10.1f} {rate:>12.0f}")
+    redis_store = stores["redis"]
+    if redis_store is not None:
+        await redis_store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=5_000)
+    parser.add_argument("--tasks", type=int, default=50)
+    args = parser.parse_args()
+    with redis_server() as url:
+        asyncio.run(run(url, args.events, args.tasks))
+
+
+if __name__ == "__main__":
+    main()
