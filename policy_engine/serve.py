@@ -94,7 +94,7 @@ class PolicyServer:
         self.started = False
         self.draining = False
         self._runner: uvicorn.Server | None = None
-        self._routes: dict[str, Callable[[], tuple[int, bytes, bytes]]] = {
+        self._routes: dict[str, Callable[[], Awaitable[tuple[int, bytes, bytes]]]] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/metrics": self._metrics,
@@ -139,7 +139,7 @@ class PolicyServer:
             reasons.append("load sampler not running")
         return reasons
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         reloader = self.reloader
         return {
             "policy": {
@@ -153,7 +153,7 @@ class PolicyServer:
                 "last_failure": [str(d) for d in reloader.last_failure],
             },
             "ready": not self.not_ready_because(),
-            "breakers": self.breaker_states(),
+            "breakers": await self.breaker_states(),
             "connections": {"active": self.adapter.active_connections()},
             "store": self.store_status(),
             "load": dict(self.engine.load),
@@ -171,14 +171,28 @@ class PolicyServer:
             "on_store_error": engine.policy.defaults.on_store_error.value,
         }
 
-    def breaker_states(self) -> dict[str, str]:
+    async def breaker_states(self) -> dict[str, str]:
+        """Each breaker's circuit; on a shared store as stored there, "unknown" if it does not
+        answer within ``store_timeout``."""
         engine = self.engine
-        if engine.store is not engine.local:
-            return {spec.name: "unknown" for spec in engine.policy.circuit_breakers}
-        return {
-            spec.name: engine.local.breaker_state(spec.name).circuit.value
-            for spec in engine.policy.circuit_breakers
-        }
+        specs = engine.policy.circuit_breakers
+        if engine.store is engine.local:
+            return {
+                spec.name: engine.local.breaker_state(spec.name).circuit.value for spec in specs
+            }
+        fetch = getattr(engine.store, "fetch_breaker_state", None)
+        if fetch is None:
+            return {spec.name: "unknown" for spec in specs}
+        states: dict[str, str] = {}
+        for spec in specs:
+            try:
+                stored = await asyncio.wait_for(
+                    fetch(spec.name), engine.policy.defaults.store_timeout
+                )
+                states[spec.name] = stored.circuit.value
+            except Exception:
+                states[spec.name] = "unknown"
+        return states
 
     # -- ASGI --------------------------------------------------------------------------------
 
@@ -213,14 +227,14 @@ class PolicyServer:
                 return
 
     async def _answer(
-        self, scope: Scope, send: Send, route: Callable[[], tuple[int, bytes, bytes]]
+        self, scope: Scope, send: Send, route: Callable[[], Awaitable[tuple[int, bytes, bytes]]]
     ) -> None:
         method = scope.get("method", "GET")
         if method not in ("GET", "HEAD"):
             status, content_type, body = 405, b"text/plain", b"method not allowed\n"
             headers = [(b"allow", b"GET, HEAD")]
         else:
-            status, content_type, body = route()
+            status, content_type, body = await route()
             headers = []
         headers += [
             (b"content-type", content_type),
@@ -230,20 +244,20 @@ class PolicyServer:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
 
-    def _healthz(self) -> tuple[int, bytes, bytes]:
+    async def _healthz(self) -> tuple[int, bytes, bytes]:
         return 200, b"text/plain", b"ok\n"
 
-    def _readyz(self) -> tuple[int, bytes, bytes]:
+    async def _readyz(self) -> tuple[int, bytes, bytes]:
         reasons = self.not_ready_because()
         body = json.dumps({"ready": not reasons, "reasons": reasons}).encode()
         return (503 if reasons else 200), _JSON, body
 
-    def _metrics(self) -> tuple[int, bytes, bytes]:
+    async def _metrics(self) -> tuple[int, bytes, bytes]:
         body, content_type = self.metrics.render()
         return 200, content_type.encode(), body
 
-    def _status(self) -> tuple[int, bytes, bytes]:
-        return 200, _JSON, json.dumps(self.status()).encode()
+    async def _status(self) -> tuple[int, bytes, bytes]:
+        return 200, _JSON, json.dumps(await self.status()).encode()
 
 
 def open_store(url: str | None) -> StateStore | None:

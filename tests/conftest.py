@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from hypothesis import settings
 from redis_server import RedisServer
 from servers import Clients, Served, policy_path, start_server
@@ -56,3 +58,16 @@ def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that configure logging (the serve command does): put it all back after."""
+    loggers = [
+        logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+    ]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    yield
+    structlog.reset_defaults()
+    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        logger.handlers, logger.level, logger.propagate = handlers, level, propagate

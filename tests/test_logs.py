@@ -3,11 +3,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from policy_engine.breaker import Circuit, Reason, Transition
@@ -241,18 +240,6 @@ def test_composite_fans_out_and_survives_a_failing_observer() -> None:
     assert failure["event"] == "observer.failed"
     assert failure["observer"] == "Broken"
     assert failure["method"] == "decision"
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    loggers = [
-        logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-    ]
-    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
-    yield
-    structlog.reset_defaults()
-    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
-        logger.handlers, logger.level, logger.propagate = handlers, level, propagate
 
 
 class Terminal(io.StringIO):

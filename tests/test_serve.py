@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import socket
@@ -15,7 +14,6 @@ from typing import Any
 import aiohttp
 import pytest
 import socketio
-import structlog
 from prometheus_client import CollectorRegistry
 
 from policy_engine.cli import main
@@ -294,18 +292,6 @@ def test_load_server_resolves_module_attr(tmp_path: Path, monkeypatch: pytest.Mo
     ]:
         with pytest.raises(AppImportError, match=message):
             load_server(reference)
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    loggers = [
-        logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access")
-    ]
-    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
-    yield
-    structlog.reset_defaults()
-    for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
-        logger.handlers, logger.level, logger.propagate = handlers, level, propagate
 
 
 @pytest.mark.usefixtures("restore_logging")

@@ -22,7 +22,8 @@ from servers import WAIT, Served, echo_app, eventually, policy_path, start_serve
 from structlog.testing import capture_logs
 
 from policy_engine.cli import main
-from policy_engine.engine import conn_context, event_context
+from policy_engine.contexts import Hook
+from policy_engine.engine import BreakerGuard, conn_context, event_context
 from policy_engine.redis_store import RedisStore
 from policy_engine.serve import build_app, open_store
 
@@ -241,12 +242,49 @@ async def test_an_outage_is_logged_once_counted_in_metrics_and_its_end_logged(
     assert metric("store_up") == 1.0
     events = [entry["event"] for entry in logs if entry["event"].startswith("store.")]
     assert events == ["store.unavailable", "store.recovered"]
-    assert server.status()["store"] == {
+    assert (await server.status())["store"] == {
         "kind": "RedisStore",
         "available": True,
         "failures": 3,
         "on_store_error": "fail_open",
     }
+
+
+BREAKER = """
+version: 1
+defaults: {store_timeout: 300ms}
+circuit_breakers:
+  - {name: agent, match: 'event.name == "run"', failure_rate: 50%, window: {calls: 2},
+     minimum_calls: 2, open_for: 30s}
+"""
+
+
+async def test_status_reads_breaker_states_from_the_shared_store(
+    tmp_path: Path, own_redis_server: RedisServer
+) -> None:
+    store = RedisStore(own_redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    policy = policy_path(tmp_path, BREAKER)
+    server = build_app(socketio.AsyncServer(async_mode="asgi"), policy, store=store)
+    engine = server.engine
+    client, event = conn_context(sid="s1", ip="192.0.2.1"), event_context("run")
+    try:
+        closed = await server.breaker_states()
+        for _ in range(2):
+            guard = await engine.before_call(client, {}, event)
+            assert isinstance(guard, BreakerGuard)
+            failure = engine.on_error(RuntimeError("agent down"), Hook.EVENT)[0]
+            await engine.after_call(guard, client, event, failure, {})
+        opened = await server.breaker_states()
+        own_redis_server.stop()
+        unknown = await server.breaker_states()
+    finally:
+        await store.close()
+
+    assert (closed, opened, unknown) == (
+        {"agent": "closed"},
+        {"agent": "open"},
+        {"agent": "unknown"},
+    )
 
 
 def test_the_store_url_chooses_the_store() -> None:
@@ -257,6 +295,7 @@ def test_the_store_url_chooses_the_store() -> None:
         open_store("mongodb://somewhere")
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_serve_refuses_an_unknown_store_before_starting(tmp_path: Path, capsys: Any) -> None:
     policy = policy_path(tmp_path, "version: 1\n")
     code = main(["serve", "--policies", str(policy), "--store", "mongodb://somewhere"])
