@@ -37,7 +37,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -123,6 +123,18 @@ class ConnectionState:
 class _Outgoing:
     packet: Any
     emission: Emission | None
+
+
+class _Done:
+    """An awaitable that is already done: a packet buffered rather than sent now."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return iter(())  # type: ignore[return-value]
+
+
+_SENT = _Done()
 
 
 class _Link:
@@ -652,32 +664,44 @@ class PolicyAdapter:
         finally:
             _EMISSION.reset(token)
 
-    async def _on_send_packet(self, eio_sid: str, pkt: Any) -> Any:
-        """Engine.IO's ``send_packet``: straight through unless the client is behind."""
+    def _on_send_packet(self, eio_sid: str, pkt: Any) -> Awaitable[Any]:
+        """Engine.IO's ``send_packet``: straight through unless the client is behind.
+
+        Its callers await what it returns; while the client keeps up that is Engine.IO's
+        own coroutine, so the common case (an ack, an event to a reader that keeps up)
+        costs no coroutine frame of its own.
+        """
         link = self._links.get(eio_sid)
         if link is None:
-            return await self._eio_send_packet(eio_sid, pkt)
+            return self._eio_send_packet(eio_sid, pkt)
         emission = _EMISSION.get()
         if emission is not None and not emission.replay:
-            if link.closing:
-                return None  # the client is being disconnected for not keeping up
-            emit_rules = self.engine.policy.by_hook.limits_or_sheds(Hook.EMIT)
-            if emit_rules and not await self._judge_emit(link, emission, pkt):
-                return None
-        elif emission is not None or link.closing:
+            return self._send_emitted(link, emission, pkt)
+        if emission is not None or link.closing or link.outbox.direct():
             # A replay goes ahead of held live events; a control packet (the disconnect)
             # of a closing connection must not wait behind what will never be sent.
-            return await self._eio_send_packet(eio_sid, pkt)
-        outbox = link.outbox
-        if outbox.direct():
-            return await self._eio_send_packet(eio_sid, pkt)
-        if emission is not None:
-            rank = emission.rank
+            return self._eio_send_packet(eio_sid, pkt)
+        data = pkt.data
+        is_event = isinstance(data, str) and data[:1] in _EVENT_TYPES
+        self._buffer(link, pkt, None, _NORMAL if is_event else CRITICAL)
+        return _SENT
+
+    async def _send_emitted(self, link: _Link, emission: Emission, pkt: Any) -> None:
+        """A packet of an ``emit``: the emit hook's rules first, then as any other packet."""
+        if link.closing:
+            return  # the client is being disconnected for not keeping up
+        if self.engine.policy.by_hook.limits_or_sheds(Hook.EMIT) and not await self._judge_emit(
+            link, emission, pkt
+        ):
+            return
+        if link.outbox.direct():
+            await self._eio_send_packet(link.eio_sid, pkt)
         else:
-            data = pkt.data
-            is_event = isinstance(data, str) and data[:1] in _EVENT_TYPES
-            rank = _NORMAL if is_event else CRITICAL
-        dropped, disconnect = outbox.enqueue(
+            self._buffer(link, pkt, emission, emission.rank)
+
+    def _buffer(self, link: _Link, pkt: Any, emission: Emission | None, rank: int) -> None:
+        """Hold a packet for a client that is behind; the policy decides what overflows."""
+        dropped, disconnect = link.outbox.enqueue(
             _Outgoing(pkt, emission), rank, self.engine.policy.connections.outbound
         )
         if dropped is not None:
@@ -685,7 +709,6 @@ class PolicyAdapter:
         if disconnect and not link.closing:
             link.closing = True
             self._spawn(self._close_link(link, "slow_consumer"))
-        return None
 
     async def _judge_emit(self, link: _Link, emission: Emission, pkt: Any) -> bool:
         state = link.states.get(emission.namespace)
