@@ -66,19 +66,14 @@ def field_path(source: str) -> tuple[str, str] | None:
 def _first_conjunct(source: str) -> tuple[str | None, str | None]:
     """Split at the first top-level ``&&``; refuse sources with a top-level ``||`` or ``?``."""
     depth = 0
-    quote = ""
     index = 0
     split = -1
     while index < len(source):
         char = source[index]
-        if quote:
-            if char == "\\":
-                index += 1
-            elif char == quote:
-                quote = ""
-        elif char in "\"'":
-            quote = char
-        elif char in "([{":
+        if char in "\"'":
+            index = _after_string(source, index)
+            continue
+        if char in "([{":
             depth += 1
         elif char in ")]}":
             depth -= 1
@@ -90,6 +85,36 @@ def _first_conjunct(source: str) -> tuple[str | None, str | None]:
     if split < 0:
         return source, None
     return source[:split], source[split + 2 :]
+
+
+def _after_string(source: str, start: int) -> int:
+    """The index just past the CEL string literal whose opening quote is at ``start``.
+
+    Handles the four quote forms (``'``, ``"``, and the triple ones, which may hold the
+    other quotes unescaped) and raw strings (an ``r`` or ``R`` prefix, possibly with ``b``
+    or ``B``), in which a backslash escapes nothing.
+    """
+    quote = source[start]
+    prefix = start
+    while prefix > 0 and start - prefix < 2 and source[prefix - 1] in "rRbB":
+        prefix -= 1
+    if prefix > 0 and _is_name(source[prefix - 1]):
+        prefix = start  # the end of a longer name, not a literal's prefix
+    raw = "r" in source[prefix:start].lower()
+    closing = quote * 3 if source.startswith(quote * 3, start) else quote
+    index = start + len(closing)
+    while index < len(source):
+        if source[index] == "\\" and not raw:
+            index += 2
+        elif source.startswith(closing, index):
+            return index + len(closing)
+        else:
+            index += 1
+    return len(source)
+
+
+def _is_name(char: str) -> bool:
+    return char.isalnum() or char == "_"
 
 
 def _unquote(literal: str) -> str:

@@ -138,8 +138,9 @@ def acquire(
     """Ask to make one call.
 
     ``OPEN`` refuses with ``retry_after`` the exact rest of ``open_for`` (a call at
-    ``now + retry_after`` gets through). A ``HALF_OPEN`` refusal, when every probe is out,
-    carries ``open_for`` as a hint: the probes' verdict is not known yet.
+    ``now + retry_after`` gets through). ``HALF_OPEN``, when every probe is out, refuses
+    until their verdict, or until ``open_for`` after the round of probes began: probes
+    without a verdict by then are taken as lost and a new round begins.
     """
     circuit = state.circuit
     if circuit is Circuit.CLOSED:
@@ -154,7 +155,13 @@ def acquire(
     if state.permits < _probes(spec):
         new = BreakerState(Circuit.HALF_OPEN, state.since, state.window, state.permits + 1)
         return _HALF_OPEN_PERMIT, new
-    return Permit(False, spec.open_for, Circuit.HALF_OPEN), state
+    lease_ends = state.since + spec.open_for
+    if now >= lease_ends:
+        # Probes out for a whole ``open_for`` without a verdict are lost: their process
+        # died, or their outcome never reached a shared store. A new round of probes
+        # starts, rather than the breaker staying half-open, and refusing, for ever.
+        return _HALF_OPEN_PERMIT, BreakerState(Circuit.HALF_OPEN, now, None, 1)
+    return Permit(False, _wait(now, lease_ends), Circuit.HALF_OPEN), state
 
 
 def release(state: BreakerState) -> BreakerState:

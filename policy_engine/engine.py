@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import fastjsonschema
 
-from policy_engine.breaker import Permit, Transition
+from policy_engine.breaker import Circuit, Permit, Transition
 from policy_engine.classify import Classification, classify, error_context
 from policy_engine.contexts import CONN, EVENT, LOAD, Hook
 from policy_engine.decision import ALLOW, Decision, Outcome, TraceEntry, client_payload
@@ -64,6 +64,8 @@ class BreakerGuard(NamedTuple):
 
 
 NO_GUARD = BreakerGuard((), 0.0)
+_STORE_UNAVAILABLE = "store_unavailable"  # the "ceiling" of a count the store could not make
+_STORE_RETRY_AFTER = 1.0  # the retry advice of a refusal because the shared store is down
 
 
 class EventVerdict(NamedTuple):
@@ -122,6 +124,8 @@ class Engine:
         self._armed: frozenset[str] = frozenset()
         self._condition_since: dict[str, float] = {}
         self.store_health = StoreHealth()
+        # Where each open connection was counted (see _count_connection).
+        self._counted_in: dict[str, StateStore] = {}
         # Rate-limit keys that read only conn and claims, computed once per connection.
         self._connection_keys: dict[str, dict[tuple[str, str], str]] = {}
 
@@ -163,17 +167,15 @@ class Engine:
         conn["priority"] = self._priority(activation)
         limits = policy.connections
         if limits.max_total or limits.max_per_user or limits.max_per_ip:
-            ceiling = await self._guarded(
-                self.store.open_connection(
-                    ConnectionLimits(
-                        conn["user_id"],
-                        conn["ip"],
-                        limits.max_total,
-                        limits.max_per_user,
-                        limits.max_per_ip,
-                    )
+            ceiling = await self._count_connection(
+                conn["sid"],
+                ConnectionLimits(
+                    conn["user_id"],
+                    conn["ip"],
+                    limits.max_total,
+                    limits.max_per_user,
+                    limits.max_per_ip,
                 ),
-                None,
             )
             if trace is not None:
                 trace.append(
@@ -186,10 +188,15 @@ class Engine:
                     )
                 )
             if ceiling is not None:
+                message = (
+                    "Connection limits cannot be checked right now; retry shortly."
+                    if ceiling == _STORE_UNAVAILABLE
+                    else f"Connection limit reached ({ceiling.replace('_', ' ')})."
+                )
                 payload = self._payload(
                     code="TOO_MANY_CONNECTIONS",
                     category=Category.CONNECTION,
-                    message=f"Connection limit reached ({ceiling.replace('_', ' ')}).",
+                    message=message,
                     retry_after=limits.retry_after,
                     policy=f"connections/{ceiling}",
                 )
@@ -198,11 +205,38 @@ class Engine:
                 )
         return _finish(ALLOW, shadowed, trace)
 
+    async def _count_connection(self, sid: str, limits: ConnectionLimits) -> str | None:
+        """Count a new connection unless a ceiling is reached; the ceiling hit, if any.
+
+        Where it was counted is remembered, so that its disconnect releases exactly that
+        count: nothing when it was let in uncounted, the local count when the shared store
+        did not answer under ``on_store_error: local``.
+        """
+        store: StateStore = self.store
+        try:
+            if store is self.local:
+                ceiling = await store.open_connection(limits)
+            else:
+                ceiling = await self._with_timeout(store.open_connection(limits))
+        except StoreError:
+            mode = self.policy.defaults.on_store_error
+            if mode is StoreFailureMode.FAIL_CLOSED:
+                return _STORE_UNAVAILABLE
+            if mode is StoreFailureMode.FAIL_OPEN:
+                return None  # let in, and counted nowhere
+            store = self.local
+            ceiling = await store.open_connection(limits)
+        if ceiling is None:
+            self._counted_in[sid] = store
+        return ceiling
+
     async def on_disconnect(self, conn: Mapping[str, Any]) -> None:
         self._connection_keys.pop(conn["sid"], None)
-        limits = self.policy.connections
-        if limits.max_total or limits.max_per_user or limits.max_per_ip:
-            await self._guarded(self.store.close_connection(conn["user_id"], conn["ip"]), None)
+        store = self._counted_in.pop(conn["sid"], None)
+        if store is self.local:
+            await self.local.close_connection(conn["user_id"], conn["ip"])
+        elif store is not None:
+            await self._guarded(store.close_connection(conn["user_id"], conn["ip"]), None)
 
     async def record_auth_failure(self, conn: Mapping[str, Any]) -> int:
         """Count a failed authentication against the client's IP and user."""
@@ -241,13 +275,13 @@ class Engine:
         shadowed: list[str] = []
         plan = self.policy.event_plans[event["name"]]
         refusal, activation = self._judge_event(plan, conn, claims, event, trace, shadowed)
-        if refusal is None and activation is not None:
+        if activation is not None and (refusal is None or refusal.outcome is Outcome.DELAY):
             # An explanation lists every limit at the hook, a decision only those that apply.
             rules = (
                 plan.rate_limits if trace is None else self.policy.by_hook.rate_limits[Hook.EVENT]
             )
             if rules:
-                refusal = await self._rate_limits(rules, activation, trace, shadowed)
+                refusal = await self._rate_limits(rules, activation, trace, shadowed) or refusal
         return _finish(refusal or ALLOW, shadowed, trace)
 
     def judge_event_now(
@@ -311,9 +345,12 @@ class Engine:
             # An explanation shows every rule at the hook, including those that cannot apply.
             index = self.policy.by_hook
             shedding, authorization = index.shedding[Hook.EVENT], index.authorization[Hook.EVENT]
-        refusal = self._shed(shedding, activation, spec.priority, trace, shadowed) or (
-            self._authorize(authorization, Hook.EVENT, activation, trace, shadowed)
-        )
+        refusal = self._shed(shedding, activation, spec.priority, trace, shadowed)
+        if refusal is None or refusal.outcome is Outcome.DELAY:
+            # A delay only postpones the event: what would refuse it still does.
+            refusal = (
+                self._authorize(authorization, Hook.EVENT, activation, trace, shadowed) or refusal
+            )
         return refusal, activation
 
     async def on_emit(
@@ -328,11 +365,10 @@ class Engine:
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
         sheds = policy.by_hook.shedding[Hook.EMIT]
-        refusal = self._shed(sheds, activation, spec.priority, None, shadowed) or (
-            await self._rate_limits(
-                policy.by_hook.rate_limits_for(Hook.EMIT, event["name"]), activation, None, shadowed
-            )
-        )
+        refusal = self._shed(sheds, activation, spec.priority, None, shadowed)
+        if refusal is None or refusal.outcome is Outcome.DELAY:
+            limits = policy.by_hook.rate_limits_for(Hook.EMIT, event["name"])
+            refusal = await self._rate_limits(limits, activation, None, shadowed) or refusal
         return _finish(refusal or ALLOW, shadowed, None)
 
     # -- circuit breakers --------------------------------------------------------------------
@@ -356,7 +392,14 @@ class Engine:
                 activation = activation or self._activation(conn, claims, event)
                 if not matches(spec.match, activation, self.policy.defaults.on_eval_error):
                     continue
-            permit = await self._guarded(self.store.breaker_acquire(spec, now), None)
+            permit: Permit | None
+            try:
+                permit = await self._with_timeout(self.store.breaker_acquire(spec, now))
+            except StoreError:
+                # fail_open and local: the call goes ahead, this breaker cannot guard it.
+                permit = None
+                if self.policy.defaults.on_store_error is StoreFailureMode.FAIL_CLOSED:
+                    permit = Permit(False, _STORE_RETRY_AFTER, Circuit.OPEN)
             if self._granted(spec, permit, taken, transitions):
                 continue
             for held in taken:
@@ -825,7 +868,7 @@ class Engine:
                 return self.local.check_rate_limits_now(checks, now)
             allowed = mode is StoreFailureMode.FAIL_OPEN
             rule = checks[0][0].name if checks else None
-            return CombinedDecision(allowed, 0.0 if allowed else 1.0, rule, None)
+            return CombinedDecision(allowed, 0.0 if allowed else _STORE_RETRY_AFTER, rule, None)
 
     def _rate_refusal(
         self, rule: RateLimitSpec, combined: CombinedDecision | None, key: str | None = None

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from policy_engine.analysis import event_name_filter, field_path
+from policy_engine.analysis import conjuncts, event_name_filter, field_path
 
 
 @pytest.mark.parametrize(
@@ -51,3 +51,32 @@ def test_quoted_operators_do_not_split_the_expression() -> None:
 )
 def test_plain_field_reads_are_recognised(source: str, path: tuple[str, str] | None) -> None:
     assert field_path(source) == path
+
+
+@pytest.mark.parametrize(
+    ("source", "parts"),
+    [
+        (
+            'load.loop_lag_ms > 300 && event.priority == "normal"',
+            ["load.loop_lag_ms > 300", 'event.priority == "normal"'],
+        ),
+        ("a && (b || c) && f('&&')", ["a", "(b || c)", "f('&&')"]),
+        ("a || b && c", None),  # || binds looser: b && c is not required
+        ("a && b ? c : d", None),
+        # A triple-quoted string may hold a lone quote; a raw string's backslash escapes
+        # nothing: neither may hide (or invent) an operator.
+        ("'''it's''' == event.name || event.name == '''it's''' && load.x > 1", None),
+        ('"""x " y""" == z && w', ['"""x " y""" == z', "w"]),
+        ('r"a\\" == x && y', ['r"a\\" == x', "y"]),
+        ('"a\\" && b" == x && y', ['"a\\" && b" == x', "y"]),
+    ],
+)
+def test_conjuncts_are_the_operands_every_one_of_which_must_hold(
+    source: str, parts: list[str] | None
+) -> None:
+    assert conjuncts(source) == parts
+
+
+def test_a_name_test_before_a_triple_quoted_string_and_an_or_is_not_a_prefilter() -> None:
+    source = "event.name == 'a' && '''it's''' != '' || claims.banned == true"
+    assert event_name_filter(source) == (None, None)

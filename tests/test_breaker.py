@@ -239,6 +239,20 @@ def test_half_open_permits_exactly_half_open_calls() -> None:
     assert refused.retry_after == spec.open_for
 
 
+def test_probes_without_a_verdict_for_open_for_are_lost_and_a_new_round_begins() -> None:
+    spec = breaker_spec(half_open_calls=1)
+    state = opened(spec)
+    probe, state = acquire(spec, state, spec.open_for)  # its process dies: no verdict ever
+    waiting, state = acquire(spec, state, spec.open_for + 1)
+    again, state = acquire(spec, state, 2 * spec.open_for)
+
+    assert probe.permitted
+    assert not waiting.permitted
+    assert waiting.retry_after == spec.open_for - 1  # until the lost probe's lease ends
+    assert again.permitted
+    assert (state.circuit, state.since, state.permits) == (Circuit.HALF_OPEN, 2 * spec.open_for, 1)
+
+
 def test_half_open_decides_only_when_every_probe_has_reported() -> None:
     spec = breaker_spec(half_open_calls=3)
     state = opened(spec)
@@ -328,6 +342,11 @@ class Model:
     def acquire(self, now: float) -> bool:
         if self.circuit is Circuit.OPEN and now >= self.since + self.spec.open_for:
             self.circuit, self.since, self.probes, self.permits = Circuit.HALF_OPEN, now, [], 0
+        probes_lost = self.permits >= self.spec.half_open_calls and (
+            now >= self.since + self.spec.open_for
+        )
+        if self.circuit is Circuit.HALF_OPEN and probes_lost:
+            self.since, self.probes, self.permits = now, [], 0  # a new round of probes
         if self.circuit is Circuit.HALF_OPEN and self.permits < self.spec.half_open_calls:
             self.permits += 1
             return True

@@ -506,3 +506,33 @@ shedding:
     engine.load = {**engine.load, "loop_lag_ms": 5, "memory_mb": 0}  # division by zero
     decision = await engine.on_event(conn_context(sid="s1"), {}, event_context("echo"))
     assert (decision.outcome, decision.rule) == (Outcome.DROP, "shedding/broken")
+
+
+DELAYED_BUT_REFUSED = """
+shedding:
+  - {name: slow-down, hook: event, when: "load.loop_lag_ms > 100", action: delay, delay: 10ms,
+     max_priority: critical}
+authorization:
+  rules:
+    - {name: no-admin, hook: event, when: 'event.name == "admin"', effect: deny}
+rate_limits:
+  - {name: once, hook: event, when: 'event.name == "chat"', key: conn.sid, limit: 1/minute}
+"""
+
+
+async def test_a_delay_under_load_does_not_skip_authorization_or_rate_limits() -> None:
+    engine, _ = engine_for(DELAYED_BUT_REFUSED)
+    engine.load = {**engine.load, "loop_lag_ms": 500}
+    client = conn()
+
+    async def outcome(name: str) -> tuple[str, str | None]:
+        decision = await engine.on_event(client, {}, event_context(name))
+        return decision.outcome.value, decision.rule
+
+    assert await outcome("admin") == ("reject", "authorization/no-admin")
+    assert await outcome("chat") == ("delay", "shedding/slow-down")  # within its limit
+    assert await outcome("chat") == ("reject", "rate_limits/once")
+    assert await outcome("other") == ("delay", "shedding/slow-down")
+    now = engine.judge_event_now(client, {}, event_context("admin"))
+    assert now is not None
+    assert now.decision.rule == "authorization/no-admin"

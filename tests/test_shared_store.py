@@ -9,6 +9,7 @@ servers share their state again without a restart.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,10 @@ from servers import WAIT, Served, echo_app, eventually, policy_path, start_serve
 from structlog.testing import capture_logs
 
 from policy_engine.cli import main
+from policy_engine.compiler import compile_text
 from policy_engine.contexts import Hook
-from policy_engine.engine import BreakerGuard, conn_context, event_context
+from policy_engine.decision import Decision, Outcome
+from policy_engine.engine import BreakerGuard, Engine, conn_context, event_context
 from policy_engine.redis_store import RedisStore
 from policy_engine.serve import build_app, open_store
 
@@ -301,3 +304,71 @@ def test_serve_refuses_an_unknown_store_before_starting(tmp_path: Path, capsys: 
     code = main(["serve", "--policies", str(policy), "--store", "mongodb://somewhere"])
     assert code == 2
     assert "unknown state store" in capsys.readouterr().err
+
+
+CEILINGS = """
+version: 1
+defaults: {{store_timeout: 300ms, on_store_error: {mode}}}
+connections: {{max_per_user: 1, retry_after: 2s}}
+circuit_breakers:
+  - {{name: agent, match: 'event.name == "run"', failure_rate: 50%, window: {{calls: 4}},
+     minimum_calls: 4, open_for: 30s}}
+"""
+
+
+def engine_on(redis: RedisServer, mode: str) -> Engine:
+    policy = compile_text(CEILINGS.format(mode=mode)).policy
+    store = RedisStore(redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    return Engine(policy, store, clock=time.time)
+
+
+def user(sid: str, name: str = "ada") -> dict[str, Any]:
+    return conn_context(sid=sid, ip="192.0.2.1", user_id=name)
+
+
+async def test_a_connection_let_in_uncounted_is_not_released_from_the_shared_count(
+    own_redis_server: RedisServer,
+) -> None:
+    engine = engine_on(own_redis_server, "fail_open")
+    try:
+        own_redis_server.stop()
+        outage = await engine.on_connect(user("a"), {})  # let in, counted nowhere
+        own_redis_server.start()
+        await engine.store.ping()  # type: ignore[attr-defined]
+        second = await engine.on_connect(user("b"), {})  # the user's one connection
+        await engine.on_disconnect(user("a"))  # must not release b's count
+        third = await engine.on_connect(user("c"), {})
+    finally:
+        await engine.store.close()
+
+    assert (outage.outcome, second.outcome) == (Outcome.ALLOW, Outcome.ALLOW)
+    assert (third.outcome, third.rule) == (Outcome.REJECT, "connections/max_per_user")
+
+
+async def test_connection_ceilings_and_breakers_follow_on_store_error(
+    own_redis_server: RedisServer,
+) -> None:
+    engines = {mode: engine_on(own_redis_server, mode) for mode in ("fail_closed", "local")}
+    own_redis_server.stop()
+    try:
+        closed = await engines["fail_closed"].on_connect(user("a"), {})
+        permit = await engines["fail_closed"].before_call(user("a"), {}, event_context("run"))
+        local = engines["local"]
+        first = await local.on_connect(user("a"), {})
+        second = await local.on_connect(user("b"), {})  # counted locally: over the ceiling
+        await local.on_disconnect(user("a"))  # released locally
+        third = await local.on_connect(user("c"), {})
+    finally:
+        for engine in engines.values():
+            await engine.store.close()
+
+    assert (closed.outcome, closed.rule) == (Outcome.REJECT, "connections/store_unavailable")
+    assert closed.payload is not None
+    assert closed.payload["retry_after_ms"] == 2000
+    assert isinstance(permit, Decision)
+    assert permit.rule == "circuit_breakers/agent"
+    assert (first.outcome, second.outcome, third.outcome) == (
+        Outcome.ALLOW,
+        Outcome.REJECT,
+        Outcome.ALLOW,
+    )
