@@ -108,14 +108,16 @@ class Engine:
         policy: PolicySet,
         store: StateStore | None = None,
         *,
-        clock: Clock = time.monotonic,
+        clock: Clock | None = None,
         rand: Callable[[], float] = random.random,
         local: MemoryStore | None = None,
     ) -> None:
         self.policy = policy
         self.local = local or (store if isinstance(store, MemoryStore) else MemoryStore())
         self.store: StateStore = store or self.local
-        self.clock = clock
+        # Processes sharing a store compare each other's times: they read the wall clock.
+        # Alone, this process's monotonic clock is immune to the wall clock's jumps.
+        self.clock = clock or (time.monotonic if self.store is self.local else time.time)
         self.rand = rand
         # Replaced by each load sample, never changed in place: the shedding rules armed
         # under it are worked out once per sample (see _armed_shedding).

@@ -42,13 +42,13 @@ _MB = 1024 * 1024
 
 @runtime_checkable
 class ConnectionSource(Protocol):
-    """What the sampler needs from the Socket.IO adapter."""
+    """What the sampler needs from the Socket.IO adapter.
+
+    An adapter that also has ``events_received()`` (events received since the start) is
+    the counter behind ``load.events_per_second`` unless the sampler is given another.
+    """
 
     def active_connections(self) -> int: ...
-
-    def events_received(self) -> int:
-        """Events received since the start, for ``load.events_per_second``."""
-        ...
 
     async def shed_tick(self) -> int: ...
 
@@ -166,8 +166,9 @@ class LoadSampler:
         if isinstance(connections, ConnectionSource):
             self._count: Callable[[], int] = connections.active_connections
             self._shed: Callable[[], Any] | None = connections.shed_tick
-            if events is None:
-                self._events = connections.events_received
+            received = getattr(connections, "events_received", None)
+            if events is None and received is not None:
+                self._events = received
         else:
             self._count, self._shed = connections, None
         self.interval = interval

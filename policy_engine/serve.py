@@ -28,7 +28,6 @@ import importlib.util
 import json
 import math
 import signal
-import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -183,16 +182,16 @@ class PolicyServer:
         fetch = getattr(engine.store, "fetch_breaker_state", None)
         if fetch is None:
             return {spec.name: "unknown" for spec in specs}
-        states: dict[str, str] = {}
-        for spec in specs:
+
+        async def circuit(name: str) -> str:
             try:
-                stored = await asyncio.wait_for(
-                    fetch(spec.name), engine.policy.defaults.store_timeout
-                )
-                states[spec.name] = stored.circuit.value
+                stored = await asyncio.wait_for(fetch(name), engine.policy.defaults.store_timeout)
             except Exception:
-                states[spec.name] = "unknown"
-        return states
+                return "unknown"
+            return str(stored.circuit.value)
+
+        circuits = await asyncio.gather(*(circuit(spec.name) for spec in specs))
+        return dict(zip((spec.name for spec in specs), circuits, strict=True))
 
     # -- ASGI --------------------------------------------------------------------------------
 
@@ -288,15 +287,12 @@ def build_app(
     """Compile ``policies`` and put ``sio`` behind it; raises PolicyError on an invalid file.
 
     ``store`` is the shared state store (see :func:`open_store`); without one, state lives
-    in this process's memory. Processes sharing a store must agree on the time, so their
-    engines then read the wall clock rather than this process's monotonic one.
+    in this process's memory.
     """
     result = compile_file(policies, backend=cel_backend)
     source = str(policies)
     shared = store is not None and not isinstance(store, MemoryStore)
-    engine = Engine(
-        result.policy, store or MemoryStore(), clock=time.time if shared else time.monotonic
-    )
+    engine = Engine(result.policy, store or MemoryStore())  # the wall clock when shared
     metrics = MetricsObserver(registry, process_metrics=True)
 
     def is_audit_error(classification: Classification) -> bool:

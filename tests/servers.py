@@ -193,16 +193,12 @@ def start_server(
 ) -> Served:
     """``setup`` registers handlers before ``attach``; ``setup_after`` after it.
 
-    With a shared ``store``, the engine reads the wall clock, as ``policy-engine serve``
-    does, so that servers sharing it agree on the time.
+    ``store``: a shared state store (the engine's memory store otherwise).
     """
     sio = socketio.AsyncServer(async_mode="asgi", **sio_options)
     if setup is not None:
         setup(sio)
-    if store is None:
-        engine = Engine(compile_file(policy).policy)
-    else:
-        engine = Engine(compile_file(policy).policy, store, clock=time.time)
+    engine = Engine(compile_file(policy).policy, store)
     observer = RecordingObserver()
     adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)
     if setup_after is not None:

@@ -290,6 +290,12 @@ async def test_status_reads_breaker_states_from_the_shared_store(
     )
 
 
+def test_engines_on_a_shared_store_read_the_wall_clock() -> None:
+    policy = compile_text("version: 1\n").policy
+    assert Engine(policy).clock is time.monotonic
+    assert Engine(policy, RedisStore("redis://127.0.0.1:1/0")).clock is time.time
+
+
 def test_the_store_url_chooses_the_store() -> None:
     assert open_store(None) is None
     assert open_store("memory") is None
@@ -319,7 +325,7 @@ circuit_breakers:
 def engine_on(redis: RedisServer, mode: str) -> Engine:
     policy = compile_text(CEILINGS.format(mode=mode)).policy
     store = RedisStore(redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
-    return Engine(policy, store, clock=time.time)
+    return Engine(policy, store)
 
 
 def user(sid: str, name: str = "ada") -> dict[str, Any]:
