@@ -51,7 +51,7 @@ class CorsPolicy:
     ) -> bool:
         allowed = self.allowed_origins
         if allowed is None:
-            return origin in _own_origins(scope, request)
+            return origin in _own_origins(request)
         if isinstance(allowed, str):
             return allowed in ("*", origin)
         if callable(allowed):
@@ -63,18 +63,22 @@ class CorsPolicy:
 
 
 def _headers(scope: MutableMapping[str, Any]) -> dict[str, str]:
-    return {
-        name.decode("latin-1").lower(): value.decode("latin-1")
-        for name, value in scope.get("headers") or ()
-    }
+    """The request's headers by lower-case name, repeated ones joined by commas (as the
+    environ Engine.IO's ASGI driver builds has them)."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers") or ():
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    return headers
 
 
-def _own_origins(scope: MutableMapping[str, Any], request: Mapping[str, str]) -> list[str]:
+def _own_origins(request: Mapping[str, str]) -> list[str]:
     """The server's own origin, and the one a proxy in front of it names (as Engine.IO)."""
     host = request.get("host")
     if host is None:
         return []
-    scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+    # As Engine.IO's ASGI driver sets ``wsgi.url_scheme``: the proxy's word, or http.
+    scheme = request.get("x-forwarded-proto", "http")
     origins = [f"{scheme}://{host}"]
     if "x-forwarded-proto" in request or "x-forwarded-host" in request:
         proto = request.get("x-forwarded-proto", scheme).split(",")[0].strip()
@@ -89,7 +93,7 @@ def _environ(scope: MutableMapping[str, Any], request: Mapping[str, str]) -> dic
         "REQUEST_METHOD": scope.get("method", "GET"),
         "PATH_INFO": scope.get("path", ""),
         "QUERY_STRING": (scope.get("query_string") or b"").decode("latin-1"),
-        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.url_scheme": request.get("x-forwarded-proto", "http"),
         "asgi.scope": scope,
     }
     for name, value in request.items():

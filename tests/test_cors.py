@@ -24,14 +24,15 @@ def allow_origin(policy: CorsPolicy, scope: dict[str, Any]) -> bytes | None:
 @pytest.mark.parametrize(
     ("allowed", "origin", "expected"),
     [
-        (None, "https://chat.example", True),  # the server's own origin
+        (None, "http://chat.example", True),  # the server's own origin
+        (None, "https://chat.example", False),  # Engine.IO takes http unless a proxy says
         (None, "https://other.example", False),
         ("*", "https://other.example", True),
         ("https://other.example", "https://other.example", True),
         (["https://a.example", "https://b.example"], "https://b.example", True),
         (["https://a.example"], "https://b.example", False),
         (lambda origin: origin.endswith(".example"), "https://b.example", True),
-        (lambda origin, environ: environ["HTTP_HOST"] in origin, "https://chat.example", True),
+        (lambda origin, environ: environ["HTTP_HOST"] in origin, "http://chat.example", True),
         (lambda origin, environ: False, "https://chat.example", False),
     ],
 )
@@ -41,9 +42,10 @@ def test_cors_follows_engineio_s_allowed_origins(allowed: Any, origin: str, expe
 
 
 def test_cors_trusts_the_origin_a_proxy_names_and_can_be_switched_off():
-    behind_proxy = scope_from(
-        "https://public.example", host="10.0.0.5:8000", **{"x-forwarded-host": "public.example"}
-    )
+    forwarded = {"x-forwarded-host": "public.example", "x-forwarded-proto": "https"}
+    behind_proxy = scope_from("https://public.example", host="10.0.0.5:8000", **forwarded)
     assert allow_origin(CorsPolicy(None), behind_proxy) == b"https://public.example"
+    own_over_tls = scope_from("https://chat.example", **{"x-forwarded-proto": "https"})
+    assert allow_origin(CorsPolicy(None), own_over_tls) == b"https://chat.example"
     assert CorsPolicy([]).headers(scope_from("https://chat.example")) == []
     assert CorsPolicy("*", credentials=False).headers(scope_from(None)) == []
