@@ -265,8 +265,13 @@ def open_store(url: str | None) -> StateStore | None:
     if not url or url == "memory":
         return None
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from policy_engine.redis_store import RedisStore  # noqa: PLC0415 (the redis extra)
-
+        try:
+            from policy_engine.redis_store import RedisStore  # noqa: PLC0415 (the redis extra)
+        except ImportError as exc:
+            raise ValueError(
+                f"the Redis store needs the redis package: pip install 'policy-engine[redis]' "
+                f"({exc})"
+            ) from exc
         return RedisStore(url)
     raise ValueError(f"unknown state store {url!r}: use memory or a redis:// URL")
 
