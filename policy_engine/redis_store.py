@@ -375,11 +375,12 @@ class RedisStore:
         contending callers spread out.
         """
         known = self._known
-        values: list[Raw] | None = None
         remembered = [known.get(key, _UNREAD) for key in keys]
+        values: list[Raw] | None = None
         if _UNREAD not in remembered:
             values = remembered  # type: ignore[assignment]
-        for attempt in range(self._max_attempts):
+        attempts = 0
+        while True:
             if values is None:
                 values = list(await self._client.mget(keys))
                 self._remember(keys, values)
@@ -397,15 +398,18 @@ class RedisStore:
             if reply[0] == 1:
                 self._remember(keys, [value or None for value, _ in writes])
                 return answer
+            if values is not remembered:
+                attempts += 1  # a stale memory of this process's is no contention
+            if attempts >= self._max_attempts:
+                raise StoreError(
+                    f"redis store: state of {keys[0]!r} kept changing under "
+                    f"{self._max_attempts} attempts to update it"
+                )
             values = list(reply[1:]) + [None] * (len(keys) + 1 - len(reply))
             self._remember(keys, values)
-            if attempt:
-                delay = min(_RETRY_CAP, _RETRY_BASE * 2 ** (attempt - 1))
+            if attempts > 1:
+                delay = min(_RETRY_CAP, _RETRY_BASE * 2 ** (attempts - 2))
                 await asyncio.sleep(random.uniform(0.0, delay))
-        raise StoreError(
-            f"redis store: state of {keys[0]!r} kept changing under "
-            f"{self._max_attempts} attempts to update it"
-        )
 
     def _remember(self, keys: list[str], values: Sequence[Raw]) -> None:
         known = self._known

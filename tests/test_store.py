@@ -590,6 +590,20 @@ async def test_contention_past_the_attempt_bound_is_a_store_error(
     assert remaining.decision.remaining == 100 - admissions - 1  # failed calls took nothing
 
 
+async def test_a_stale_memory_of_the_last_write_is_no_contention(
+    redis_stores: Callable[..., RedisStore],
+) -> None:
+    spec = rate_limit("shared 10/minute fixed_window")
+    mine, other = redis_stores(max_attempts=1), redis_stores(max_attempts=1)
+    first = await mine.check_rate_limits([(spec, "ip1")], 1000.0)  # remembered by mine
+    await other.check_rate_limits([(spec, "ip1")], 1000.0)  # mine's memory is now stale
+    second = await mine.check_rate_limits([(spec, "ip1")], 1000.0)  # one attempt is enough
+
+    assert first.decision is not None
+    assert second.decision is not None
+    assert (first.decision.remaining, second.decision.remaining) == (9, 7)
+
+
 async def test_a_value_that_is_not_a_state_counts_as_none(
     redis_stores: Callable[..., RedisStore], redis_server: RedisServer
 ) -> None:
