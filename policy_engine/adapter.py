@@ -1,7 +1,8 @@
 """The Socket.IO adapter: applies the engine's decisions at python-socketio's hook points.
 
-This module is the only one that touches python-socketio and python-engineio internals
-(``gate`` and ``outbound`` are its plain ASGI and buffering helpers). :func:`attach`
+This module and its outgoing half (``outgoing``: ``emit`` and every packet sent) are the
+only ones that touch python-socketio and python-engineio internals (``gate`` and
+``outbound`` are their plain ASGI and buffering helpers). :func:`attach`
 installs the policy on an existing ``socketio.AsyncServer`` without changing a single
 application handler, whether the handlers were registered before or after, as functions
 or as ``AsyncNamespace`` classes, in any namespace. It does so the way
@@ -13,9 +14,11 @@ server *instance*:
 * ``_handle_event_internal``: incoming events, because it alone knows whether the client
   asked for an ack; it replaces the original (same eight lines of ack sending) rather than
   wrapping it, so an event costs no extra coroutine frame;
-* ``emit``: outgoing events (namespace ``emit``/``send``/``call`` go through it), for
-  priorities, emit-hook rules and the replay buffers of connection-state recovery;
-* ``eio.send_packet`` (public): every packet to a client, for the bounded outbound buffer;
+* ``emit`` (in ``outgoing``): outgoing events (namespace ``emit``/``send``/``call`` go
+  through it), for priorities, emit-hook rules and the replay buffers of connection-state
+  recovery;
+* ``eio.send_packet`` (public; in ``outgoing``): every packet to a client, for the bounded
+  outbound buffer;
 * ``packet_class`` (what the ``serializer`` option sets): a subclass that notes the size of
   every packet it decodes, so measuring costs no extra frame on the receive path.
 
@@ -37,9 +40,8 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Generator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from contextvars import ContextVar
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -47,6 +49,7 @@ import socketio
 from socketio import packet as sio_packet
 
 from policy_engine.classify import Classification
+from policy_engine.connection import ConnectionState
 from policy_engine.contexts import Hook
 from policy_engine.cors import CorsPolicy
 from policy_engine.decision import Decision, Outcome, client_payload
@@ -61,9 +64,9 @@ from policy_engine.engine import (
 from policy_engine.gate import HandshakeGate
 from policy_engine.identity import ClaimsLoader, identify, load_claims
 from policy_engine.observer import NullObserver, Observer
-from policy_engine.outbound import CRITICAL, Outbox
+from policy_engine.outgoing import Buffered, Outgoing, replayed_up_to
 from policy_engine.recovery import Recovery
-from policy_engine.spec import Category, Priority, ShedAction
+from policy_engine.spec import Category, ShedAction
 
 __all__ = ["ClaimsLoader", "ConnectionState", "PolicyAdapter", "attach"]
 
@@ -78,75 +81,12 @@ _log = logging.getLogger("policy_engine.adapter")
 # The size of the packet being handled, set where Engine.IO hands it over and read by the
 # event hook in the task python-socketio starts for it (tasks copy the context).
 _INBOUND_SIZE: ContextVar[int] = ContextVar("policy_engine_inbound_size", default=0)
-_NORMAL = Priority.NORMAL.rank
 _ALLOW = Outcome.ALLOW
 _DELAY = Outcome.DELAY
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
-_EVENT_TYPES = frozenset("25")  # Socket.IO EVENT and BINARY_EVENT packet types
 _MIN_TICK = 0.05
 _MAX_TICK = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class Emission:
-    """What the ``emit`` in progress sends, for the packets it produces downstream."""
-
-    event: str
-    rank: int
-    namespace: str
-    data: Any = None
-    stream: str | None = None
-    event_id: int | None = None
-    replay: bool = False
-
-
-_EMISSION: ContextVar[Emission | None] = ContextVar("policy_engine_emission", default=None)
-
-
-@dataclass(slots=True)
-class ConnectionState:
-    """One Socket.IO connection (a sid in a namespace) as the policy sees it."""
-
-    sid: str
-    namespace: str
-    eio_sid: str
-    conn: dict[str, Any]
-    claims: Mapping[str, Any]
-    connected_at: float
-    last_activity: float
-    close_event: str = ""
-    close_reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Outgoing:
-    packet: Any
-    emission: Emission | None
-
-
-class _Done:
-    """An awaitable that is already done: a packet buffered rather than sent now."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return iter(())  # type: ignore[return-value]
-
-
-_SENT = _Done()
-
-
-class _Link:
-    """One Engine.IO transport: its outbound buffer and the namespaces connected over it."""
-
-    __slots__ = ("closing", "eio_sid", "outbox", "states")
-
-    def __init__(self, eio_sid: str, outbox: Outbox[_Outgoing]) -> None:
-        self.eio_sid = eio_sid
-        self.outbox = outbox
-        self.states: dict[str, ConnectionState] = {}
-        self.closing = False
 
 
 class PolicyAdapter:
@@ -168,21 +108,21 @@ class PolicyAdapter:
         self.claims_loader = claims_loader
         self._states: dict[str, ConnectionState] = {}
         self._events_received = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self.outgoing = Outgoing(
+            sio, engine, self.observer, buffer=self._buffer_for_replay, spawn=self._spawn
+        )
         self.recovery = Recovery(
             engine,
             self.observer,
             conversation_of=self._conversation_of,
-            replay=self._send_replayed,
+            replay=self.outgoing.replay,
             notify=self._notify,
         )
-        self._links: dict[str, _Link] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._reaper: asyncio.Task[None] | None = None
         # The originals, called directly on the hot path.
         self._trigger: Callable[..., Awaitable[Any]] = sio._trigger_event
         self._event_original: Callable[..., Awaitable[Any]] = sio._handle_event_internal
-        self._emit: Callable[..., Awaitable[Any]] = sio.emit
-        self._eio_send_packet: Callable[[str, Any], Awaitable[Any]] = sio.eio.send_packet
         self._not_handled = sio.not_handled
         self._installed_trigger = self._on_trigger
 
@@ -192,8 +132,7 @@ class PolicyAdapter:
         sio = self.sio
         sio._trigger_event = self._installed_trigger
         sio._handle_event_internal = self._on_event
-        sio.emit = self._on_emit
-        sio.eio.send_packet = self._on_send_packet
+        self.outgoing.install()
         sio.packet_class = _measured(sio.packet_class)
         sio.policy_adapter = self
 
@@ -231,8 +170,7 @@ class PolicyAdapter:
         tasks = [*self._tasks, *([reaper] if reaper is not None else [])]
         for task in tasks:
             task.cancel()
-        for link in self._links.values():
-            link.outbox.close()
+        self.outgoing.close()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -320,19 +258,19 @@ class PolicyAdapter:
         recovering = (
             latest >= 0 and engine.policy.recovery.enabled and bool(conn["conversation_id"])
         )
-        link = self._links.get(eio_sid) if recovering else None
+        link = self.outgoing.links.get(eio_sid) if recovering else None
         if link is not None:
             # From here on, live events wait: the replay must reach the client first, even
             # those the application's own connect handler emits.
             link.outbox.hold()
-        replayed_up_to = latest
+        replayed_to = latest
         try:
             result = await self._accept(state, args, claims_error)
             if recovering:
-                replayed_up_to = await self.recovery.recover(sid, namespace, conn, latest)
+                replayed_to = await self.recovery.recover(sid, namespace, conn, latest)
         finally:
             if link is not None:
-                link.outbox.release(_duplicate_of(conn["conversation_id"], replayed_up_to))
+                link.outbox.release(replayed_up_to(conn["conversation_id"], replayed_to))
         self.observer.connection("opened", conn)
         return result
 
@@ -419,28 +357,10 @@ class PolicyAdapter:
 
     def _track(self, state: ConnectionState) -> None:
         self._states[state.sid] = state
-        link = self._links.get(state.eio_sid)
-        if link is None:
-            link = self._new_link(state.eio_sid)
-        if link is not None:
-            link.states[state.namespace] = state
+        self.outgoing.track(state)
         conversation = state.conn["conversation_id"]
         if conversation:
             self.recovery.index.join(conversation)
-
-    def _new_link(self, eio_sid: str) -> _Link | None:
-        socket = self.sio.eio.sockets.get(eio_sid)
-        queue = getattr(socket, "queue", None)
-        if not isinstance(queue, asyncio.Queue):
-            return None
-        send = self._eio_send_packet
-
-        async def deliver(item: _Outgoing) -> None:
-            await send(eio_sid, item.packet)
-
-        capacity = self.engine.policy.connections.outbound.max_queue
-        link = self._links[eio_sid] = _Link(eio_sid, Outbox(deliver, queue, capacity))
-        return link
 
     async def _untrack(
         self, state: ConnectionState, reason: str = "", *, closed: bool = False
@@ -448,12 +368,7 @@ class PolicyAdapter:
         """Release everything a connection held; ``closed``: it had been accepted."""
         if self._states.get(state.sid) is state:
             del self._states[state.sid]
-        link = self._links.get(state.eio_sid)
-        if link is not None and link.states.get(state.namespace) is state:
-            del link.states[state.namespace]
-            if not link.states:
-                del self._links[state.eio_sid]
-                link.outbox.close()
+        self.outgoing.untrack(state)
         conversation = state.conn["conversation_id"]
         if conversation:
             self.recovery.index.leave(conversation, time.monotonic())
@@ -621,136 +536,7 @@ class PolicyAdapter:
 
     async def _notify(self, sid: str, namespace: str, payload: Mapping[str, Any]) -> None:
         """Send ``error_event`` to one client at critical priority (dropped last, if ever)."""
-        token = _EMISSION.set(Emission(self.error_event, CRITICAL, namespace))
-        try:
-            await self._emit(self.error_event, dict(payload), to=sid, namespace=namespace)
-        finally:
-            _EMISSION.reset(token)
-
-    # -- outgoing events ---------------------------------------------------------------------
-
-    async def _on_emit(  # noqa: PLR0917 (AsyncServer.emit's signature)
-        self,
-        event: str,
-        data: Any = None,
-        to: Any = None,
-        room: Any = None,
-        skip_sid: Any = None,
-        namespace: str | None = None,
-        callback: Any = None,
-        ignore_queue: bool = False,
-    ) -> Any:
-        policy = self.engine.policy
-        spec = policy.events.get(event) or policy.default_event
-        recovery = policy.recovery
-        stream: str | None = None
-        event_id: int | None = None
-        if recovery.enabled and event in recovery.events and isinstance(data, dict):
-            data, stream, event_id = await self.recovery.buffer(event, data, to or room)
-        token = _EMISSION.set(
-            Emission(event, spec.priority.rank, namespace or "/", data, stream, event_id)
-        )
-        try:
-            return await self._emit(
-                event,
-                data,
-                to=to,
-                room=room,
-                skip_sid=skip_sid,
-                namespace=namespace,
-                callback=callback,
-                ignore_queue=ignore_queue,
-            )
-        finally:
-            _EMISSION.reset(token)
-
-    def _on_send_packet(self, eio_sid: str, pkt: Any) -> Awaitable[Any]:
-        """Engine.IO's ``send_packet``: straight through unless the client is behind.
-
-        Its callers await what it returns; while the client keeps up that is Engine.IO's
-        own coroutine, so the common case (an ack, an event to a reader that keeps up)
-        costs no coroutine frame of its own.
-        """
-        link = self._links.get(eio_sid)
-        if link is None:
-            return self._eio_send_packet(eio_sid, pkt)
-        emission = _EMISSION.get()
-        if emission is not None and not emission.replay:
-            return self._send_emitted(link, emission, pkt)
-        if emission is not None or link.closing or link.outbox.direct():
-            # A replay goes ahead of held live events; a control packet (the disconnect)
-            # of a closing connection must not wait behind what will never be sent.
-            return self._eio_send_packet(eio_sid, pkt)
-        data = pkt.data
-        is_event = isinstance(data, str) and data[:1] in _EVENT_TYPES
-        self._buffer(link, pkt, None, _NORMAL if is_event else CRITICAL)
-        return _SENT
-
-    async def _send_emitted(self, link: _Link, emission: Emission, pkt: Any) -> None:
-        """A packet of an ``emit``: the emit hook's rules first, then as any other packet."""
-        if link.closing:
-            return  # the client is being disconnected for not keeping up
-        if self.engine.policy.by_hook.limits_or_sheds(Hook.EMIT) and not await self._judge_emit(
-            link, emission, pkt
-        ):
-            return
-        if link.outbox.direct():
-            await self._eio_send_packet(link.eio_sid, pkt)
-        else:
-            self._buffer(link, pkt, emission, emission.rank)
-
-    def _buffer(self, link: _Link, pkt: Any, emission: Emission | None, rank: int) -> None:
-        """Hold a packet for a client that is behind; the policy decides what overflows."""
-        dropped, disconnect = link.outbox.enqueue(
-            _Outgoing(pkt, emission), rank, self.engine.policy.connections.outbound
-        )
-        if dropped is not None:
-            self._report_drop(link, dropped, "overflow")
-        if disconnect and not link.closing:
-            link.closing = True
-            self._spawn(self._close_link(link, "slow_consumer"))
-
-    async def _judge_emit(self, link: _Link, emission: Emission, pkt: Any) -> bool:
-        state = link.states.get(emission.namespace)
-        if state is None:
-            return True
-        data = pkt.data
-        event = {
-            "name": emission.event,
-            "size_bytes": len(data) if isinstance(data, str | bytes) else 0,
-            "priority": "",
-            "has_ack": False,
-            "payload": emission.data,
-        }
-        started = time.perf_counter()
-        decision = await self.engine.on_emit(state.conn, state.claims, event)
-        self.observer.decision("emit", decision, time.perf_counter() - started, state.conn)
-        if decision.outcome is Outcome.DELAY:
-            await asyncio.sleep(decision.delay)
-            return True
-        if decision.allowed:
-            return True
-        self.observer.outbound_drop(state.conn, emission.event, decision.rule or "emit")
-        return False
-
-    def _report_drop(self, link: _Link, dropped: _Outgoing, reason: str) -> None:
-        emission = dropped.emission
-        namespace = emission.namespace if emission is not None else "/"
-        state = link.states.get(namespace) or next(iter(link.states.values()), None)
-        if state is not None:
-            event = emission.event if emission is not None else ""
-            self.observer.outbound_drop(state.conn, event, reason)
-
-    async def _close_link(self, link: _Link, reason: str) -> None:
-        """Disconnect every namespace of a transport whose client does not keep up."""
-        _EMISSION.set(None)  # this task inherited the emit that overflowed
-        link.outbox.close()
-        for state in list(link.states.values()):
-            state.close_event, state.close_reason = "closed", reason
-            try:
-                await self.sio.disconnect(state.sid, namespace=state.namespace)
-            except Exception:
-                _log.exception("disconnecting %s failed", state.sid)
+        await self.outgoing.notify(self.error_event, sid, namespace, dict(payload))
 
     # -- connection-state recovery -----------------------------------------------------------
 
@@ -758,15 +544,8 @@ class PolicyAdapter:
         state = self._states.get(sid)
         return state.conn["conversation_id"] if state is not None else None
 
-    async def _send_replayed(
-        self, event: str, data: Any, sid: str, namespace: str, stream: str
-    ) -> None:
-        """A missed event, sent ahead of the live events held back while it replays."""
-        token = _EMISSION.set(Emission(event, CRITICAL, namespace, data, stream, None, True))
-        try:
-            await self._emit(event, data, to=sid, namespace=namespace)
-        finally:
-            _EMISSION.reset(token)
+    async def _buffer_for_replay(self, event: str, data: dict[str, Any], target: Any) -> Buffered:
+        return await self.recovery.buffer(event, data, target)
 
     # -- idle connections --------------------------------------------------------------------
 
@@ -897,19 +676,6 @@ def _ack_values(result: Any) -> list[Any]:
     if isinstance(result, tuple):
         return list(result)
     return [result]
-
-
-def _duplicate_of(stream: str, last_sent: int) -> Callable[[_Outgoing], bool]:
-    def duplicate(item: _Outgoing) -> bool:
-        emission = item.emission
-        return (
-            emission is not None
-            and emission.stream == stream
-            and emission.event_id is not None
-            and emission.event_id <= last_sent
-        )
-
-    return duplicate
 
 
 def attach(

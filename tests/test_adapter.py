@@ -512,7 +512,7 @@ async def test_disconnects_release_every_piece_of_connection_state(serve, client
 
     await eventually(lambda: served.adapter.active_connections() == 0)
     assert served.engine.local.connection_counts() == (0, 0, 0)
-    assert served.adapter._links == {}
+    assert served.adapter.outgoing.links == {}
     assert served.adapter._tasks == set()
     closed = [event for event, _, _ in served.observer.connections if event == "closed"]
     assert len(closed) == 3
