@@ -14,6 +14,7 @@ dropped first, and is disconnected when the policy says so.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -33,6 +34,7 @@ _log = logging.getLogger("policy_engine.outgoing")
 
 _NORMAL = Priority.NORMAL.rank
 _EVENT_TYPES = frozenset("25")  # Socket.IO EVENT and BINARY_EVENT packet types
+_JSON = json.JSONDecoder()
 
 Buffered = tuple[dict[str, Any], str | None, int | None]
 """What recovery's buffer makes of an emit: the data to send, its stream and its id."""
@@ -229,10 +231,25 @@ class Outgoing:
             # A replay goes ahead of held live events; a control packet (the disconnect)
             # of a closing connection must not wait behind what will never be sent.
             return self._eio_send_packet(eio_sid, pkt)
-        data = pkt.data
-        is_event = isinstance(data, str) and data[:1] in _EVENT_TYPES
-        self._hold(link, pkt, None, _NORMAL if is_event else CRITICAL)
+        self._hold(link, pkt, None, self._rank(pkt.data))
         return _SENT
+
+    def _rank(self, data: Any) -> int:
+        """The priority of a packet sent outside ``emit``, read only when it is buffered.
+
+        Such a packet is an event another process emitted, relayed by a message-queue
+        client manager, or a control packet (critical). An event's name is the first item
+        of the encoded JSON array, decoded alone; its spec gives the priority.
+        """
+        if not (isinstance(data, str) and data[:1] in _EVENT_TYPES):
+            return CRITICAL
+        try:
+            name, _ = _JSON.raw_decode(data, data.index("[") + 1)
+        except ValueError:
+            return _NORMAL
+        policy = self.engine.policy
+        spec = policy.events.get(name) if isinstance(name, str) else None
+        return (spec or policy.default_event).priority.rank
 
     async def _send_emitted(self, link: Link, emission: Emission, pkt: Any) -> None:
         """A packet of an ``emit``: the emit hook's rules first, then as any other packet."""

@@ -274,3 +274,27 @@ async def test_a_slow_consumer_loses_low_priority_events_before_critical_ones(se
     assert [item["n"] for item in inbox.of("news")] == list(range(0, FLOOD, 100))
     assert 0 < len(inbox.of("flood")) < FLOOD
     assert client.connected
+
+
+async def relayed_flood(sio: Any, sid: str) -> None:
+    """The flood as a message-queue manager delivers another process's emits: through the
+    client manager, not ``sio.emit``."""
+    for n in range(FLOOD):
+        await sio.manager.emit("flood", CHUNK, "/", room=sid)
+        if n % 100 == 0:
+            await sio.manager.emit("news", {"n": n}, "/", room=sid)
+
+
+async def test_relayed_events_keep_their_priority_when_the_client_is_behind(serve, clients):
+    served = serve(PRIORITY_POLICY)
+    client, inbox = await clients.connect(served.url)
+    sid = client.get_sid()
+    resume = stop_reading(client)
+
+    await served.run(relayed_flood(served.sio, sid))
+    sent_news = len(range(0, FLOOD, 100))
+    resume.set()
+
+    await inbox.until(lambda: len(inbox.of("news")) == sent_news, timeout=WAIT)
+    assert [item["n"] for item in inbox.of("news")] == list(range(0, FLOOD, 100))
+    assert 0 < len(inbox.of("flood")) < FLOOD
