@@ -316,7 +316,7 @@ class Engine:
             return EventVerdict(decision, None)
         if activation is None or refusal is not None or not plan.breakers:
             return EventVerdict(decision, NO_GUARD)
-        permits = self._acquire_now(plan.breakers, activation)
+        permits = self._acquire_now(plan.breakers, conn, claims, event, activation)
         if isinstance(permits, BreakerGuard):
             return EventVerdict(decision, permits)
         return EventVerdict(permits, NO_GUARD)
@@ -383,7 +383,7 @@ class Engine:
         if not breakers:
             return NO_GUARD
         if self.store is self.local:
-            return self._acquire_now(breakers, self._activation(conn, claims, event))
+            return self._acquire_now(breakers, conn, claims, event)
         activation: dict[str, Any] | None = None
         now = self.clock()
         taken: list[CircuitBreakerSpec] = []
@@ -410,7 +410,12 @@ class Engine:
         return BreakerGuard(tuple(taken), now, tuple(transitions)) if taken else NO_GUARD
 
     def _acquire_now(
-        self, breakers: tuple[CircuitBreakerSpec, ...], activation: Mapping[str, Any]
+        self,
+        breakers: tuple[CircuitBreakerSpec, ...],
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: Mapping[str, Any],
+        activation: Mapping[str, Any] | None = None,
     ) -> BreakerGuard | Decision:
         """:meth:`before_call` on the memory store, whose breaker state needs no await."""
         local = self.local
@@ -418,11 +423,16 @@ class Engine:
         taken: list[CircuitBreakerSpec] = []
         transitions: list[tuple[str, Transition]] = []
         for spec in breakers:
-            if not spec.match.is_name_test and not matches(
-                spec.match, activation, self.policy.defaults.on_eval_error
-            ):
-                continue
+            if not spec.match.is_name_test:
+                activation = activation or self._activation(conn, claims, event)
+                if not matches(spec.match, activation, self.policy.defaults.on_eval_error):
+                    continue
             permit = local.breaker_acquire_now(spec, now)
+            if permit.permitted:  # the common case, without a call
+                taken.append(spec)
+                if permit.transition is not None:
+                    transitions.append((spec.name, permit.transition))
+                continue
             if self._granted(spec, permit, taken, transitions):
                 continue
             for held in taken:
@@ -1018,6 +1028,13 @@ def _deterministic_delay(spec: BackoffSpec, attempt: int) -> float:
 def _finish(decision: Decision, shadowed: list[str], trace: list[TraceEntry] | None) -> Decision:
     if not shadowed and trace is None:
         return decision
-    return decision._replace(
-        shadowed=tuple(shadowed), trace=tuple(trace) if trace is not None else ()
+    # Built field by field: NamedTuple._replace costs several times more.
+    return Decision(
+        decision.outcome,
+        decision.rule,
+        decision.payload,
+        decision.delay,
+        tuple(shadowed),
+        tuple(trace) if trace is not None else (),
+        decision.key,
     )
