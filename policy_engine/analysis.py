@@ -18,6 +18,9 @@ _NAME_IN = re.compile(
     rf"\s*event\.name\s+in\s*\[\s*((?:{_STRING})(?:\s*,\s*(?:{_STRING}))*)\s*,?\s*\]\s*"
 )
 _LITERAL = re.compile(_STRING)
+# An identifier, or a number (digits, then letters, digits and dots: 1.5e3, 0xFF, 3u).
+_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9][0-9A-Za-z_.]*")
+_KEYWORDS = frozenset({"true", "false", "null", "in"})
 _PATH = re.compile(r"\s*([a-z_][a-z0-9_]*)\.([a-z_][a-z0-9_]*)\s*")
 
 
@@ -55,6 +58,35 @@ def conjuncts(source: str) -> list[str] | None:
             return None
         parts.append(head.strip())
     return parts
+
+
+def names_read(source: str) -> frozenset[str]:
+    """The top-level names an expression may read, found without parsing it.
+
+    Every identifier outside strings that is neither a member (after ``.``) nor called
+    (before ``(``) nor a literal keyword. A comprehension's own variable
+    (``list.all(x, x > 1)``) counts too: the answer may hold more than the variables, never
+    fewer, so "reads only these" is never wrongly true.
+    """
+    names: set[str] = set()
+    index = 0
+    while index < len(source):
+        char = source[index]
+        if char in "\"'":
+            index = _after_string(source, index)
+            continue
+        token = _TOKEN.match(source, index)
+        if token is None:
+            index += 1
+            continue
+        text, end = token.group(), token.end()
+        if (char.isalpha() or char == "_") and source[end : end + 1] not in ("'", '"'):
+            member = source[:index].rstrip().endswith(".")
+            called = source[end:].lstrip().startswith("(")
+            if not member and not called and text not in _KEYWORDS:
+                names.add(text)
+        index = end
+    return frozenset(names)
 
 
 def field_path(source: str) -> tuple[str, str] | None:

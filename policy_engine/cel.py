@@ -287,6 +287,31 @@ class _FastProgram(CompiledProgram):
         return self.evaluator(activation)
 
 
+def checked_fast_program(
+    source: str, variables: Mapping[str, Variable], names: frozenset[str], backend: CelBackend
+) -> CompiledProgram | None:
+    """A bool program for a ``source`` known to type-check, built without checking it again.
+
+    For the operands of an expression that passed the checker (each operand of a checked
+    ``&&`` is itself well typed): the fast path's closure, which gives cel-expr-python's
+    answers; None when ``backend`` has no fast path or the source is outside its subset.
+    ``names`` are the variables it reads.
+    """
+    if not getattr(backend, "fast_path", False):
+        return None
+    fast = compile_fast(source, variables, expect="bool")
+    if fast is None:
+        return None
+    return _FastProgram(
+        source=source,
+        backend=backend.name,
+        variables=names,
+        expect="bool",
+        result_type=None,
+        evaluator=fast,
+    )
+
+
 class _CelExprBackend:
     name = CEL_EXPR_PYTHON
 

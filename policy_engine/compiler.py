@@ -23,7 +23,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from policy_engine import cel
-from policy_engine.analysis import conjuncts, event_name_filter, field_path
+from policy_engine.analysis import conjuncts, event_name_filter, field_path, names_read
 from policy_engine.contexts import (
     BREAKER_MATCH_VARIABLES,
     BREAKER_RECORD_VARIABLES,
@@ -65,6 +65,7 @@ from policy_engine.spec import (
     OverflowAction,
     PolicySet,
     Priority,
+    Program,
     RateAlgorithm,
     RateLimitSpec,
     RecoverySpec,
@@ -586,30 +587,37 @@ class _Compiler:
                     code=body.get("code", "OVERLOADED"),
                     message=body.get("message", "The server is overloaded; retry later."),
                     location=self.document.locate(pointer),
-                    load_gate=self.load_gate(when.source, variables),
+                    load_gate=self.load_gate(when, variables),
                 )
             )
         return tuple(rules)
 
     def load_gate(
-        self, source: str, variables: Mapping[str, Variable]
-    ) -> cel.CompiledProgram | None:
+        self, when: Expression, variables: Mapping[str, Variable]
+    ) -> cel.CompiledProgram | Program | None:
         """The operands of a shedding condition that read only ``load``, as one program.
 
         While they are false the whole condition is false (``&&`` needs every operand, and
         CEL's ``false && error`` is false), so the engine evaluates them once per load
         sample rather than the whole condition once per event. A condition that reads only
-        ``load`` is its own gate.
+        ``load`` is its own gate. Which operands read only ``load`` is read off their text,
+        and the gate, made of operands of a checked condition, is not checked again:
+        validating a policy costs next to nothing more for it.
         """
-        gate: list[str] = []
-        for part in conjuncts(source) or [source]:
-            try:
-                program = self.backend.compile(part, variables, expect="bool")
-            except cel.CelCompileError:
-                continue  # not a boolean on its own: leave it to the whole condition
-            if program.variables <= _LOAD_ONLY:
-                gate.append(f"({part})")
-        return self.backend.compile(" && ".join(gate), variables) if gate else None
+        parts = conjuncts(when.source) or [when.source]
+        gate = [part for part in parts if names_read(part) <= _LOAD_ONLY]
+        if not gate:
+            return None
+        if len(gate) == len(parts):
+            return when.program
+        source = " && ".join(f"({part})" for part in gate)
+        fast = cel.checked_fast_program(source, variables, _LOAD_ONLY, self.backend)
+        if fast is not None:
+            return fast
+        try:
+            return self.backend.compile(source, variables, expect="bool")
+        except cel.CelCompileError:
+            return None
 
     def shed_hook(self, body: Mapping[str, Any], action: ShedAction, pointer: str) -> Hook | None:
         """Which hook a shedding action can act at: refusing needs a connect, dropping an event."""

@@ -12,11 +12,11 @@ reload) when only its position in the file moved.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from policy_engine.contexts import Hook
 from policy_engine.errors import Location
@@ -357,16 +357,31 @@ class HookIndex:
         )
 
 
-def _expressions(value: Any) -> Iterator[Expression]:
-    """Every expression inside a compiled section (specs, tuples and mappings of them)."""
-    if isinstance(value, Expression):
-        yield value
-    elif is_dataclass(value) and not isinstance(value, type):
-        for item in fields(value):
-            yield from _expressions(getattr(value, item.name))
-    elif isinstance(value, tuple | list):
-        for item in value:
-            yield from _expressions(item)
+R = TypeVar("R")
+
+
+def _by_name(
+    rules: tuple[R, ...], condition: Callable[[R], Expression]
+) -> Callable[[str | None], tuple[R, ...]]:
+    """The rules that can apply to an event name (None: a name no rule names), in order."""
+    everyone: list[tuple[int, R]] = []
+    named: dict[str, list[tuple[int, R]]] = {}
+    for position, rule in enumerate(rules):
+        names = condition(rule).event_names
+        if names is None:
+            everyone.append((position, rule))
+        else:
+            for name in names:
+                named.setdefault(name, []).append((position, rule))
+    for_everyone = tuple(rule for _, rule in everyone)
+
+    def rules_for(name: str | None) -> tuple[R, ...]:
+        own = named.get(name) if name is not None else None
+        if not own:
+            return for_everyone
+        return tuple(rule for _, rule in sorted([*everyone, *own], key=lambda pair: pair[0]))
+
+    return rules_for
 
 
 def _by_event_name(
@@ -434,17 +449,18 @@ class EventPlans:
         ]
         names = set(events).union(*(e.event_names or () for e in expressions))
 
-        def applies(expression: Expression, name: str | None) -> bool:
-            return expression.event_names is None or name in expression.event_names
+        # Per section, each name's rules and the rules of every name, in policy order, built
+        # in one pass (a policy with a thousand rules naming their events stays linear).
+        shed_by_name = _by_name(shedding, lambda rule: rule.when)
+        authorize_by_name = _by_name(authorization, lambda rule: rule.when)
+        guard_by_name = _by_name(breakers, lambda rule: rule.match)
 
         def plan(name: str | None) -> EventPlan:
             spec = (events.get(name) if name is not None else None) or default_event
             rank = spec.priority.rank
-            sheds = tuple(
-                r for r in shedding if rank <= r.max_priority.rank and applies(r.when, name)
-            )
-            authorizes = tuple(r for r in authorization if applies(r.when, name))
-            guards = tuple(b for b in breakers if applies(b.match, name))
+            sheds = tuple(r for r in shed_by_name(name) if rank <= r.max_priority.rank)
+            authorizes = authorize_by_name(name)
+            guards = guard_by_name(name)
             return EventPlan(
                 spec=spec,
                 priority=spec.priority.value,
@@ -497,9 +513,15 @@ class PolicySet:
     reads_connection_age: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        sections = (self.errors, self.rate_limits, self.circuit_breakers, self.shedding)
         sources = [
-            e.source for e in _expressions((*sections, self.connections, self.authorization))
+            *(rule.when.source for rule in self.errors),
+            *(rule.key.source for rule in self.rate_limits),
+            *(rule.when.source for rule in self.rate_limits if rule.when is not None),
+            *(rule.match.source for rule in self.circuit_breakers),
+            *(b.record_when.source for b in self.circuit_breakers if b.record_when is not None),
+            *(rule.when.source for rule in self.shedding),
+            *(rule.when.source for rule in self.authorization.rules),
+            *([self.connections.priority.source] if self.connections.priority else []),
         ]
         object.__setattr__(
             self, "reads_connection_age", any("connected_ms" in source for source in sources)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from policy_engine.analysis import conjuncts, event_name_filter, field_path
+from policy_engine.analysis import conjuncts, event_name_filter, field_path, names_read
 
 
 @pytest.mark.parametrize(
@@ -80,3 +80,18 @@ def test_conjuncts_are_the_operands_every_one_of_which_must_hold(
 def test_a_name_test_before_a_triple_quoted_string_and_an_or_is_not_a_prefilter() -> None:
     source = "event.name == 'a' && '''it's''' != '' || claims.banned == true"
     assert event_name_filter(source) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("source", "names"),
+    [
+        ("load.loop_lag_ms > 300", {"load"}),
+        ('load.x > 1.5e3 && event.priority == "low"', {"load", "event"}),
+        ("has(claims.plan) && size(conn.ip) > 0u", {"claims", "conn"}),  # calls are not names
+        ("'load' + \"event.x\" == r'conn'", set()),  # nor is anything inside a string
+        ("true && null == load.x || 0xFF in [1]", {"load"}),
+        ("conn.tags.all(t, t != load.x)", {"conn", "t", "load"}),  # more, never fewer
+    ],
+)
+def test_the_names_an_expression_may_read(source: str, names: set[str]) -> None:
+    assert names_read(source) == names
