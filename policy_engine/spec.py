@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from policy_engine.contexts import Hook
 from policy_engine.errors import Location
@@ -360,44 +360,52 @@ class HookIndex:
 R = TypeVar("R")
 
 
-def _by_name(
-    rules: tuple[R, ...], condition: Callable[[R], Expression]
-) -> Callable[[str | None], tuple[R, ...]]:
-    """The rules that can apply to an event name (None: a name no rule names), in order."""
-    everyone: list[tuple[int, R]] = []
-    named: dict[str, list[tuple[int, R]]] = {}
-    for position, rule in enumerate(rules):
-        names = condition(rule).event_names
-        if names is None:
-            everyone.append((position, rule))
-        else:
-            for name in names:
-                named.setdefault(name, []).append((position, rule))
-    for_everyone = tuple(rule for _, rule in everyone)
+class _RulesByName(Generic[R]):
+    """Rules grouped by the event names their condition requires, in policy order.
 
-    def rules_for(name: str | None) -> tuple[R, ...]:
-        own = named.get(name) if name is not None else None
+    A rule whose condition starts with an event-name test can only apply to those names;
+    one without a condition, or without such a test, applies to every event. Built in one
+    pass, so a policy with a thousand rules naming their events stays linear.
+    """
+
+    __slots__ = ("_everyone", "_for_everyone", "_named")
+
+    def __init__(self, rules: tuple[R, ...], condition: Callable[[R], Expression | None]) -> None:
+        self._everyone: list[tuple[int, R]] = []
+        self._named: dict[str, list[tuple[int, R]]] = {}
+        for position, rule in enumerate(rules):
+            expression = condition(rule)
+            names = expression.event_names if expression is not None else None
+            if names is None:
+                self._everyone.append((position, rule))
+            else:
+                for name in names:
+                    self._named.setdefault(name, []).append((position, rule))
+        self._for_everyone = tuple(rule for _, rule in self._everyone)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The names some rule requires."""
+        return frozenset(self._named)
+
+    def __call__(self, name: str | None) -> tuple[R, ...]:
+        """The rules that can apply to ``name`` (None: a name no rule requires)."""
+        own = self._named.get(name) if name is not None else None
         if not own:
-            return for_everyone
-        return tuple(rule for _, rule in sorted([*everyone, *own], key=lambda pair: pair[0]))
+            return self._for_everyone
+        return tuple(rule for _, rule in sorted([*self._everyone, *own], key=_position))
 
-    return rules_for
+
+def _position(entry: tuple[int, Any]) -> int:
+    return entry[0]
 
 
 def _by_event_name(
     rules: tuple[RateLimitSpec, ...],
 ) -> tuple[Mapping[str, tuple[RateLimitSpec, ...]], tuple[RateLimitSpec, ...]]:
     """Each named event's limits, in policy order, and the limits every event meets."""
-
-    def names(rule: RateLimitSpec) -> frozenset[str] | None:
-        return rule.when.event_names if rule.when is not None else None
-
-    named = {n for rule in rules for n in (names(rule) or ())}
-    per_name = {
-        name: tuple(r for r in rules if names(r) is None or name in (names(r) or ()))
-        for name in named
-    }
-    return MappingProxyType(per_name), tuple(r for r in rules if names(r) is None)
+    by_name = _RulesByName(rules, lambda rule: rule.when)
+    return MappingProxyType({name: by_name(name) for name in by_name.names}), by_name(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,21 +447,13 @@ class EventPlans:
         breakers: tuple[CircuitBreakerSpec, ...],
         authorization_default: Effect,
     ) -> None:
-        shedding = index.shedding[Hook.EVENT]
-        authorization = index.authorization[Hook.EVENT]
-        expressions = [
-            *(r.when for r in shedding),
-            *(r.when for r in authorization),
-            *(r.when for r in index.rate_limits[Hook.EVENT] if r.when is not None),
-            *(b.match for b in breakers),
-        ]
-        names = set(events).union(*(e.event_names or () for e in expressions))
-
-        # Per section, each name's rules and the rules of every name, in policy order, built
-        # in one pass (a policy with a thousand rules naming their events stays linear).
-        shed_by_name = _by_name(shedding, lambda rule: rule.when)
-        authorize_by_name = _by_name(authorization, lambda rule: rule.when)
-        guard_by_name = _by_name(breakers, lambda rule: rule.match)
+        shed_by_name = _RulesByName(index.shedding[Hook.EVENT], lambda rule: rule.when)
+        authorize_by_name = _RulesByName(index.authorization[Hook.EVENT], lambda rule: rule.when)
+        guard_by_name = _RulesByName(breakers, lambda rule: rule.match)
+        limited = index.rate_limits_by_event[Hook.EVENT][0]
+        names = set(events).union(
+            shed_by_name.names, authorize_by_name.names, guard_by_name.names, limited
+        )
 
         def plan(name: str | None) -> EventPlan:
             spec = (events.get(name) if name is not None else None) or default_event
