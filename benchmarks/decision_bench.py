@@ -17,9 +17,9 @@ import statistics
 import time
 from pathlib import Path
 
-from policy_engine.compiler import compile_file, compile_text
-from policy_engine.engine import Engine, conn_context, event_context
-from policy_engine.spec import PolicySet
+from policy_engine.compiler.pipeline import compile_file, compile_text
+from policy_engine.core.engine import Engine, conn_context, event_context
+from policy_engine.language.model import PolicySet
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies" / "policies.yaml"
 

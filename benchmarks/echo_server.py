@@ -39,8 +39,8 @@ def create_app(mode: str, policies: Path) -> Any:
     sio = create_sio()
     if mode == "bare":
         return socketio.ASGIApp(sio)
-    from policy_engine.logs import configure_logging
-    from policy_engine.serve import build_app
+    from policy_engine.observe.logs import configure_logging
+    from policy_engine.server.app import build_app
 
     configure_logging("json")  # as `policy-engine serve` does by default
     return build_app(sio, policies)

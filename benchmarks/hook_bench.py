@@ -36,12 +36,12 @@ EMPTY_POLICY = "version: 1\nidentity:\n  trusted_proxies: [127.0.0.1/32]\n"
 def attach_mode(sio: socketio.AsyncServer, mode: str) -> None:
     if mode == "bare":
         return
-    from policy_engine.adapter import attach
-    from policy_engine.compiler import compile_file, compile_text
-    from policy_engine.engine import Engine
+    from policy_engine.adapter.attach import attach
+    from policy_engine.compiler.pipeline import compile_file, compile_text
+    from policy_engine.core.engine import Engine
 
     if mode == "full":
-        from policy_engine.serve import build_app
+        from policy_engine.server.app import build_app
 
         build_app(sio, SHIPPED)
         return

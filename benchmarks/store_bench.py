@@ -27,11 +27,11 @@ from typing import Any
 
 from benchmarks.decision_bench import SHIPPED, summary
 from benchmarks.echo_bench import free_port
-from policy_engine.compiler import compile_file
-from policy_engine.engine import BreakerGuard, Engine, conn_context, event_context
-from policy_engine.redis_store import RedisStore
-from policy_engine.spec import PolicySet
-from policy_engine.store import StateStore
+from policy_engine.compiler.pipeline import compile_file
+from policy_engine.core.engine import BreakerGuard, Engine, conn_context, event_context
+from policy_engine.language.model import PolicySet
+from policy_engine.state.memory import StateStore
+from policy_engine.state.redis_store import RedisStore
 
 PAYLOAD = {"action": "run", "args": {"command": "ls"}}
 

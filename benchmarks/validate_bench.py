@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from policy_engine.compiler import compile_file
+from policy_engine.compiler.pipeline import compile_file
 
 
 def generate_policy(rules: int) -> str:

@@ -6,7 +6,7 @@ that retries on its own schedule either hammers a server that asked for a pause 
 on one that would have let it in a second later. :func:`connect_with_policy` and
 :func:`call_with_policy` wrap ``socketio.AsyncClient.connect`` and ``call`` so that every
 retry waits ``max(retry_after_ms, the backoff delay for that attempt)``, with the same
-formulas the server uses to explain its advice (:mod:`policy_engine.backoff`).
+formulas the server uses to explain its advice (:mod:`policy_engine.algorithms.backoff`).
 
 python-socketio's own reconnection loop is not used for the handshake: it waits on its own
 delays and cannot see the refusal's data. After a dropped connection it knows nothing of
@@ -27,9 +27,9 @@ from typing import Any
 
 import socketio
 
-from policy_engine.backoff import Random, compute_delay
+from policy_engine.algorithms.backoff import Random, compute_delay
 from policy_engine.errors import PolicyEngineError
-from policy_engine.spec import BackoffSpec, BackoffStrategy
+from policy_engine.language.model import BackoffSpec, BackoffStrategy
 
 __all__ = [
     "DEFAULT_BACKOFF",

@@ -21,15 +21,15 @@ from urllib.parse import urlencode
 import socketio
 import uvicorn
 
-from policy_engine.adapter import PolicyAdapter, attach
-from policy_engine.breaker import Transition
-from policy_engine.classify import Classification
-from policy_engine.compiler import compile_file
-from policy_engine.decision import Decision
-from policy_engine.engine import Engine
+from policy_engine.adapter.attach import PolicyAdapter, attach
+from policy_engine.adapter.identity import ClaimsLoader
+from policy_engine.algorithms.breaker import Transition
+from policy_engine.compiler.pipeline import compile_file
+from policy_engine.core.classify import Classification
+from policy_engine.core.decision import Decision
+from policy_engine.core.engine import Engine
 from policy_engine.errors import Diagnostic
-from policy_engine.identity import ClaimsLoader
-from policy_engine.store import StateStore
+from policy_engine.state.memory import StateStore
 
 T = TypeVar("T")
 

@@ -11,9 +11,9 @@ import pytest
 import socketio
 from servers import CONTRACT_KEYS, SHIPPED_POLICY, WAIT, eventually
 
-from policy_engine.adapter import attach
-from policy_engine.compiler import compile_file
-from policy_engine.engine import Engine
+from policy_engine.adapter.attach import attach
+from policy_engine.compiler.pipeline import compile_file
+from policy_engine.core.engine import Engine
 
 _addresses = itertools.count(1)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from policy_engine.analysis import conjuncts, event_name_filter, field_path, names_read
+from policy_engine.cel.analysis import conjuncts, event_name_filter, field_path, names_read
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policy_engine.backoff import compute_delay, schedule, to_client
-from policy_engine.spec import BackoffSpec, BackoffStrategy
+from policy_engine.algorithms.backoff import compute_delay, schedule, to_client
+from policy_engine.language.model import BackoffSpec, BackoffStrategy
 
 durations = st.floats(min_value=0.0, max_value=120.0, allow_nan=False)
 

@@ -16,7 +16,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from policy_engine.breaker import (
+from policy_engine.algorithms.breaker import (
     BreakerState,
     Circuit,
     CircuitBreaker,
@@ -30,7 +30,7 @@ from policy_engine.breaker import (
     release,
 )
 from policy_engine.errors import PolicyEngineError
-from policy_engine.spec import (
+from policy_engine.language.model import (
     CircuitBreakerSpec,
     Expression,
     Mode,

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from policy_engine import cel
-from policy_engine.contexts import (
+from policy_engine.cel import programs as cel
+from policy_engine.errors import EvaluationError, PolicyEngineError
+from policy_engine.language.contexts import (
     CLAIMS,
     CONN,
     EVENT,
@@ -18,7 +19,6 @@ from policy_engine.contexts import (
     MessageType,
     Variable,
 )
-from policy_engine.errors import EvaluationError, PolicyEngineError
 
 BACKENDS = cel.available_backends()
 BOTH = pytest.mark.skipif(

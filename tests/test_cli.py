@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from policy_engine.cli import main
+from policy_engine.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "policies" / "policies.yaml"
@@ -149,7 +149,7 @@ def test_a_failing_policy_test_exits_1_and_says_why(tmp_path: Path) -> None:
 
 def test_validate_imports_nothing_of_the_server_stack() -> None:
     script = (
-        "import sys; from policy_engine.cli import main; "
+        "import sys; from policy_engine.cli.main import main; "
         f"code = main(['validate', {str(SHIPPED)!r}]); "
         "heavy = [m for m in ('socketio', 'engineio', 'uvicorn', 'redis', 'prometheus_client') "
         "if m in sys.modules]; print(heavy); sys.exit(code)"

@@ -7,10 +7,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policy_engine.compiler import compile_file, compile_text
-from policy_engine.contexts import Hook
+from policy_engine.compiler.pipeline import compile_file, compile_text
 from policy_engine.errors import PolicyError, Severity
-from policy_engine.spec import Mode, RateAlgorithm
+from policy_engine.language.contexts import Hook
+from policy_engine.language.model import Mode, RateAlgorithm
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "policies" / "policies.yaml"

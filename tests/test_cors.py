@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from policy_engine.cors import CorsPolicy
+from policy_engine.adapter.cors import CorsPolicy
 
 
 def scope_from(origin: str | None, host: str = "chat.example", **extra: str) -> dict[str, Any]:

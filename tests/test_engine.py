@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 from servers import CONTRACT_KEYS
 
-from policy_engine.compiler import compile_file, compile_text
-from policy_engine.contexts import Hook
-from policy_engine.decision import Decision, Outcome
-from policy_engine.engine import NO_GUARD, BreakerGuard, Engine, conn_context, event_context
+from policy_engine.algorithms.ratelimit import CombinedDecision
+from policy_engine.compiler.pipeline import compile_file, compile_text
+from policy_engine.core.decision import Decision, Outcome
+from policy_engine.core.engine import NO_GUARD, BreakerGuard, Engine, conn_context, event_context
 from policy_engine.errors import StoreError
-from policy_engine.ratelimit import CombinedDecision
-from policy_engine.spec import PolicySet, RateLimitSpec
+from policy_engine.language.contexts import Hook
+from policy_engine.language.model import PolicySet, RateLimitSpec
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies" / "policies.yaml"
 

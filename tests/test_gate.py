@@ -10,9 +10,9 @@ import pytest
 import socketio
 from servers import CONTRACT_KEYS, WAIT
 
-from policy_engine.compiler import compile_text
-from policy_engine.engine import Engine
-from policy_engine.gate import HandshakeGate
+from policy_engine.adapter.gate import HandshakeGate
+from policy_engine.compiler.pipeline import compile_text
+from policy_engine.core.engine import Engine
 
 GATE_POLICY = """
 version: 1

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from policy_engine.identity import (
+from policy_engine.adapter.identity import (
     MASK,
     NO_EVENT_ID,
     client_claims,
@@ -16,7 +16,7 @@ from policy_engine.identity import (
     query_params,
     scope_headers,
 )
-from policy_engine.spec import IdentitySpec
+from policy_engine.language.model import IdentitySpec
 
 PROXIES = ("10.0.0.0/8", "127.0.0.1/32")
 SPEC = IdentitySpec(trusted_proxies=PROXIES)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from servers import CONTRACT_KEYS, EVENT_LIMIT, connect_limit, echo_app
 
-from policy_engine.backoff import schedule, to_client
-from policy_engine.spec import BackoffSpec, BackoffStrategy
+from policy_engine.algorithms.backoff import schedule, to_client
+from policy_engine.language.model import BackoffSpec, BackoffStrategy
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 NODE = shutil.which("node")

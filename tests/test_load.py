@@ -9,10 +9,10 @@ import pytest
 from servers import WAIT, echo_app
 from structlog.testing import capture_logs
 
-from policy_engine.compiler import compile_file
-from policy_engine.decision import ALLOW
-from policy_engine.engine import Engine
-from policy_engine.load import ConnectionSource, EventCounter, LoadSampler, ProcessProbe
+from policy_engine.compiler.pipeline import compile_file
+from policy_engine.core.decision import ALLOW
+from policy_engine.core.engine import Engine
+from policy_engine.server.sampler import ConnectionSource, EventCounter, LoadSampler, ProcessProbe
 
 MINIMAL = Path(__file__).resolve().parent.parent / "policies" / "examples" / "minimal.yaml"
 

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from policy_engine.breaker import Circuit, Reason, Transition
-from policy_engine.classify import Classification
-from policy_engine.decision import ALLOW, Decision, Outcome
+from policy_engine.algorithms.breaker import Circuit, Reason, Transition
+from policy_engine.core.classify import Classification
+from policy_engine.core.decision import ALLOW, Decision, Outcome
 from policy_engine.errors import Diagnostic, Location, Severity
-from policy_engine.logs import CompositeObserver, LogObserver, configure_logging
-from policy_engine.observer import NullObserver
-from policy_engine.spec import Category, ErrorSeverity
+from policy_engine.language.model import Category, ErrorSeverity
+from policy_engine.observe.logs import CompositeObserver, LogObserver, configure_logging
+from policy_engine.observe.observer import NullObserver
 
 CONN = {"sid": "sid-1", "ip": "198.51.100.7", "user_id": "ada"}
 

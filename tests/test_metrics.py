@@ -3,14 +3,14 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from policy_engine.breaker import Circuit, Reason, Transition
-from policy_engine.classify import Classification
-from policy_engine.compiler import compile_text
-from policy_engine.decision import ALLOW, Decision, Outcome
-from policy_engine.engine import Engine, conn_context, event_context
+from policy_engine.algorithms.breaker import Circuit, Reason, Transition
+from policy_engine.compiler.pipeline import compile_text
+from policy_engine.core.classify import Classification
+from policy_engine.core.decision import ALLOW, Decision, Outcome
+from policy_engine.core.engine import Engine, conn_context, event_context
 from policy_engine.errors import Diagnostic, Location
-from policy_engine.metrics import MetricsObserver
-from policy_engine.spec import Category, ErrorSeverity
+from policy_engine.language.model import Category, ErrorSeverity
+from policy_engine.observe.metrics import MetricsObserver
 
 TWO_BREAKERS = """\
 version: 1

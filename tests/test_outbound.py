@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from servers import WAIT, eventually
 
-from policy_engine.outbound import CRITICAL, Outbox, PriorityBuffer
-from policy_engine.spec import OutboundSpec, OverflowAction, Priority
+from policy_engine.adapter.outbox import CRITICAL, Outbox, PriorityBuffer
+from policy_engine.language.model import OutboundSpec, OverflowAction, Priority
 
 LOW, NORMAL, HIGH = Priority.LOW.rank, Priority.NORMAL.rank, Priority.HIGH.rank
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from policy_engine.compiler import compile_file
+from policy_engine.compiler.pipeline import compile_file
 from policy_engine.errors import PolicyError
 
 INVALID = Path(__file__).parent / "policies" / "invalid"

@@ -17,8 +17,7 @@ from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
-from policy_engine.contexts import Hook
-from policy_engine.ratelimit import (
+from policy_engine.algorithms.ratelimit import (
     FixedWindowState,
     GcraState,
     RateDecision,
@@ -30,8 +29,9 @@ from policy_engine.ratelimit import (
     combine,
     expires_at,
 )
-from policy_engine.spec import Expression, Mode, RateAlgorithm, RateLimitSpec, Scope
-from policy_engine.units import Rate
+from policy_engine.language.contexts import Hook
+from policy_engine.language.model import Expression, Mode, RateAlgorithm, RateLimitSpec, Scope
+from policy_engine.language.units import Rate
 
 EPSILON = 1e-6
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from policy_engine.compiler import CompileResult, compile_file
-from policy_engine.contexts import Hook
-from policy_engine.decision import Decision, Outcome
-from policy_engine.engine import Engine, conn_context, event_context
+from policy_engine.compiler.pipeline import CompileResult, compile_file
+from policy_engine.core.decision import Decision, Outcome
+from policy_engine.core.engine import Engine, conn_context, event_context
 from policy_engine.errors import Diagnostic
-from policy_engine.observer import NullObserver
-from policy_engine.reload import PolicyReloader
+from policy_engine.language.contexts import Hook
+from policy_engine.observe.observer import NullObserver
+from policy_engine.server.reload import PolicyReloader
 
 POLICY = """\
 version: 1

@@ -9,7 +9,7 @@ from typing import Any
 import socketio
 from servers import Clients
 
-from policy_engine.reload import PolicyReloader
+from policy_engine.server.reload import PolicyReloader
 
 POLICY = """
 version: 1

@@ -16,9 +16,9 @@ import pytest
 import socketio
 from prometheus_client import CollectorRegistry
 
-from policy_engine.cli import main
-from policy_engine.demo import REFUSAL_MESSAGE, create_server
-from policy_engine.serve import AppImportError, PolicyServer, build_app, load_server, serve
+from policy_engine.cli.main import main
+from policy_engine.server.app import AppImportError, PolicyServer, build_app, load_server, serve
+from policy_engine.server.demo import REFUSAL_MESSAGE, create_server
 
 POLICY = """\
 version: 1
@@ -322,7 +322,7 @@ def test_serve_refuses_a_bad_app_reference(
 def test_validate_never_imports_the_server_stack(policy_file: Path) -> None:
     script = (
         "import sys\n"
-        "from policy_engine.cli import main\n"
+        "from policy_engine.cli.main import main\n"
         f"code = main(['validate', {str(policy_file)!r}])\n"
         "heavy = [m for m in ('socketio', 'uvicorn', 'redis', 'prometheus_client') "
         "if m in sys.modules]\n"
@@ -341,7 +341,7 @@ def command() -> list[str]:
     script = Path(sys.executable).with_name("policy-engine")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from policy_engine.cli import entry; entry()"]
+    return [sys.executable, "-c", "from policy_engine.cli.main import entry; entry()"]
 
 
 class Process:

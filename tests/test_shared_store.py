@@ -22,13 +22,13 @@ from redis_server import RedisServer
 from servers import WAIT, Served, echo_app, eventually, policy_path, start_server
 from structlog.testing import capture_logs
 
-from policy_engine.cli import main
-from policy_engine.compiler import compile_text
-from policy_engine.contexts import Hook
-from policy_engine.decision import Decision, Outcome
-from policy_engine.engine import BreakerGuard, Engine, conn_context, event_context
-from policy_engine.redis_store import RedisStore
-from policy_engine.serve import build_app, open_store
+from policy_engine.cli.main import main
+from policy_engine.compiler.pipeline import compile_text
+from policy_engine.core.decision import Decision, Outcome
+from policy_engine.core.engine import BreakerGuard, Engine, conn_context, event_context
+from policy_engine.language.contexts import Hook
+from policy_engine.server.app import build_app, open_store
+from policy_engine.state.redis_store import RedisStore
 
 LIMIT = 4
 

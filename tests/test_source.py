@@ -10,9 +10,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import policy_engine.source as source_module
+import policy_engine.language.source as source_module
 from policy_engine.errors import Diagnostic, PolicyError
-from policy_engine.source import (
+from policy_engine.language.source import (
     DEFAULT_LIMITS,
     SourceDocument,
     SourceLimits,

@@ -20,20 +20,20 @@ import pytest
 from redis.asyncio import Redis
 from redis_server import RedisServer
 
-from policy_engine.breaker import BreakerState, Circuit, CountWindow, Reason, TimeWindow
-from policy_engine.compiler import compile_text
+from policy_engine.algorithms.breaker import BreakerState, Circuit, CountWindow, Reason, TimeWindow
+from policy_engine.algorithms.ratelimit import FixedWindowState, GcraState, SlidingLogState
+from policy_engine.compiler.pipeline import compile_text
 from policy_engine.errors import StoreError
-from policy_engine.ratelimit import FixedWindowState, GcraState, SlidingLogState
-from policy_engine.redis_store import RedisStore
-from policy_engine.spec import CircuitBreakerSpec, PolicySet, RateLimitSpec
-from policy_engine.statecodec import (
+from policy_engine.language.model import CircuitBreakerSpec, PolicySet, RateLimitSpec
+from policy_engine.state.codec import (
     StateCodecError,
     decode_payload,
     dumps_state,
     encode_payload,
     loads_state,
 )
-from policy_engine.store import ConnectionLimits, MemoryStore, StateStore
+from policy_engine.state.memory import ConnectionLimits, MemoryStore, StateStore
+from policy_engine.state.redis_store import RedisStore
 
 WAIT = 5.0  # a ceiling against hangs, never a measure of speed
 

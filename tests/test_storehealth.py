@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policy_engine.storehealth import StoreHealth
+from policy_engine.state.health import StoreHealth
 
 
 def test_listeners_hear_each_change_once_and_failures_are_all_counted() -> None:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policy_engine.errors import UnitError
-from policy_engine.units import (
+from policy_engine.language.units import (
     Rate,
     format_duration,
     parse_duration,

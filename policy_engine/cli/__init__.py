@@ -1,0 +1,1 @@
+"""The ``policy-engine`` command and the YAML policy-test runner it drives."""

@@ -1,0 +1,338 @@
+"""The ``policy-engine`` command.
+
+``main(argv) -> int`` is testable without a subprocess; the library knows nothing of
+argparse. Exit codes: 0 valid / passed, 1 invalid policy or failed tests, 2 usage errors.
+Heavy imports (the server, Redis) happen inside the commands that need them, so
+``policy-engine validate`` starts fast in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from policy_engine import __version__
+from policy_engine.errors import Diagnostic, PolicyError, Severity
+from policy_engine.language.contexts import Hook
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policy-engine",
+        description="Declarative reliability policies for python-socketio servers.",
+    )
+    parser.add_argument("--version", action="version", version=f"policy-engine {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate", help="check policy files: schema, references, CEL types"
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE", help="policy files to check")
+    validate.add_argument(
+        "--format", choices=("text", "json", "github"), default="text", help="output format"
+    )
+    validate.add_argument(
+        "--strict", action="store_true", help="treat warnings as errors (exit 1 on any)"
+    )
+    validate.add_argument(
+        "--cel-backend",
+        choices=("cel-expr-python", "cel-python"),
+        help="CEL engine (default: cel-expr-python when installed)",
+    )
+
+    commands.add_parser("schema", help="print the policy file's JSON Schema")
+
+    explain = commands.add_parser(
+        "explain", help="evaluate one decision and print it with every rule considered"
+    )
+    explain.add_argument("--policies", required=True, metavar="FILE", help="policy file")
+    explain.add_argument(
+        "--hook", required=True, choices=[h.value for h in _hooks()], help="hook to run"
+    )
+    explain.add_argument(
+        "--context",
+        default="{}",
+        metavar="JSON",
+        help='contexts as JSON, e.g. \'{"conn": {"ip": "1.2.3.4"}, "load": {"loop_lag_ms": 300}}\'',
+    )
+    explain.add_argument("--format", choices=("text", "json"), default="text")
+    explain.add_argument("--cel-backend", choices=("cel-expr-python", "cel-python"))
+
+    test = commands.add_parser("test", help="run policy unit tests written in YAML")
+    test.add_argument("paths", nargs="+", metavar="PATH", help="test files or folders")
+    test.add_argument("--format", choices=("text", "json"), default="text")
+    test.add_argument("--cel-backend", choices=("cel-expr-python", "cel-python"))
+
+    serve = commands.add_parser(
+        "serve", help="run a python-socketio app under a policy (uvicorn, hot reload on SIGHUP)"
+    )
+    serve.add_argument(
+        "app",
+        nargs="?",
+        metavar="MODULE:ATTR",
+        help="a socketio.AsyncServer(async_mode='asgi'); default: the built-in demo app",
+    )
+    serve.add_argument("--policies", required=True, metavar="FILE", help="policy file")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="bind port (default 8000)")
+    serve.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="auto: console at a terminal, JSON lines otherwise",
+    )
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    serve.add_argument("--socketio-path", default="socket.io", help="Socket.IO endpoint path")
+    serve.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a shutdown waits for connections to close",
+    )
+    serve.add_argument("--cel-backend", choices=("cel-expr-python", "cel-python"))
+    serve.add_argument(
+        "--store",
+        default=os.environ.get("POLICY_ENGINE_STORE", "memory"),
+        metavar="URL",
+        help="shared state store: memory (default; each process its own) or redis://host:port/db"
+        " (several processes share limits, breakers, connection counts and replay buffers);"
+        " default from POLICY_ENGINE_STORE",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    stdout = out or sys.stdout
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    if args.command == "validate":
+        return _validate(args.files, args.format, args.strict, args.cel_backend, stdout)
+    if args.command == "explain":
+        return _explain(args, stdout)
+    if args.command == "test":
+        return _test(args.paths, args.format, args.cel_backend, stdout)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "schema":
+        from policy_engine.language.schema import schema_path
+
+        stdout.write(schema_path().read_text(encoding="utf-8"))
+        return EXIT_OK
+    parser.print_usage(sys.stderr)
+    return EXIT_USAGE
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Exit 1 on an invalid policy (nothing starts), 2 on a bad MODULE:ATTR or store URL."""
+    import asyncio
+
+    from policy_engine.observe.logs import configure_logging
+    from policy_engine.server.app import AppImportError, build_app, load_server, open_store, serve
+
+    configure_logging(args.log_format, level=args.log_level)
+    if args.app:
+        sys.path.insert(0, os.getcwd())  # as uvicorn does: the app's module is found from here
+    try:
+        sio = load_server(args.app)
+    except AppImportError as exc:
+        sys.stderr.write(f"policy-engine serve: {exc}\n")
+        return EXIT_USAGE
+    try:
+        store = open_store(args.store)
+    except (ValueError, ImportError) as exc:
+        sys.stderr.write(f"policy-engine serve: {exc}\n")
+        return EXIT_USAGE
+    try:
+        server = build_app(
+            sio,
+            args.policies,
+            socketio_path=args.socketio_path,
+            cel_backend=args.cel_backend,
+            store=store,
+        )
+    except PolicyError as exc:
+        for diagnostic in exc.diagnostics:
+            sys.stderr.write(f"{diagnostic}\n")
+        sys.stderr.write(f"{len(exc.errors)} error(s) in {args.policies}: not serving\n")
+        return EXIT_INVALID
+    try:
+        asyncio.run(serve(server, args.host, args.port, graceful_timeout=args.graceful_timeout))
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind or start
+        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
+    return EXIT_OK
+
+
+def _validate(
+    files: Sequence[str], fmt: str, strict: bool, backend: str | None, out: TextIO
+) -> int:
+    from policy_engine.compiler.pipeline import compile_file
+
+    results: list[dict[str, object]] = []
+    failed_files = 0
+    error_count = 0
+    for name in files:
+        diagnostics: tuple[Diagnostic, ...]
+        version = None
+        try:
+            result = compile_file(name, backend=backend)
+            diagnostics = result.warnings
+            version = result.policy.version
+        except PolicyError as exc:
+            diagnostics = exc.diagnostics
+        has_error = any(
+            d.severity is Severity.ERROR or (strict and d.severity is Severity.WARNING)
+            for d in diagnostics
+        )
+        failed_files += has_error
+        error_count += sum(1 for d in diagnostics if d.severity is Severity.ERROR)
+        results.append(
+            {
+                "file": name,
+                "valid": not has_error,
+                "version": version,
+                "diagnostics": [_as_json(d) for d in diagnostics],
+            }
+        )
+        if fmt == "text":
+            for diagnostic in diagnostics:
+                out.write(f"{diagnostic}\n")
+            if not has_error:
+                out.write(f"{name}: ok (version {str(version)[:12]})\n")
+        elif fmt == "github":
+            for diagnostic in diagnostics:
+                out.write(_as_github(diagnostic) + "\n")
+    if fmt == "json":
+        json.dump({"valid": not failed_files, "files": results}, out, indent=2)
+        out.write("\n")
+    elif fmt == "text" and failed_files:
+        out.write(f"{error_count} error(s) in {failed_files} file(s)\n")
+    return EXIT_INVALID if failed_files else EXIT_OK
+
+
+def _hooks() -> list[Hook]:
+    return list(Hook)
+
+
+def _explain(args: argparse.Namespace, out: TextIO) -> int:
+    import asyncio
+
+    from policy_engine.compiler.pipeline import compile_file
+    from policy_engine.core.engine import Engine
+    from policy_engine.core.explain import ContextError, build_context, run_hook
+
+    policies, hook, fmt, backend = args.policies, args.hook, args.format, args.cel_backend
+    try:
+        raw = json.loads(args.context)
+    except json.JSONDecodeError as exc:
+        sys.stderr.write(f"--context is not JSON: {exc}\n")
+        return EXIT_USAGE
+    if not isinstance(raw, dict):
+        sys.stderr.write("--context must be a JSON object of variables\n")
+        return EXIT_USAGE
+    try:
+        policy = compile_file(policies, backend=backend).policy
+    except PolicyError as exc:
+        out.write(f"{exc}\n")
+        return EXIT_INVALID
+    try:
+        contexts = build_context(raw)
+    except ContextError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_USAGE
+    decision = asyncio.run(run_hook(Engine(policy), Hook(hook), contexts, explain=True))
+    if fmt == "json":
+        json.dump(
+            {"hook": hook, "policy_version": policy.version, **decision.to_dict()}, out, indent=2
+        )
+        out.write("\n")
+        return EXIT_OK
+    out.write(f"hook {hook}: {decision.outcome.value}")
+    out.write(f" by {decision.rule}\n" if decision.rule else "\n")
+    for entry in decision.trace:
+        mark = "x" if entry.matched else " "
+        detail = f"  {json.dumps(dict(entry.detail), default=str)}" if entry.detail else ""
+        out.write(f"  [{mark}] {entry.section}/{entry.rule}: {entry.outcome}{detail}\n")
+    if decision.shadowed:
+        out.write(f"  shadow rules that would have refused: {', '.join(decision.shadowed)}\n")
+    if decision.payload is not None:
+        out.write(f"  client payload: {json.dumps(dict(decision.payload))}\n")
+    return EXIT_OK
+
+
+def _test(paths: Sequence[str], fmt: str, backend: str | None, out: TextIO) -> int:
+    from policy_engine.cli.policytest import PolicyTestError, discover, run_file
+
+    files = discover(paths)
+    if not files:
+        sys.stderr.write("no policy test files found\n")
+        return EXIT_USAGE
+    results = []
+    for file in files:
+        try:
+            results.extend(run_file(file, backend=backend))
+        except (PolicyTestError, PolicyError) as exc:
+            sys.stderr.write(f"{exc}\n")
+            return EXIT_INVALID
+    failed = [r for r in results if not r.passed]
+    if fmt == "json":
+        json.dump(
+            [
+                {"file": r.file, "name": r.name, "passed": r.passed, "failures": list(r.failures)}
+                for r in results
+            ],
+            out,
+            indent=2,
+        )
+        out.write("\n")
+    else:
+        for result in results:
+            out.write(f"{'PASS' if result.passed else 'FAIL'} {result.file}: {result.name}\n")
+            for failure in result.failures:
+                out.write(f"     {failure}\n")
+        out.write(f"{len(results) - len(failed)} passed, {len(failed)} failed\n")
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def _as_json(diagnostic: Diagnostic) -> dict[str, object]:
+    location = diagnostic.location
+    return {
+        "file": location.file,
+        "line": location.line,
+        "column": location.column,
+        "pointer": location.pointer,
+        "severity": diagnostic.severity.value,
+        "code": diagnostic.code,
+        "message": diagnostic.message,
+        "hint": diagnostic.hint,
+    }
+
+
+def _as_github(diagnostic: Diagnostic) -> str:
+    """A workflow command, so CI shows the problem on the line of the pull request."""
+    location = diagnostic.location
+    level = "error" if diagnostic.severity is Severity.ERROR else "warning"
+    message = diagnostic.message + (f" (hint: {diagnostic.hint})" if diagnostic.hint else "")
+    message = message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    file = str(Path(location.file))
+    return (
+        f"::{level} file={file},line={location.line},col={location.column},"
+        f"title={diagnostic.code}::{message}"
+    )

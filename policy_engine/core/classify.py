@@ -1,0 +1,120 @@
+"""Error classification: from a live exception to a category, a code and client advice.
+
+The classifier sees an exception the way an operator thinks about it: its type name and
+the names of its base classes (so ``"TimeoutError" in error.types`` catches every
+subclass), its module, its message, and the well-known attributes libraries use for
+status codes. The first rule that matches wins; a built-in ``INTERNAL`` classification
+catches whatever no rule does, so the engine always has an answer; an application's own
+``ConnectionRefusedError`` that no rule classifies is a plain, non-retryable refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from policy_engine.core.decision import client_payload
+from policy_engine.core.evaluation import matches
+from policy_engine.language.model import BackoffSpec, Category, ErrorSeverity, PolicySet
+
+MAX_MESSAGE_CHARS = 1024
+_STATUS_ATTRIBUTES = ("status_code", "status", "http_status", "code", "errno")
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    rule: str
+    category: Category
+    severity: ErrorSeverity
+    code: str
+    message: str
+    retryable: bool
+    backoff: BackoffSpec | None
+    retry_after: float | None
+    alert: bool
+
+    def payload(self, correlation_id: str) -> dict[str, Any]:
+        return client_payload(
+            code=self.code,
+            category=self.category,
+            message=self.message,
+            retryable=self.retryable,
+            retry_after=self.retry_after,
+            backoff=self.backoff if self.retryable else None,
+            policy=f"errors/{self.rule}",
+            correlation_id=correlation_id,
+        )
+
+    def as_context(self, error: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``error`` variable circuit breakers see: the raw fields plus the verdict."""
+        return {
+            **error,
+            "category": self.category.value,
+            "severity": self.severity.value,
+            "retryable": self.retryable,
+            "rule": self.rule,
+        }
+
+
+def error_context(error: BaseException, hook: str) -> dict[str, Any]:
+    """The ``error`` variable of the error hook: every declared field, always present."""
+    kind = type(error)
+    status = 0
+    code = ""
+    for attribute in _STATUS_ATTRIBUTES:
+        value = getattr(error, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool) and status == 0:
+            status = value
+        elif isinstance(value, str) and not code:
+            code = value
+    return {
+        "type": kind.__name__,
+        "types": [k.__name__ for k in kind.__mro__ if k is not object],
+        "module": kind.__module__,
+        "message": str(error)[:MAX_MESSAGE_CHARS],
+        "status": status,
+        "code": code,
+        "hook": hook,
+    }
+
+
+def classify(policy: PolicySet, activation: Mapping[str, Any]) -> Classification:
+    """The first matching rule's classification; ``activation`` holds the hook's context."""
+    for rule in policy.errors:
+        if matches(rule.when, activation, policy.defaults.on_eval_error):
+            return Classification(
+                rule=rule.name,
+                category=rule.category,
+                severity=rule.severity,
+                code=rule.code,
+                message=rule.message,
+                retryable=rule.retryable,
+                backoff=policy.backoff.get(rule.backoff),
+                retry_after=rule.retry_after,
+                alert=rule.alert,
+            )
+    if "ConnectionRefusedError" in activation["error"]["types"]:
+        # The application refused the handshake on purpose: a refusal, not a server fault.
+        return Classification(
+            rule="refused",
+            category=Category.CONNECTION,
+            severity=ErrorSeverity.INFO,
+            code="CONNECTION_REFUSED",
+            message="The server refused the connection.",
+            retryable=False,
+            backoff=None,
+            retry_after=None,
+            alert=False,
+        )
+    return Classification(
+        rule="default",
+        category=Category.SYSTEM,
+        severity=ErrorSeverity.ERROR,
+        code="INTERNAL",
+        message="An internal error occurred; retry later.",
+        retryable=True,
+        backoff=policy.backoff.get(policy.defaults.backoff),
+        retry_after=None,
+        alert=False,
+    )

@@ -1,0 +1,541 @@
+"""The compiled policy: frozen, slotted records of tuples and mappings.
+
+Everything here is built once by the compiler and only read afterwards, so nothing is
+parsed on the request path and a policy set can be shared by every task without locks.
+Units are already resolved: seconds as floats, sizes in bytes, rates as :class:`Rate`,
+percentages as fractions.
+
+Equality ignores compiled programs and source locations: two compiles of the same
+document are equal, and a rule keeps its identity (and therefore its state across a hot
+reload) when only its position in the file moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, Generic, Protocol, TypeVar
+
+from policy_engine.errors import Location
+from policy_engine.language.contexts import Hook
+from policy_engine.language.units import Rate
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"
+    SHADOW = "shadow"
+
+
+class StoreFailureMode(StrEnum):
+    FAIL_OPEN = "fail_open"
+    FAIL_CLOSED = "fail_closed"
+    LOCAL = "local"
+
+
+class EvalFailureMode(StrEnum):
+    """What a rule does when its expression fails at run time (a missing key, a bad regex)."""
+
+    FAIL_OPEN = "fail_open"  # the rule does not apply: nothing is refused because of it
+    FAIL_CLOSED = "fail_closed"  # the rule applies: refuse rather than let through
+
+
+class Category(StrEnum):
+    CONNECTION = "connection"
+    EVENT_PROCESSING = "event_processing"
+    SYSTEM = "system"
+    CLIENT = "client"
+
+
+class ErrorSeverity(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class BackoffStrategy(StrEnum):
+    EXPONENTIAL = "exponential"
+    FULL_JITTER = "full_jitter"
+    EQUAL_JITTER = "equal_jitter"
+    DECORRELATED_JITTER = "decorrelated_jitter"
+    CONSTANT = "constant"
+
+
+class RateAlgorithm(StrEnum):
+    GCRA = "gcra"
+    SLIDING_WINDOW = "sliding_window"
+    FIXED_WINDOW = "fixed_window"
+
+
+class Scope(StrEnum):
+    GLOBAL = "global"
+    LOCAL = "local"
+
+
+class ShedAction(StrEnum):
+    REJECT = "reject"
+    DROP = "drop"
+    DELAY = "delay"
+    DISCONNECT = "disconnect"
+
+
+class Priority(StrEnum):
+    """Event and connection priorities; ``rank`` orders them, lowest first."""
+
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    rank: int  # set below: a plain attribute, read on every event without a lookup
+
+
+for _rank, _priority in enumerate(Priority):
+    _priority.rank = _rank
+
+
+class Effect(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class OverflowAction(StrEnum):
+    DROP_LOWEST = "drop_lowest"
+    DISCONNECT = "disconnect"
+
+
+class Program(Protocol):
+    """A compiled CEL expression, ready to evaluate against plain-dict contexts."""
+
+    def evaluate(self, activation: Mapping[str, Any]) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Expression:
+    """A CEL source with its compiled program; equal when the source and context are."""
+
+    source: str
+    context: str
+    program: Program = field(compare=False, repr=False, hash=False)
+    location: Location = field(compare=False, repr=False, hash=False, default=Location(""))
+    # Derived from the source at compile time (see analysis.py) to skip evaluations:
+    # the event names outside which the expression cannot be true (None: any name),
+    # whether it is exactly that name test, and a plain ``variable.field`` it reads.
+    event_names: frozenset[str] | None = field(default=None, compare=False, repr=False)
+    is_name_test: bool = field(default=False, compare=False, repr=False)
+    # With event_names set: the program for the rest of the condition, which reads less
+    # context (often not ``event`` at all) and so converts less data per evaluation.
+    residual: Program | None = field(default=None, compare=False, repr=False)
+    path: tuple[str, str] | None = field(default=None, compare=False, repr=False)
+    # True when the expression reads only ``conn`` and ``claims``: its value is fixed for
+    # the life of a connection and can be computed once per connection.
+    per_connection: bool = field(default=False, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultsSpec:
+    mode: Mode = Mode.ENFORCE
+    on_store_error: StoreFailureMode = StoreFailureMode.FAIL_OPEN
+    store_timeout: float = 0.02
+    on_eval_error: EvalFailureMode = EvalFailureMode.FAIL_OPEN
+    backoff: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySpec:
+    trusted_proxies: tuple[str, ...] = ()
+    user_claim: str = "sub"
+    user_param: str = "user_id"
+    conversation_param: str = "conversation_id"
+    token_param: str = "token"
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffSpec:
+    name: str
+    strategy: BackoffStrategy = BackoffStrategy.FULL_JITTER
+    base: float = 0.5
+    max: float = 30.0
+    max_attempts: int = 10
+    multiplier: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRuleSpec:
+    name: str
+    when: Expression
+    category: Category
+    severity: ErrorSeverity
+    code: str
+    message: str
+    retryable: bool
+    backoff: str
+    retry_after: float | None = None
+    alert: bool = False
+    location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSpec:
+    name: str
+    hook: Hook
+    key: Expression
+    rate: Rate
+    burst: int
+    algorithm: RateAlgorithm
+    scope: Scope
+    mode: Mode
+    when: Expression | None = None
+    code: str = "RATE_LIMITED"
+    message: str = "Too many requests; slow down."
+    max_keys: int = 100_000
+    key_label: bool = False
+    location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class SlowCallSpec:
+    over: float
+    rate: float
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """Exactly one of ``calls`` (count-based) or ``time`` (seconds, time-based) is set."""
+
+    calls: int | None = None
+    time: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerSpec:
+    name: str
+    match: Expression
+    failure_rate: float
+    window: WindowSpec
+    minimum_calls: int
+    open_for: float
+    half_open_calls: int
+    mode: Mode
+    record_when: Expression | None = None
+    slow_call: SlowCallSpec | None = None
+    code: str = "SERVICE_UNAVAILABLE"
+    message: str = "The service is temporarily unavailable; retry later."
+    fallback: Mapping[str, Any] | None = None
+    location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class SheddingRuleSpec:
+    """``hook`` is None for action disconnect, which runs on the load sampler's tick."""
+
+    name: str
+    hook: Hook | None
+    when: Expression
+    action: ShedAction
+    mode: Mode
+    retry_after: float = 5.0
+    delay: float = 0.0
+    sustained_for: float = 0.0
+    max_priority: Priority = Priority.LOW
+    max_disconnects: int = 10
+    code: str = "OVERLOADED"
+    message: str = "The server is overloaded; retry later."
+    location: Location = field(compare=False, repr=False, default=Location(""))
+    # The part of ``when`` that reads only ``load`` (see Compiler.load_gate): while it is
+    # false, so is ``when``, whatever the event.
+    load_gate: Program | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailureSpec:
+    """Progressive delays for repeated authentication failures from one IP or user."""
+
+    threshold: int = 3
+    window: float = 900.0
+    backoff: str = "progressive"
+    block_after: int = 0
+    codes: tuple[str, ...] = ("AUTH_FAILED",)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundSpec:
+    max_queue: int = 1000
+    on_overflow: OverflowAction = OverflowAction.DROP_LOWEST
+    disconnect_after_drops: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsSpec:
+    max_total: int | None = None
+    max_per_user: int | None = None
+    max_per_ip: int | None = None
+    idle_timeout: float | None = None
+    priority: Expression | None = None
+    auth_failures: AuthFailureSpec | None = None
+    outbound: OutboundSpec = OutboundSpec()
+    retry_after: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverySpec:
+    enabled: bool = True
+    max_disconnection: float = 120.0
+    buffer_events: int = 500
+    events: tuple[str, ...] = ("oh_event",)
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    name: str
+    max_bytes: int | None = None
+    priority: Priority = Priority.NORMAL
+    schema_path: str | None = None
+    schema: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    validate: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRuleSpec:
+    name: str
+    hook: Hook
+    when: Expression
+    effect: Effect
+    mode: Mode
+    code: str = "FORBIDDEN"
+    message: str = "Not allowed."
+    location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationSpec:
+    default: Effect = Effect.ALLOW
+    rules: tuple[AuthzRuleSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HookIndex:
+    """The rules of each section grouped by hook, so a decision visits only its own.
+
+    Rate limits are also grouped by event name: a limit whose condition starts with an
+    event-name test can never apply to other events, so for those it is not even visited.
+    """
+
+    rate_limits: Mapping[Hook, tuple[RateLimitSpec, ...]]
+    shedding: Mapping[Hook | None, tuple[SheddingRuleSpec, ...]]
+    authorization: Mapping[Hook, tuple[AuthzRuleSpec, ...]]
+    # Per hook: the limits for each event name that some limit names, and for all others.
+    rate_limits_by_event: Mapping[
+        Hook, tuple[Mapping[str, tuple[RateLimitSpec, ...]], tuple[RateLimitSpec, ...]]
+    ] = field(default_factory=dict)
+
+    def limits_or_sheds(self, hook: Hook) -> bool:
+        """Whether any rate limit or shedding rule acts at ``hook`` (emit has none by default)."""
+        return bool(self.rate_limits[hook] or self.shedding[hook])
+
+    def rate_limits_for(self, hook: Hook, event_name: str) -> tuple[RateLimitSpec, ...]:
+        named, others = self.rate_limits_by_event[hook]
+        return named.get(event_name, others)
+
+    @classmethod
+    def build(
+        cls,
+        rate_limits: tuple[RateLimitSpec, ...],
+        shedding: tuple[SheddingRuleSpec, ...],
+        authorization: tuple[AuthzRuleSpec, ...],
+    ) -> HookIndex:
+        hooks: list[Hook | None] = [*Hook, None]
+        limits = {h: tuple(r for r in rate_limits if r.hook is h) for h in Hook}
+        return cls(
+            limits,
+            {h: tuple(r for r in shedding if r.hook is h) for h in hooks},
+            {h: tuple(r for r in authorization if r.hook is h) for h in Hook},
+            {h: _by_event_name(rules) for h, rules in limits.items()},
+        )
+
+
+R = TypeVar("R")
+
+
+class _RulesByName(Generic[R]):
+    """Rules grouped by the event names their condition requires, in policy order.
+
+    A rule whose condition starts with an event-name test can only apply to those names;
+    one without a condition, or without such a test, applies to every event. Built in one
+    pass, so a policy with a thousand rules naming their events stays linear.
+    """
+
+    __slots__ = ("_everyone", "_for_everyone", "_named")
+
+    def __init__(self, rules: tuple[R, ...], condition: Callable[[R], Expression | None]) -> None:
+        self._everyone: list[tuple[int, R]] = []
+        self._named: dict[str, list[tuple[int, R]]] = {}
+        for position, rule in enumerate(rules):
+            expression = condition(rule)
+            names = expression.event_names if expression is not None else None
+            if names is None:
+                self._everyone.append((position, rule))
+            else:
+                for name in names:
+                    self._named.setdefault(name, []).append((position, rule))
+        self._for_everyone = tuple(rule for _, rule in self._everyone)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The names some rule requires."""
+        return frozenset(self._named)
+
+    def __call__(self, name: str | None) -> tuple[R, ...]:
+        """The rules that can apply to ``name`` (None: a name no rule requires)."""
+        own = self._named.get(name) if name is not None else None
+        if not own:
+            return self._for_everyone
+        return tuple(rule for _, rule in sorted([*self._everyone, *own], key=_position))
+
+
+def _position(entry: tuple[int, Any]) -> int:
+    return entry[0]
+
+
+def _by_event_name(
+    rules: tuple[RateLimitSpec, ...],
+) -> tuple[Mapping[str, tuple[RateLimitSpec, ...]], tuple[RateLimitSpec, ...]]:
+    """Each named event's limits, in policy order, and the limits every event meets."""
+    by_name = _RulesByName(rules, lambda rule: rule.when)
+    return MappingProxyType({name: by_name(name) for name in by_name.names}), by_name(None)
+
+
+@dataclass(frozen=True, slots=True)
+class EventPlan:
+    """The rules the event hook can apply to one event name, in policy order.
+
+    Rules whose condition starts with a test for other event names, and shedding rules
+    whose ``max_priority`` is below the event's priority, can never apply to it: leaving
+    them out here means a decision does not even visit them. Order is kept, so the first
+    matching authorization rule still wins.
+    """
+
+    spec: EventSpec
+    priority: str
+    shedding: tuple[SheddingRuleSpec, ...]
+    authorization: tuple[AuthzRuleSpec, ...]
+    rate_limits: tuple[RateLimitSpec, ...]
+    breakers: tuple[CircuitBreakerSpec, ...]
+    # Nothing to evaluate but the size and the shedding rules (which are armed only under
+    # load): no payload schema, no authorization rule, the default allow, no breaker.
+    plain: bool = False
+    shedding_names: frozenset[str] = frozenset()
+
+
+class EventPlans:
+    """One :class:`EventPlan` per event name the policy mentions, and one for all others.
+
+    Names come only from the policy (its ``events`` and the names its conditions test), so
+    the map stays bounded however many different names clients send.
+    """
+
+    __slots__ = ("_named", "_other")
+
+    def __init__(
+        self,
+        events: Mapping[str, EventSpec],
+        default_event: EventSpec,
+        index: HookIndex,
+        breakers: tuple[CircuitBreakerSpec, ...],
+        authorization_default: Effect,
+    ) -> None:
+        shed_by_name = _RulesByName(index.shedding[Hook.EVENT], lambda rule: rule.when)
+        authorize_by_name = _RulesByName(index.authorization[Hook.EVENT], lambda rule: rule.when)
+        guard_by_name = _RulesByName(breakers, lambda rule: rule.match)
+        limited = index.rate_limits_by_event[Hook.EVENT][0]
+        names = set(events).union(
+            shed_by_name.names, authorize_by_name.names, guard_by_name.names, limited
+        )
+
+        def plan(name: str | None) -> EventPlan:
+            spec = (events.get(name) if name is not None else None) or default_event
+            rank = spec.priority.rank
+            sheds = tuple(r for r in shed_by_name(name) if rank <= r.max_priority.rank)
+            authorizes = authorize_by_name(name)
+            guards = guard_by_name(name)
+            return EventPlan(
+                spec=spec,
+                priority=spec.priority.value,
+                shedding=sheds,
+                authorization=authorizes,
+                rate_limits=(
+                    index.rate_limits_for(Hook.EVENT, name)
+                    if name is not None
+                    else index.rate_limits_by_event[Hook.EVENT][1]
+                ),
+                breakers=guards,
+                plain=(
+                    spec.validate is None
+                    and not authorizes
+                    and authorization_default is Effect.ALLOW
+                    and not guards
+                ),
+                shedding_names=frozenset(r.name for r in sheds),
+            )
+
+        self._named: Mapping[str, EventPlan] = {name: plan(name) for name in names}
+        self._other = plan(None)
+
+    def __getitem__(self, name: str) -> EventPlan:
+        return self._named.get(name, self._other)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    """One compiled policy file; ``version`` is the content hash of what was compiled."""
+
+    version: str
+    source: str
+    defaults: DefaultsSpec
+    identity: IdentitySpec
+    errors: tuple[ErrorRuleSpec, ...]
+    backoff: Mapping[str, BackoffSpec]
+    rate_limits: tuple[RateLimitSpec, ...]
+    circuit_breakers: tuple[CircuitBreakerSpec, ...]
+    shedding: tuple[SheddingRuleSpec, ...]
+    connections: ConnectionsSpec
+    recovery: RecoverySpec
+    events: Mapping[str, EventSpec]
+    authorization: AuthorizationSpec
+    default_event: EventSpec = EventSpec("*")
+    by_hook: HookIndex = field(init=False, compare=False, repr=False)
+    event_plans: EventPlans = field(init=False, compare=False, repr=False)
+    # Whether any expression reads ``conn.connected_ms``: only then is it kept current on
+    # every event (disconnect shedding refreshes it itself).
+    reads_connection_age: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sources = [
+            *(rule.when.source for rule in self.errors),
+            *(rule.key.source for rule in self.rate_limits),
+            *(rule.when.source for rule in self.rate_limits if rule.when is not None),
+            *(rule.match.source for rule in self.circuit_breakers),
+            *(b.record_when.source for b in self.circuit_breakers if b.record_when is not None),
+            *(rule.when.source for rule in self.shedding),
+            *(rule.when.source for rule in self.authorization.rules),
+            *([self.connections.priority.source] if self.connections.priority else []),
+        ]
+        object.__setattr__(
+            self, "reads_connection_age", any("connected_ms" in source for source in sources)
+        )
+        index = HookIndex.build(self.rate_limits, self.shedding, self.authorization.rules)
+        object.__setattr__(self, "by_hook", index)
+        plans = EventPlans(
+            self.events,
+            self.default_event,
+            index,
+            self.circuit_breakers,
+            self.authorization.default,
+        )
+        object.__setattr__(self, "event_plans", plans)
+
+    def event(self, name: str) -> EventSpec:
+        return self.events.get(name, self.default_event)

@@ -1,0 +1,1 @@
+"""What the edges report (the observer protocol) and its structlog and Prometheus sinks."""

@@ -1,0 +1,1 @@
+"""Running an application under a policy: app assembly, endpoints, reload, load sampling."""

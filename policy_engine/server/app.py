@@ -1,0 +1,435 @@
+"""Run a python-socketio application under a policy: the assembly behind ``policy-engine serve``.
+
+:func:`build_app` wires the parts together (compiled policy, engine on its state store,
+Socket.IO adapter, structlog and Prometheus observers, hot reloader, load sampler) and
+returns a :class:`PolicyServer`, an ASGI application that answers the operations endpoints
+itself and hands everything else to the Socket.IO app behind the policy:
+
+* ``/healthz``: the process answers (liveness);
+* ``/readyz``: a policy is loaded and the load sampler runs; 503 otherwise, including while
+  shutting down, so a load balancer stops sending new clients first (readiness);
+* ``/metrics``: Prometheus text;
+* ``/status``: JSON: policy version, source, load time, reload counts, breaker states,
+  active connections, the state store (and on a shared one, whether it answers) and the
+  current load sample.
+
+The operations endpoints sit in front of the adapter's overload gate: a health check must
+get an answer precisely when the server sheds Socket.IO traffic. :func:`serve` runs it all
+under uvicorn, with SIGHUP reloading the policy and SIGTERM or SIGINT shutting down
+gracefully (readiness drops, uvicorn drains, the lifespan stops the sampler and adapter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import json
+import math
+import signal
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import socketio
+import structlog
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from policy_engine.adapter.attach import ClaimsLoader, PolicyAdapter, attach
+from policy_engine.compiler.pipeline import compile_file
+from policy_engine.core.classify import Classification
+from policy_engine.core.engine import Engine
+from policy_engine.errors import PolicyEngineError
+from policy_engine.observe.logs import (
+    CompositeObserver,
+    LogObserver,
+    is_auth_error,
+    log_store_availability,
+)
+from policy_engine.observe.metrics import MetricsObserver
+from policy_engine.observe.observer import Observer
+from policy_engine.server import demo
+from policy_engine.server.reload import PolicyReloader
+from policy_engine.server.sampler import LoadSampler
+from policy_engine.state.memory import MemoryStore, StateStore
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_log = structlog.get_logger("policy_engine")
+_JSON = b"application/json"
+
+
+class AppImportError(PolicyEngineError):
+    """A ``MODULE:ATTR`` reference that does not name a usable ``socketio.AsyncServer``."""
+
+
+class PolicyServer:
+    """The ASGI application: operations endpoints, lifespan, then the Socket.IO app."""
+
+    def __init__(
+        self,
+        *,
+        sio: socketio.AsyncServer,
+        engine: Engine,
+        adapter: PolicyAdapter,
+        reloader: PolicyReloader,
+        sampler: LoadSampler,
+        metrics: MetricsObserver,
+        socketio_path: str = "socket.io",
+    ) -> None:
+        self.sio = sio
+        self.engine = engine
+        self.adapter = adapter
+        self.reloader = reloader
+        self.sampler = sampler
+        self.metrics = metrics
+        self.socketio_app = adapter.asgi_app(socketio_path=socketio_path)
+        self.started = False
+        self.draining = False
+        self._runner: uvicorn.Server | None = None
+        self._routes: dict[str, Callable[[], Awaitable[tuple[int, bytes, bytes]]]] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics,
+            "/status": self._status,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.adapter.start()
+        self.sampler.start()
+        self.started = True
+        self.draining = False
+
+    async def stop(self) -> None:
+        self.draining = True
+        await self.sampler.stop()
+        await self.adapter.stop()
+        with contextlib.suppress(Exception):
+            await self.engine.store.close()
+        self.started = False
+
+    def shutdown(self, *, force: bool = False) -> None:
+        """Stop serving: readiness drops at once, then uvicorn drains and the lifespan stops.
+
+        ``force`` skips waiting for open connections (a second Ctrl-C).
+        """
+        self.draining = True
+        runner = self._runner
+        if runner is not None:
+            runner.force_exit = runner.force_exit or force
+            runner.should_exit = True
+
+    def not_ready_because(self) -> list[str]:
+        """Why the server should get no new clients; empty when it is ready."""
+        reasons = []
+        if not self.started:
+            reasons.append("not started")
+        if self.draining:
+            reasons.append("shutting down")
+        if not self.sampler.running:
+            reasons.append("load sampler not running")
+        return reasons
+
+    async def status(self) -> dict[str, Any]:
+        reloader = self.reloader
+        return {
+            "policy": {
+                "version": self.engine.policy.version,
+                "source": str(reloader.path),
+                "loaded_at": datetime.fromtimestamp(reloader.loaded_at, UTC).isoformat(),
+            },
+            "reloads": {
+                "succeeded": reloader.succeeded,
+                "failed": reloader.failed,
+                "last_failure": [str(d) for d in reloader.last_failure],
+            },
+            "ready": not self.not_ready_because(),
+            "breakers": await self.breaker_states(),
+            "connections": {"active": self.adapter.active_connections()},
+            "store": self.store_status(),
+            "load": dict(self.engine.load),
+        }
+
+    def store_status(self) -> dict[str, Any]:
+        engine = self.engine
+        if engine.store is engine.local:
+            return {"kind": "memory"}
+        health = engine.store_health
+        return {
+            "kind": type(engine.store).__name__,
+            "available": health.available,
+            "failures": health.failures,
+            "on_store_error": engine.policy.defaults.on_store_error.value,
+        }
+
+    async def breaker_states(self) -> dict[str, str]:
+        """Each breaker's circuit; on a shared store as stored there, "unknown" if it does not
+        answer within ``store_timeout``."""
+        engine = self.engine
+        specs = engine.policy.circuit_breakers
+        if engine.store is engine.local:
+            return {
+                spec.name: engine.local.breaker_state(spec.name).circuit.value for spec in specs
+            }
+        fetch = getattr(engine.store, "fetch_breaker_state", None)
+        if fetch is None:
+            return {spec.name: "unknown" for spec in specs}
+
+        async def circuit(name: str) -> str:
+            try:
+                stored = await asyncio.wait_for(fetch(name), engine.policy.defaults.store_timeout)
+            except Exception:
+                return "unknown"
+            return str(stored.circuit.value)
+
+        circuits = await asyncio.gather(*(circuit(spec.name) for spec in specs))
+        return dict(zip((spec.name for spec in specs), circuits, strict=True))
+
+    # -- ASGI --------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind == "http":
+            route = self._routes.get(scope["path"])
+            if route is not None:
+                await self._answer(scope, send, route)
+                return
+        await self.socketio_app(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    _log.exception("server.start_failed", audit=False)
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.stop()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _answer(
+        self, scope: Scope, send: Send, route: Callable[[], Awaitable[tuple[int, bytes, bytes]]]
+    ) -> None:
+        method = scope.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            status, content_type, body = 405, b"text/plain", b"method not allowed\n"
+            headers = [(b"allow", b"GET, HEAD")]
+        else:
+            status, content_type, body = await route()
+            headers = []
+        headers += [
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+    async def _healthz(self) -> tuple[int, bytes, bytes]:
+        return 200, b"text/plain", b"ok\n"
+
+    async def _readyz(self) -> tuple[int, bytes, bytes]:
+        reasons = self.not_ready_because()
+        body = json.dumps({"ready": not reasons, "reasons": reasons}).encode()
+        return (503 if reasons else 200), _JSON, body
+
+    async def _metrics(self) -> tuple[int, bytes, bytes]:
+        body, content_type = self.metrics.render()
+        return 200, content_type.encode(), body
+
+    async def _status(self) -> tuple[int, bytes, bytes]:
+        return 200, _JSON, json.dumps(await self.status()).encode()
+
+
+def open_store(url: str | None) -> StateStore | None:
+    """The shared state store a URL names: ``redis://``, ``rediss://`` or ``unix://`` for
+    Redis; None (each process keeps its own state) for no URL or ``memory``."""
+    if not url or url == "memory":
+        return None
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            from policy_engine.state.redis_store import RedisStore  # noqa: PLC0415 (the redis extra)
+        except ImportError as exc:
+            raise ValueError(
+                f"the Redis store needs the redis package: pip install 'policy-engine[redis]' "
+                f"({exc})"
+            ) from exc
+        return RedisStore(url)
+    raise ValueError(f"unknown state store {url!r}: use memory or a redis:// URL")
+
+
+def build_app(
+    sio: socketio.AsyncServer,
+    policies: str | Path,
+    *,
+    observers: Sequence[Observer] = (),
+    registry: CollectorRegistry | None = None,
+    sample_interval: float = 0.5,
+    lag_threshold_ms: int = 100,
+    socketio_path: str = "socket.io",
+    cel_backend: str | None = None,
+    claims_loader: ClaimsLoader | None = None,
+    store: StateStore | None = None,
+) -> PolicyServer:
+    """Compile ``policies`` and put ``sio`` behind it; raises PolicyError on an invalid file.
+
+    ``store`` is the shared state store (see :func:`open_store`); without one, state lives
+    in this process's memory.
+    """
+    result = compile_file(policies, backend=cel_backend)
+    source = str(policies)
+    shared = store is not None and not isinstance(store, MemoryStore)
+    engine = Engine(result.policy, store or MemoryStore())  # the wall clock when shared
+    metrics = MetricsObserver(registry, process_metrics=True)
+
+    def is_audit_error(classification: Classification) -> bool:
+        return engine.counts_as_auth_failure(classification) or is_auth_error(classification)
+
+    observer = CompositeObserver(metrics, LogObserver(is_audit_error=is_audit_error), *observers)
+    if shared:
+        engine.store_health.listeners.append(log_store_availability)
+        metrics.track_store(engine.store_health)
+    adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)
+    metrics.install_policy(result.policy, source)
+    metrics.track_connections(adapter.active_connections)
+    reloader = PolicyReloader(
+        policies,
+        engine,
+        observer,
+        backend=cel_backend,
+        on_install=[lambda policy: metrics.install_policy(policy, source)],
+    )
+    sampler = LoadSampler(
+        engine,
+        adapter,
+        sample_interval,
+        lag_threshold_ms=lag_threshold_ms,
+        on_sample=[metrics.observe_load],
+    )
+    _log.info(
+        "policy.loaded",
+        outcome="success",
+        version=result.policy.version,
+        path=source,
+        warnings=[str(d) for d in result.warnings],
+        audit=False,
+    )
+    return PolicyServer(
+        sio=sio,
+        engine=engine,
+        adapter=adapter,
+        reloader=reloader,
+        sampler=sampler,
+        metrics=metrics,
+        socketio_path=socketio_path,
+    )
+
+
+def load_server(reference: str | None) -> socketio.AsyncServer:
+    """The ``socketio.AsyncServer`` named by ``MODULE:ATTR`` (``ATTR`` may be dotted).
+
+    ``None`` means the built-in demo conversation app, a fresh instance each time.
+    """
+    if reference is None:
+        return demo.create_server()
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise AppImportError(f"{reference!r}: expected MODULE:ATTR, e.g. myapp.server:sio")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AppImportError(f"{reference!r}: cannot import {module_name!r}: {exc}") from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise AppImportError(
+                f"{reference!r}: {module_name!r} has no attribute {attribute!r}"
+            ) from None
+    if not isinstance(target, socketio.AsyncServer):
+        raise AppImportError(
+            f"{reference!r} is a {type(target).__name__}, not a socketio.AsyncServer"
+        )
+    if target.async_mode != "asgi":
+        raise AppImportError(
+            f"{reference!r} runs in async_mode {target.async_mode!r}; "
+            "create it with socketio.AsyncServer(async_mode='asgi')"
+        )
+    return target
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: :func:`serve` installs handlers on the loop.
+
+    uvicorn re-raises a captured SIGTERM after shutting down, which would end the process
+    with the signal's status instead of returning from a clean shutdown.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(
+    server: PolicyServer,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    graceful_timeout: float = 10.0,
+    install_signals: bool = True,
+) -> None:
+    """Serve until :meth:`PolicyServer.shutdown`, SIGTERM or SIGINT; SIGHUP reloads.
+
+    A second SIGINT forces the exit. ``install_signals=False`` leaves the process's signal
+    handling alone, for a server embedded in a larger program or a test.
+    """
+    ws = "wsproto" if importlib.util.find_spec("wsproto") is not None else "auto"
+    config = uvicorn.Config(
+        server,
+        host=host,
+        port=port,
+        ws=ws,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=math.ceil(graceful_timeout),
+    )
+    runner = _Server(config)
+    server._runner = runner
+    loop = asyncio.get_running_loop()
+    exit_signals = (signal.SIGTERM, signal.SIGINT)
+
+    def request_exit(signum: int) -> None:
+        _log.info("server.stopping", signal=signal.Signals(signum).name, audit=False)
+        server.shutdown(force=runner.should_exit and signum == signal.SIGINT)
+
+    if install_signals:
+        server.reloader.install_sighup(loop)
+        for signum in exit_signals:
+            loop.add_signal_handler(signum, request_exit, signum)
+    try:
+        await runner.serve()
+    finally:
+        server._runner = None
+        if install_signals:
+            server.reloader.remove_sighup(loop)
+            for signum in exit_signals:
+                loop.remove_signal_handler(signum)

@@ -1,0 +1,378 @@
+"""The state store protocol, and the embedded in-memory store that needs nothing started.
+
+Strategies decide; stores offer a few narrow, atomic primitives (the split ``limits``
+makes). Each primitive takes everything one decision needs in one call, so a networked
+store answers with one round trip (one Lua script) per hook rather than one per rule.
+State is keyed by rule name and key, never by a rule's parameters: a hot reload that keeps
+a rule keeps its counters and breaker state.
+
+The memory store is the default and the fallback: ``on_store_error: local`` routes to it
+when the shared store does not answer, and ``scope: local`` rules always use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from policy_engine.algorithms import breaker, ratelimit
+from policy_engine.algorithms.breaker import BreakerState, Permit, Transition
+from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision, RateState
+from policy_engine.language.model import CircuitBreakerSpec, RateLimitSpec
+
+_FOREVER = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Which counters a new connection increments, and their ceilings (None: unlimited)."""
+
+    user: str
+    ip: str
+    max_total: int | None
+    max_per_user: int | None
+    max_per_ip: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayedEvent:
+    event_id: int
+    event: str
+    data: Any
+
+
+class StateStore(Protocol):
+    """What the engine needs from shared state; every method is one atomic step."""
+
+    async def check_rate_limits(
+        self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
+    ) -> CombinedDecision:
+        """Judge every (rule, key) together; consume from all or none."""
+        ...
+
+    async def breaker_acquire(self, spec: CircuitBreakerSpec, now: float) -> Permit: ...
+
+    async def breaker_record(
+        self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
+    ) -> Transition | None: ...
+
+    async def breaker_release(self, spec: CircuitBreakerSpec) -> None: ...
+
+    async def open_connection(self, limits: ConnectionLimits) -> str | None:
+        """Count a new connection unless a ceiling is reached; returns the ceiling hit."""
+        ...
+
+    async def close_connection(self, user: str, ip: str) -> None: ...
+
+    async def record_auth_failure(self, key: str, window: float, now: float) -> int:
+        """Add one failure; returns the failures within ``window`` including this one."""
+        ...
+
+    async def auth_failures(self, key: str, window: float, now: float) -> tuple[int, float]:
+        """Failures within ``window`` and when the last one happened (0.0 when none)."""
+        ...
+
+    async def clear_auth_failures(self, key: str) -> None: ...
+
+    async def append_replay(
+        self,
+        stream: str,
+        event: str,
+        data: Any,
+        limit: int,
+        now: float,
+        *,
+        retain: float = _FOREVER,
+    ) -> int:
+        """Buffer an outgoing event for replay; returns its id (increasing per stream).
+
+        Streams with no event for ``retain`` seconds may be dropped: nobody can still
+        recover from them. Their ids keep counting where they stopped.
+        """
+        ...
+
+    async def replay_since(
+        self, stream: str, after_id: int, max_age: float, now: float
+    ) -> list[ReplayedEvent] | None:
+        """Events after ``after_id``, in order; None when they cannot all be replayed.
+
+        None means the client missed more than is buffered, or was away longer than
+        ``max_age`` (its first missed event is older), or names an id after the stream's
+        last (ids that restarted, or were never the store's): it must reload instead.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+class _KeyedStates:
+    """Per-rule states with LRU eviction, so a key-spraying client cannot grow memory."""
+
+    __slots__ = ("limit", "states")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.states: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any:
+        return self.states.get(key)
+
+    def put(self, key: str, state: Any) -> None:
+        """Store and mark as most recently used (only writes count as use)."""
+        states = self.states
+        if key in states:
+            states[key] = state
+            states.move_to_end(key)
+            return
+        states[key] = state
+        if len(states) > self.limit:
+            states.popitem(last=False)
+
+
+class MemoryStore:
+    """The embedded store: this process's state, in dicts, bounded per rule."""
+
+    def __init__(self) -> None:
+        self._rates: dict[str, _KeyedStates] = {}
+        self._breakers: dict[str, BreakerState] = {}
+        self._connections_total = 0
+        self._per_user: dict[str, int] = {}
+        self._per_ip: dict[str, int] = {}
+        self._auth: dict[str, deque[float]] = {}
+        # Streams in order of their last event, so the idle ones are found at the front.
+        self._replay: OrderedDict[str, tuple[int, deque[tuple[int, float, str, Any]]]] = (
+            OrderedDict()
+        )
+        self._replay_ended: dict[str, int] = {}
+
+    # -- rate limits -----------------------------------------------------------------------
+
+    def check_rate_limits_now(
+        self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
+    ) -> CombinedDecision:
+        """The synchronous core, so the engine can skip a coroutine on the hot path."""
+        if len(checks) == 1:
+            return self._check_one(*checks[0], now)
+        prior: list[tuple[RateLimitSpec, RateState | None]] = []
+        tables: list[_KeyedStates] = []
+        for spec, key in checks:
+            table = self._rates.get(spec.name)
+            if table is None or table.limit != spec.max_keys:
+                table = self._rates[spec.name] = _resize(table, spec.max_keys)
+            state = table.get(key)
+            if state is not None and ratelimit.expires_at(spec, state) <= now:
+                state = None
+            prior.append((spec, state))
+            tables.append(table)
+        combined, states = ratelimit.check_all(prior, now)
+        if combined.allowed:
+            for (_, key), table, state in zip(checks, tables, states, strict=True):
+                if state is not None:
+                    table.put(key, state)
+        return combined
+
+    def check_rate_limit_now(self, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
+        """One limit alone: the common case, without the bookkeeping of a joint check.
+
+        Returns the limit's own decision, so a caller that judges it alone (a shadow rule)
+        need not wrap it in a :class:`CombinedDecision`.
+        """
+        table = self._rates.get(spec.name)
+        if table is None or table.limit != spec.max_keys:
+            table = self._rates[spec.name] = _resize(table, spec.max_keys)
+        # An expired state behaves exactly like none (each algorithm guarantees it), so
+        # there is no need to ask expires_at on the hot path.
+        decision, new_state = ratelimit.check(spec, table.states.get(key), now)
+        if decision.allowed:
+            table.put(key, new_state)
+        return decision
+
+    def _check_one(self, spec: RateLimitSpec, key: str, now: float) -> CombinedDecision:
+        decision = self.check_rate_limit_now(spec, key, now)
+        return CombinedDecision(decision.allowed, decision.retry_after, spec.name, decision)
+
+    async def check_rate_limits(
+        self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
+    ) -> CombinedDecision:
+        return self.check_rate_limits_now(checks, now)
+
+    def rate_keys(self, rule: str) -> int:
+        table = self._rates.get(rule)
+        return 0 if table is None else len(table.states)
+
+    # -- circuit breakers ------------------------------------------------------------------
+
+    def breaker_state(self, name: str) -> BreakerState:
+        return self._breakers.get(name) or BreakerState()
+
+    def breaker_acquire_now(self, spec: CircuitBreakerSpec, now: float) -> Permit:
+        name = spec.name
+        prior = self._breakers.get(name) or _CLOSED
+        permit, state = breaker.acquire(spec, prior, now)
+        if state is not prior:
+            self._breakers[name] = state
+        return permit
+
+    def breaker_record_now(
+        self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
+    ) -> Transition | None:
+        name = spec.name
+        prior = self._breakers.get(name) or _CLOSED
+        state, transition = breaker.record(spec, prior, now, failed=failed, duration=duration)
+        if state is not prior:
+            self._breakers[name] = state
+        return transition
+
+    async def breaker_acquire(self, spec: CircuitBreakerSpec, now: float) -> Permit:
+        return self.breaker_acquire_now(spec, now)
+
+    async def breaker_record(
+        self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
+    ) -> Transition | None:
+        return self.breaker_record_now(spec, now, failed=failed, duration=duration)
+
+    def breaker_release_now(self, spec: CircuitBreakerSpec) -> None:
+        self._breakers[spec.name] = breaker.release(self.breaker_state(spec.name))
+
+    async def breaker_release(self, spec: CircuitBreakerSpec) -> None:
+        self.breaker_release_now(spec)
+
+    # -- connections -----------------------------------------------------------------------
+
+    async def open_connection(self, limits: ConnectionLimits) -> str | None:
+        if limits.max_total is not None and self._connections_total >= limits.max_total:
+            return "max_total"
+        if (
+            limits.user
+            and limits.max_per_user is not None
+            and self._per_user.get(limits.user, 0) >= limits.max_per_user
+        ):
+            return "max_per_user"
+        if limits.max_per_ip is not None and self._per_ip.get(limits.ip, 0) >= limits.max_per_ip:
+            return "max_per_ip"
+        self._connections_total += 1
+        if limits.user:
+            self._per_user[limits.user] = self._per_user.get(limits.user, 0) + 1
+        self._per_ip[limits.ip] = self._per_ip.get(limits.ip, 0) + 1
+        return None
+
+    async def close_connection(self, user: str, ip: str) -> None:
+        self._connections_total = max(0, self._connections_total - 1)
+        _decrement(self._per_user, user)
+        _decrement(self._per_ip, ip)
+
+    def connection_counts(self) -> tuple[int, int, int]:
+        """Total, distinct users and distinct IPs currently counted: for status and tests."""
+        return self._connections_total, len(self._per_user), len(self._per_ip)
+
+    # -- authentication failures -----------------------------------------------------------
+
+    async def record_auth_failure(self, key: str, window: float, now: float) -> int:
+        failures = self._auth.setdefault(key, deque(maxlen=1000))
+        _expire(failures, now - window)
+        failures.append(now)
+        return len(failures)
+
+    async def auth_failures(self, key: str, window: float, now: float) -> tuple[int, float]:
+        failures = self._auth.get(key)
+        if failures is not None:
+            _expire(failures, now - window)
+        if not failures:
+            self._auth.pop(key, None)
+            return 0, 0.0
+        return len(failures), failures[-1]
+
+    async def clear_auth_failures(self, key: str) -> None:
+        self._auth.pop(key, None)
+
+    # -- replay buffers --------------------------------------------------------------------
+
+    async def append_replay(
+        self,
+        stream: str,
+        event: str,
+        data: Any,
+        limit: int,
+        now: float,
+        *,
+        retain: float = _FOREVER,
+    ) -> int:
+        replay = self._replay
+        entry = replay.pop(stream, None)
+        if entry is None:
+            entry = (self._replay_ended.pop(stream, 0), deque(maxlen=limit))
+        last_id, buffer = entry
+        if buffer.maxlen != limit:
+            buffer = deque(buffer, maxlen=limit)
+        event_id = last_id + 1
+        buffer.append((event_id, now, event, data))
+        replay[stream] = (event_id, buffer)  # re-inserted last: oldest activity first
+        self._drop_idle_streams(now - retain)
+        return event_id
+
+    def _drop_idle_streams(self, before: float) -> None:
+        """Drop the buffers of streams whose newest event is older than ``before``.
+
+        Only the last id is kept, so that ids never restart and a returning client is
+        told that its events are gone rather than handed a wrong replay.
+        """
+        replay = self._replay
+        while replay:
+            stream, (last_id, buffer) = next(iter(replay.items()))
+            if buffer and buffer[-1][1] >= before:
+                return
+            del replay[stream]
+            self._replay_ended[stream] = last_id
+
+    async def replay_since(
+        self, stream: str, after_id: int, max_age: float, now: float
+    ) -> list[ReplayedEvent] | None:
+        entry = self._replay.get(stream)
+        if entry is None:
+            ended = self._replay_ended.get(stream)
+            if ended is None:
+                return [] if after_id <= 0 else None
+            entry = (ended, deque())
+        last_id, buffer = entry
+        if after_id > last_id:
+            return None  # an id this stream never had (its ids restarted, or are not ours)
+        if after_id == last_id:
+            return []
+        oldest = buffer[0][0] if buffer else last_id + 1
+        if after_id + 1 < oldest:
+            return None
+        missed = [entry for entry in buffer if entry[0] > after_id]
+        if missed and now - missed[0][1] > max_age:
+            return None
+        return [ReplayedEvent(event_id, event, data) for event_id, _, event, data in missed]
+
+    async def close(self) -> None:
+        return None
+
+
+_CLOSED = BreakerState()
+"""The state of a breaker never used: closed, with an empty window (it is immutable)."""
+
+
+def _resize(table: _KeyedStates | None, limit: int) -> _KeyedStates:
+    resized = _KeyedStates(limit)
+    if table is not None:
+        for key, state in list(table.states.items())[-limit:]:
+            resized.states[key] = state
+    return resized
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    value = counts.get(key, 0) - 1
+    if value > 0:
+        counts[key] = value
+    else:
+        counts.pop(key, None)
+
+
+def _expire(times: deque[float], before: float) -> None:
+    while times and times[0] <= before:
+        times.popleft()
