@@ -26,7 +26,6 @@ from policy_engine.core.classify import Classification
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.errors import Diagnostic, Severity
 from policy_engine.language.model import Category
-from policy_engine.observe.observer import Observer
 
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
@@ -307,90 +306,3 @@ def _identity(conn: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _correlation_id(payload: Mapping[str, Any] | None) -> Any:
     return payload.get("correlation_id") if payload is not None else None
-
-
-class CompositeObserver:
-    """Fans every report out to several observers, in order.
-
-    A failing observer is logged and skipped: a bug in a metrics exporter must neither hide
-    the log line nor raise into the request path that reported the fact.
-    """
-
-    def __init__(self, *observers: Observer) -> None:
-        self.observers: tuple[Observer, ...] = observers
-        # Every event reports a decision: those reports go to bound methods looked up once,
-        # and a plain allowed one skips the observers that say it does not concern them
-        # (``quiet_when_allowed``).
-        self._decision_reports = tuple((o, o.decision) for o in observers)
-        self._allowed_reports = tuple(
-            (o, o.decision) for o in observers if not getattr(o, "quiet_when_allowed", False)
-        )
-        self._log = structlog.get_logger(LOGGER_NAME)
-
-    def decision(
-        self, hook: str, decision: Decision, seconds: float, conn: Mapping[str, Any] | None
-    ) -> None:
-        reports = self._decision_reports
-        if decision.outcome is Outcome.ALLOW and not decision.shadowed:
-            reports = self._allowed_reports
-        for observer, report in reports:
-            try:
-                report(hook, decision, seconds, conn)
-            except Exception:
-                self._failed(observer, "decision")
-
-    def error(
-        self,
-        hook: str,
-        classification: Classification,
-        error: Mapping[str, Any],
-        payload: Mapping[str, Any],
-        conn: Mapping[str, Any] | None,
-    ) -> None:
-        for observer in self.observers:
-            try:
-                observer.error(hook, classification, error, payload, conn)
-            except Exception:
-                self._failed(observer, "error")
-
-    def breaker_transition(self, name: str, transition: Transition) -> None:
-        for observer in self.observers:
-            try:
-                observer.breaker_transition(name, transition)
-            except Exception:
-                self._failed(observer, "breaker_transition")
-
-    def shed(self, rule: str, action: str, count: int) -> None:
-        for observer in self.observers:
-            try:
-                observer.shed(rule, action, count)
-            except Exception:
-                self._failed(observer, "shed")
-
-    def reload(
-        self, ok: bool, version: str | None, path: str, diagnostics: Sequence[Diagnostic]
-    ) -> None:
-        for observer in self.observers:
-            try:
-                observer.reload(ok, version, path, diagnostics)
-            except Exception:
-                self._failed(observer, "reload")
-
-    def connection(self, event: str, conn: Mapping[str, Any], reason: str = "") -> None:
-        for observer in self.observers:
-            try:
-                observer.connection(event, conn, reason)
-            except Exception:
-                self._failed(observer, "connection")
-
-    def outbound_drop(self, conn: Mapping[str, Any], event: str, reason: str) -> None:
-        for observer in self.observers:
-            try:
-                observer.outbound_drop(conn, event, reason)
-            except Exception:
-                self._failed(observer, "outbound_drop")
-
-    def _failed(self, observer: Observer, method: str) -> None:
-        self._log.exception(
-            "observer.failed", observer=type(observer).__name__, method=method, audit=False
-        )

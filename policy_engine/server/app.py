@@ -43,8 +43,8 @@ from policy_engine.compiler.pipeline import compile_file
 from policy_engine.core.classify import Classification
 from policy_engine.core.engine import Engine
 from policy_engine.errors import PolicyEngineError
+from policy_engine.observe.composite import CompositeObserver
 from policy_engine.observe.logs import (
-    CompositeObserver,
     LogObserver,
     is_auth_error,
     log_store_availability,
