@@ -15,6 +15,7 @@ field never has to guess.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TextIO
@@ -30,6 +31,7 @@ from policy_engine.language.model import Category
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOGGER_NAME = "policy_engine"
+MASK = "***"
 _SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 # Outcomes that refuse something; DELAY lets the event through late and is only counted.
@@ -102,6 +104,7 @@ def configure_logging(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *finishing],
         )
     )
+    handler.addFilter(redact_query_strings)
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(numeric_level)
@@ -111,7 +114,36 @@ def configure_logging(
         server_logger = logging.getLogger(name)
         server_logger.handlers = []
         server_logger.propagate = True
+        server_logger.setLevel(logging.NOTSET)
     return chosen
+
+
+# Engine.IO's own parameters; every other query value may be a credential.
+_PLAIN_QUERY_PARAMS = frozenset({"EIO", "transport", "sid", "t", "j", "b64"})
+_QUERY = re.compile(r"\?([^\s\"']*)")
+
+
+def redact_query(text: str) -> str:
+    """``text`` with every query value but Engine.IO's own masked (``token=***``)."""
+
+    def masked(match: re.Match[str]) -> str:
+        pairs = []
+        for pair in match.group(1).split("&"):
+            name, sep, value = pair.partition("=")
+            plain = name in _PLAIN_QUERY_PARAMS or not value
+            pairs.append(f"{name}{sep}{value if plain else MASK}")
+        return "?" + "&".join(pairs)
+
+    return _QUERY.sub(masked, text) if "?" in text else text
+
+
+def redact_query_strings(record: logging.LogRecord) -> bool:
+    """A logging filter: the web server logs request paths, query tokens included."""
+    if isinstance(record.msg, str):
+        record.msg = redact_query(record.msg)
+    if isinstance(record.args, tuple):
+        record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
+    return True
 
 
 def _is_tty(stream: TextIO) -> bool:
