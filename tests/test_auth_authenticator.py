@@ -6,8 +6,8 @@ import pytest
 from auth_support import HMAC_SECRET, ISSUER, NOW, FakeClock, claims, public_pem, rsa_key, sign
 
 from policy_engine.auth import (
+    AuthenticationError,
     Authenticator,
-    AuthError,
     AuthReason,
     Handshake,
     JwtProvider,
@@ -51,8 +51,8 @@ async def refusal(
     authenticator: Authenticator,
     handshake: Handshake,
     requirement: Requirement = Requirement.REQUIRED,
-) -> AuthError:
-    with pytest.raises(AuthError) as caught:
+) -> AuthenticationError:
+    with pytest.raises(AuthenticationError) as caught:
         await authenticator.authenticate(handshake, requirement)
     return caught.value
 
@@ -128,3 +128,13 @@ async def test_a_session_cookie_provider_alongside_jwt() -> None:
     assert (result.provider, result.user_id, result.unexpected) == ("session", "web-user", ())
     error = await refusal(authenticator, Handshake(headers={"cookie": f"sid={cookie}x"}))
     assert error.reason is AuthReason.BAD_SIGNATURE
+
+
+async def test_the_provider_cap_applies_where_the_token_is_read() -> None:
+    spec = JwtVerifierSpec(name="idp", algorithms=("RS256",), max_token_bytes=100)
+    keys = StaticKeys(KeySet([key_from_pem(public_pem(rsa_key()), ("RS256",))]))
+    authenticator = Authenticator([JwtProvider(JwtVerifier(spec, keys))])
+    handshake = Handshake(auth={"token": "x" * 101})
+    provider = JwtProvider(JwtVerifier(spec, keys), TokenSourceSpec(locations=(AUTH_FIELD,)))
+    assert (await refusal(Authenticator([provider]), handshake)).reason is AuthReason.TOO_LARGE
+    assert (await refusal(authenticator, bearer("x" * 101))).reason is AuthReason.TOO_LARGE

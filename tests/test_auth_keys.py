@@ -20,7 +20,7 @@ from auth_support import (
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from policy_engine.auth import (
-    AuthConfigError,
+    AuthenticationConfigError,
     JwtVerifierSpec,
     KeySet,
     env_keys,
@@ -47,34 +47,34 @@ def test_an_ec_key_serves_only_the_algorithm_of_its_curve() -> None:
 
 
 def test_a_key_that_serves_none_of_the_algorithms_is_refused() -> None:
-    with pytest.raises(AuthConfigError, match="EC secp256r1 key cannot verify"):
+    with pytest.raises(AuthenticationConfigError, match="EC secp256r1 key cannot verify"):
         key_from_pem(public_pem(ec_key()), ("RS256",))
 
 
 def test_a_private_key_is_refused() -> None:
-    with pytest.raises(AuthConfigError, match="private key"):
+    with pytest.raises(AuthenticationConfigError, match="private key"):
         key_from_pem(private_pem(rsa_key()), ("RS256",))
 
 
 def test_a_short_rsa_key_is_refused() -> None:
     weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    with pytest.raises(AuthConfigError, match="1024 bits"):
+    with pytest.raises(AuthenticationConfigError, match="1024 bits"):
         key_from_pem(public_pem(weak), ("RS256",))
 
 
 def test_an_hmac_secret_must_be_as_long_as_the_hash() -> None:
-    with pytest.raises(AuthConfigError, match="at least 32"):
+    with pytest.raises(AuthenticationConfigError, match="at least 32"):
         key_from_secret(b"short", ("HS256",))
     assert key_from_secret(b"k" * 32, ("HS256", "HS512")).algorithms == {"HS256"}
 
 
 def test_a_pem_is_never_an_hmac_secret() -> None:
-    with pytest.raises(AuthConfigError, match="PEM"):
+    with pytest.raises(AuthenticationConfigError, match="PEM"):
         key_from_secret(public_pem(rsa_key()), ("HS256",))
 
 
 def test_not_a_pem_is_a_config_error() -> None:
-    with pytest.raises(AuthConfigError, match="not a PEM"):
+    with pytest.raises(AuthenticationConfigError, match="not a PEM"):
         key_from_pem(b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n", ("RS256",))
 
 
@@ -112,7 +112,7 @@ def test_a_jwks_skips_keys_it_cannot_use() -> None:
 
 @pytest.mark.parametrize("document", [{"keys": []}, {"keys": "no"}, [], {"nokeys": 1}])
 def test_a_jwks_without_a_usable_key_is_an_error(document: object) -> None:
-    with pytest.raises(AuthConfigError):
+    with pytest.raises(AuthenticationConfigError):
         keyset_from_jwks(document, ("RS256",))
 
 
@@ -121,7 +121,7 @@ def test_a_pem_file_source(tmp_path: Path) -> None:
     path.write_bytes(public_pem(ec_key()))
     source = pem_file_keys(path, ("ES256",), kid="2024")
     assert [key.kid for key in source.keys.keys] == ["2024"]
-    with pytest.raises(AuthConfigError, match=r"missing\.pem"):
+    with pytest.raises(AuthenticationConfigError, match=r"missing\.pem"):
         pem_file_keys(tmp_path / "missing.pem", ("ES256",))
 
 
@@ -133,7 +133,7 @@ def test_a_jwks_file_may_hold_hmac_keys(tmp_path: Path) -> None:
     spec = JwtVerifierSpec(name="local", algorithms=("HS256",))
     assert verify_token(sign(HMAC_SECRET, "HS256", kid="s1"), spec, keys, NOW).key_id == "s1"
     path.write_text("{not json")
-    with pytest.raises(AuthConfigError, match="not JSON"):
+    with pytest.raises(AuthenticationConfigError, match="not JSON"):
         jwks_file_keys(path, ("HS256",))
 
 
@@ -141,7 +141,7 @@ def test_an_environment_variable_holds_a_secret_or_a_pem_as_the_algorithms_say()
     environ = {"SECRET": "s" * 32, "PEM": public_pem(rsa_key()).decode()}
     assert env_keys("SECRET", ("HS256",), environ=environ).keys.keys[0].material == b"s" * 32
     assert env_keys("PEM", ("RS256",), environ=environ).keys.keys[0].algorithms == {"RS256"}
-    with pytest.raises(AuthConfigError, match="PEM"):
+    with pytest.raises(AuthenticationConfigError, match="PEM"):
         env_keys("PEM", ("HS256",), environ=environ)
-    with pytest.raises(AuthConfigError, match="not set"):
+    with pytest.raises(AuthenticationConfigError, match="not set"):
         env_keys("ABSENT", ("HS256",), environ=environ)

@@ -14,8 +14,8 @@ from aiohttp import web
 from auth_support import ISSUER, FakeClock, claims, public_jwk, rsa_key, sign
 
 from policy_engine.auth import (
-    AuthConfigError,
-    AuthError,
+    AuthenticationConfigError,
+    AuthenticationError,
     AuthReason,
     JwksFetch,
     JwtVerifier,
@@ -84,8 +84,8 @@ class Harness:
         token = sign(rsa_key(index), "RS256", kid=f"k{index}" if kid is None else kid)
         return str((await self.verifier.verify(token)).claims["sub"])
 
-    async def refusal(self, index: int, kid: str | None = None) -> AuthError:
-        with pytest.raises(AuthError) as caught:
+    async def refusal(self, index: int, kid: str | None = None) -> AuthenticationError:
+        with pytest.raises(AuthenticationError) as caught:
             await self.verify(index, kid)
         return caught.value
 
@@ -146,7 +146,7 @@ async def test_fifty_concurrent_unknown_kids_share_one_fetch(jwks_server: JwksSe
     results = await asyncio.gather(*rotated, *invented, return_exceptions=True)
     assert results[:25] == ["user-1"] * 25
     assert all(
-        isinstance(error, AuthError) and error.reason is AuthReason.UNKNOWN_KID
+        isinstance(error, AuthenticationError) and error.reason is AuthReason.UNKNOWN_KID
         for error in results[25:]
     )
     assert jwks_server.requests == 2
@@ -213,7 +213,7 @@ async def test_tokens_refused_on_their_face_fetch_nothing(jwks_server: JwksServe
     harness.clock.advance(INTERVAL)
     foreign = sign(rsa_key(1), "RS256", kid="k9", payload=claims(iss="https://other.example"))
     for token in ("garbage", "a.b.c", foreign, sign(rsa_key(1), "RS384", kid="k9")):
-        with pytest.raises(AuthError) as caught:
+        with pytest.raises(AuthenticationError) as caught:
             await harness.verifier.verify(token)
         assert caught.value.reason is not AuthReason.UNKNOWN_KID
     assert jwks_server.requests == 1
@@ -226,6 +226,8 @@ async def test_a_jwks_without_usable_keys_is_a_failed_fetch(jwks_server: JwksSer
     assert "no key" in harness.reports[0].error
 
 
-def test_only_http_urls_are_accepted() -> None:
-    with pytest.raises(AuthConfigError):
+def test_only_http_urls_of_public_keys_are_accepted() -> None:
+    with pytest.raises(AuthenticationConfigError, match="http"):
         RemoteJwks("file:///etc/passwd", ("RS256",))
+    with pytest.raises(AuthenticationConfigError, match="local secret"):
+        RemoteJwks("https://idp.example/jwks", ("HS256",))

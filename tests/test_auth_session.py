@@ -12,8 +12,8 @@ from auth_support import NOW, FakeClock
 from policy_engine.auth import (
     AUTH_EXPIRED,
     AUTH_FAILED,
-    AuthConfigError,
-    AuthError,
+    AuthenticationConfigError,
+    AuthenticationError,
     AuthReason,
     Handshake,
     HandshakeClaimsLoader,
@@ -30,8 +30,8 @@ def verifier(clock: FakeClock, *secrets: str) -> SessionVerifier:
     return SessionVerifier(SPEC, secrets or (SECRET,), clock=clock)
 
 
-def refusal(session: SessionVerifier, cookie: str) -> AuthError:
-    with pytest.raises(AuthError) as caught:
+def refusal(session: SessionVerifier, cookie: str) -> AuthenticationError:
+    with pytest.raises(AuthenticationError) as caught:
         session.verify(cookie)
     return caught.value
 
@@ -81,9 +81,9 @@ def test_the_secret_comes_from_the_environment_and_must_be_long() -> None:
     environ = {SPEC.secret_env: f"{'o' * 32} {SECRET}"}
     session = SessionVerifier.from_env(SPEC, environ, clock=clock)
     assert session.verify(verifier(clock, SECRET).sign({"sub": "a"}))["sub"] == "a"
-    with pytest.raises(AuthConfigError, match="not set"):
+    with pytest.raises(AuthenticationConfigError, match="not set"):
         SessionVerifier.from_env(SPEC, {})
-    with pytest.raises(AuthConfigError, match="32 bytes"):
+    with pytest.raises(AuthenticationConfigError, match="32 bytes"):
         SessionVerifier(SPEC, ["short"])
 
 
@@ -141,5 +141,5 @@ async def test_a_claims_loader_is_found_by_module_and_attribute(loaders_module: 
 def test_a_wrong_claims_loader_name_is_a_config_error(
     loaders_module: str, target: str, message: str
 ) -> None:
-    with pytest.raises(AuthConfigError, match=message):
+    with pytest.raises(AuthenticationConfigError, match=message):
         import_claims_loader(target.format(module=loaders_module))

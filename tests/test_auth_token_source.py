@@ -7,8 +7,8 @@ from auth_support import HMAC_SECRET, sign
 
 from policy_engine.auth import (
     BEARER_HEADER,
-    AuthConfigError,
-    AuthError,
+    AuthenticationConfigError,
+    AuthenticationError,
     AuthReason,
     Handshake,
     TokenLocation,
@@ -68,22 +68,22 @@ def test_the_places_are_tried_in_the_policy_order() -> None:
 
 
 def test_an_oversize_token_is_refused_before_it_is_parsed() -> None:
-    spec = TokenSourceSpec(locations=(AUTH_FIELD,), max_bytes=8192)
-    with pytest.raises(AuthError) as caught:
+    spec = TokenSourceSpec(locations=(AUTH_FIELD,))
+    with pytest.raises(AuthenticationError) as caught:
         extract_token(spec, Handshake(auth={"token": "x" * 8193}))
     assert caught.value.reason is AuthReason.TOO_LARGE
     assert extract_token(spec, Handshake(auth={"token": "x" * 8192})).token
 
 
 def test_the_header_prefix_does_not_count_against_the_cap() -> None:
-    spec = TokenSourceSpec(max_bytes=10)
-    assert extract_token(spec, Handshake(headers={"authorization": "Bearer " + "x" * 10})).token
-    with pytest.raises(AuthError):
-        extract_token(spec, Handshake(headers={"authorization": "Bearer " + "x" * 11}))
+    header = Handshake(headers={"authorization": "Bearer " + "x" * 10})
+    assert extract_token(HEADER_ONLY, header, max_bytes=10).token
+    with pytest.raises(AuthenticationError):
+        extract_token(HEADER_ONLY, header, max_bytes=9)
 
 
 def test_a_token_that_is_not_text_is_malformed() -> None:
-    with pytest.raises(AuthError) as caught:
+    with pytest.raises(AuthenticationError) as caught:
         extract_token(TokenSourceSpec(locations=(AUTH_FIELD,)), Handshake(auth={"token": 42}))
     assert caught.value.reason is AuthReason.MALFORMED
 
@@ -117,9 +117,9 @@ def test_cookies_parse_leniently() -> None:
 
 
 def test_location_settings_are_checked() -> None:
-    with pytest.raises(AuthConfigError):
+    with pytest.raises(AuthenticationConfigError):
         TokenLocation(TokenPlace.QUERY, "token", prefix="Bearer ")
-    with pytest.raises(AuthConfigError):
+    with pytest.raises(AuthenticationConfigError):
         TokenLocation(TokenPlace.AUTH, "")
-    with pytest.raises(AuthConfigError):
+    with pytest.raises(AuthenticationConfigError):
         TokenSourceSpec(locations=())

@@ -24,8 +24,8 @@ from auth_support import (
 from policy_engine.auth import (
     AUTH_EXPIRED,
     AUTH_FAILED,
-    AuthConfigError,
-    AuthError,
+    AuthenticationConfigError,
+    AuthenticationError,
     AuthReason,
     JwtVerifier,
     JwtVerifierSpec,
@@ -53,8 +53,8 @@ def rsa_keys(index: int = 0, kid: str | None = None) -> KeySet:
 
 def refusal(
     token: str, verifier_spec: JwtVerifierSpec, keys: KeySet, now: float = NOW
-) -> AuthError:
-    with pytest.raises(AuthError) as caught:
+) -> AuthenticationError:
+    with pytest.raises(AuthenticationError) as caught:
         verify_token(token, verifier_spec, keys, now)
     assert not token or token not in str(caught.value)
     return caught.value
@@ -82,7 +82,7 @@ async def test_the_async_verifier_checks_against_its_clock() -> None:
     token = sign(rsa_key(), "RS256")
     assert (await verifier.verify(token)).claims["sub"] == "user-1"
     clock.advance(301)
-    with pytest.raises(AuthError) as caught:
+    with pytest.raises(AuthenticationError) as caught:
         await verifier.verify(token)
     assert caught.value.code == AUTH_EXPIRED
 
@@ -94,7 +94,7 @@ def test_alg_none_is_refused() -> None:
 
 
 def test_alg_none_cannot_be_allowed() -> None:
-    with pytest.raises(AuthConfigError, match="none"):
+    with pytest.raises(AuthenticationConfigError, match="none"):
         JwtVerifierSpec(name="idp", algorithms=("none",))
 
 
@@ -106,14 +106,14 @@ def test_hmac_with_the_rsa_public_pem_as_secret_is_refused() -> None:
     # RS*/PS* only. Such a provider is refused outright, so check with HS allowed alone too.
     error = refusal(forged, spec(RSA_ALGS), rsa_keys())
     assert error.reason is AuthReason.ALGORITHM_NOT_ALLOWED
-    with pytest.raises(AuthConfigError):
+    with pytest.raises(AuthenticationConfigError):
         key_from_secret(pem, HS_ALGS)
-    with pytest.raises(AuthConfigError):
+    with pytest.raises(AuthenticationConfigError):
         key_from_pem(pem, HS_ALGS)
 
 
 def test_hmac_and_public_key_algorithms_cannot_share_a_provider() -> None:
-    with pytest.raises(AuthConfigError, match="two providers"):
+    with pytest.raises(AuthenticationConfigError, match="two providers"):
         JwtVerifierSpec(name="idp", algorithms=("RS256", "HS256"))
 
 
@@ -237,11 +237,11 @@ def test_the_error_text_names_the_check_not_the_token() -> None:
 
 
 def test_spec_settings_are_checked() -> None:
-    with pytest.raises(AuthConfigError):
+    with pytest.raises(AuthenticationConfigError):
         JwtVerifierSpec(name="idp", algorithms=())
-    with pytest.raises(AuthConfigError):
+    with pytest.raises(AuthenticationConfigError):
         JwtVerifierSpec(name="idp", algorithms=("RS256",), leeway=-1)
-    with pytest.raises(AuthConfigError, match="XS256"):
+    with pytest.raises(AuthenticationConfigError, match="XS256"):
         JwtVerifierSpec(name="idp", algorithms=("XS256",))
 
 

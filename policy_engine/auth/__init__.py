@@ -1,7 +1,7 @@
 """Proving who is connecting: JWT providers, key sources, token places, session cookies.
 
 Nothing here knows Socket.IO: the adapter hands a :class:`Handshake` to an
-:class:`Authenticator` and gets an :class:`Authentication` back, or an :class:`AuthError`
+:class:`Authenticator` and gets an :class:`Authentication` back, or an :class:`AuthenticationError`
 whose ``code`` (``AUTH_FAILED`` / ``AUTH_EXPIRED``) the client sees and whose ``reason``
 the logs do. ``docs/authentication.md`` describes the policy section this is built from.
 """
@@ -17,8 +17,8 @@ from policy_engine.auth.authenticator import (
 from policy_engine.auth.failures import (
     AUTH_EXPIRED,
     AUTH_FAILED,
-    AuthConfigError,
-    AuthError,
+    AuthenticationConfigError,
+    AuthenticationError,
     AuthReason,
 )
 from policy_engine.auth.handshake import Handshake
@@ -53,10 +53,10 @@ __all__ = [
     "AUTH_EXPIRED",
     "AUTH_FAILED",
     "BEARER_HEADER",
-    "AuthConfigError",
-    "AuthError",
     "AuthReason",
     "Authentication",
+    "AuthenticationConfigError",
+    "AuthenticationError",
     "Authenticator",
     "Handshake",
     "HandshakeClaimsLoader",

@@ -16,7 +16,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from policy_engine.auth.failures import AuthError, AuthReason
+from policy_engine.auth.failures import AuthenticationError, AuthReason
 from policy_engine.auth.handshake import Handshake
 from policy_engine.auth.loader import HandshakeClaimsLoader
 from policy_engine.auth.token_source import (
@@ -63,7 +63,8 @@ class JwtProvider:
         return self.source.locations
 
     async def authenticate(self, handshake: Handshake) -> Mapping[str, Any] | None:
-        token = extract_token(self.source, handshake).token
+        limit = self.verifier.spec.max_token_bytes
+        token = extract_token(self.source, handshake, limit).token
         return (await self.verifier.verify(token)).claims if token else None
 
 
@@ -104,11 +105,11 @@ class Authenticator:
     async def authenticate(
         self, handshake: Handshake, requirement: Requirement = Requirement.REQUIRED
     ) -> Authentication:
-        refusal: AuthError | None = None
+        refusal: AuthenticationError | None = None
         for provider in self.providers:
             try:
                 claims = await provider.authenticate(handshake)
-            except AuthError as error:
+            except AuthenticationError as error:
                 refusal = _more_telling(refusal, error)
                 continue
             if claims is not None:
@@ -123,8 +124,8 @@ class Authenticator:
         stray = unexpected_tokens(handshake, self._named)
         if requirement is Requirement.REQUIRED:
             if stray:
-                raise AuthError(AuthReason.UNEXPECTED_LOCATION, ", ".join(stray))
-            raise AuthError(AuthReason.MISSING)
+                raise AuthenticationError(AuthReason.UNEXPECTED_LOCATION, ", ".join(stray))
+            raise AuthenticationError(AuthReason.MISSING)
         return Authentication(unexpected=stray)
 
     def _user_id(self, claims: Mapping[str, Any]) -> str:
@@ -132,11 +133,13 @@ class Authenticator:
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str) or not value:
-            raise AuthError(AuthReason.MISSING_CLAIM, f"user claim {self.user_claim!r}")
+            raise AuthenticationError(AuthReason.MISSING_CLAIM, f"user claim {self.user_claim!r}")
         return value
 
 
-def _more_telling(kept: AuthError | None, new: AuthError) -> AuthError:
+def _more_telling(
+    kept: AuthenticationError | None, new: AuthenticationError
+) -> AuthenticationError:
     """With several providers, a wrong issuer usually means "not this provider's token":
     any other reason says more about why the token was refused."""
     if kept is None or kept.reason is AuthReason.WRONG_ISSUER:

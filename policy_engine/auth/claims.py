@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from policy_engine.auth.failures import AuthError, AuthReason
+from policy_engine.auth.failures import AuthenticationError, AuthReason
 
 
 def check_claims(
@@ -23,22 +23,22 @@ def check_claims(
     audiences: tuple[str, ...],
     required: tuple[str, ...],
 ) -> None:
-    """Raise :class:`AuthError` for the first failed check; an empty issuer or audience
+    """Raise :class:`AuthenticationError` for the first failed check; an empty issuer or audience
     list means that claim is not checked (as Envoy's ``jwt_authn`` does)."""
     for name in required:
         if name not in claims:
-            raise AuthError(AuthReason.MISSING_CLAIM, f"claim {name!r}")
+            raise AuthenticationError(AuthReason.MISSING_CLAIM, f"claim {name!r}")
     expiry = _time_claim(claims, "exp")
     if expiry is not None and now >= expiry + leeway:
-        raise AuthError(AuthReason.EXPIRED)
+        raise AuthenticationError(AuthReason.EXPIRED)
     for name in ("nbf", "iat"):
         moment = _time_claim(claims, name)
         if moment is not None and moment > now + leeway:
-            raise AuthError(AuthReason.NOT_YET_VALID, f"claim {name!r} is in the future")
+            raise AuthenticationError(AuthReason.NOT_YET_VALID, f"claim {name!r} is in the future")
     if issuer and claims.get("iss") != issuer:
-        raise AuthError(AuthReason.WRONG_ISSUER)
+        raise AuthenticationError(AuthReason.WRONG_ISSUER)
     if audiences and not _audience_matches(claims.get("aud"), audiences):
-        raise AuthError(AuthReason.WRONG_AUDIENCE)
+        raise AuthenticationError(AuthReason.WRONG_AUDIENCE)
 
 
 def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
@@ -46,7 +46,7 @@ def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise AuthError(AuthReason.INVALID_CLAIM, f"claim {name!r} is not a NumericDate")
+        raise AuthenticationError(AuthReason.INVALID_CLAIM, f"claim {name!r} is not a NumericDate")
     return float(value)
 
 

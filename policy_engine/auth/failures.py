@@ -43,7 +43,7 @@ _RETRYABLE_REASONS = frozenset({AuthReason.KEYS_UNAVAILABLE})
 _MAX_DETAIL = 120
 
 
-class AuthError(PolicyEngineError):
+class AuthenticationError(PolicyEngineError):
     """A credential was refused; ``str()`` of it is safe to log.
 
     ``detail`` is written by this package from fixed words and names (a claim name, a
@@ -69,7 +69,7 @@ class AuthError(PolicyEngineError):
         return f"{text} ({self.detail})" if self.detail else text
 
 
-class AuthConfigError(PolicyEngineError, ValueError):
+class AuthenticationConfigError(PolicyEngineError, ValueError):
     """An authentication setting cannot work (a private key, a short secret, ``alg: none``).
 
     Raised when a verifier or key source is built, so a bad setting stops a start or a

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from policy_engine.auth.failures import AuthConfigError
+from policy_engine.auth.failures import AuthenticationConfigError
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
@@ -107,15 +107,15 @@ def check_algorithms(algorithms: Iterable[str]) -> frozenset[str]:
     """
     allowed = frozenset(algorithms)
     if not allowed:
-        raise AuthConfigError("algorithms must name at least one algorithm")
+        raise AuthenticationConfigError("algorithms must name at least one algorithm")
     unknown = sorted(alg for alg in allowed if alg not in SUPPORTED_ALGORITHMS)
     if unknown:
-        raise AuthConfigError(
+        raise AuthenticationConfigError(
             f"algorithms not supported: {', '.join(unknown)} "
             f"(supported: {', '.join(sorted(SUPPORTED_ALGORITHMS))}; 'none' never is)"
         )
     if allowed & HMAC_ALGORITHMS and allowed - HMAC_ALGORITHMS:
-        raise AuthConfigError(
+        raise AuthenticationConfigError(
             "HS* and public-key algorithms cannot share a provider: use two providers"
         )
     return allowed
@@ -130,14 +130,16 @@ def bind(material: Any, allowed: Iterable[str], declared: str | None = None) -> 
 def key_from_pem(pem: bytes, algorithms: Iterable[str], kid: str | None = None) -> VerificationKey:
     """A public key or certificate in PEM; a private key is refused (it does not belong here)."""
     if b"PRIVATE KEY" in pem:
-        raise AuthConfigError("a private key was given; a verifier needs only the public key")
+        raise AuthenticationConfigError(
+            "a private key was given; a verifier needs only the public key"
+        )
     try:
         if b"CERTIFICATE" in pem:
             public: Any = x509.load_pem_x509_certificate(pem).public_key()
         else:
             public = load_pem_public_key(pem)
     except ValueError as error:
-        raise AuthConfigError(f"not a PEM public key or certificate: {error}") from None
+        raise AuthenticationConfigError(f"not a PEM public key or certificate: {error}") from None
     return _bound(public, algorithms, kid)
 
 
@@ -146,7 +148,7 @@ def key_from_secret(
 ) -> VerificationKey:
     """An HMAC secret; one that looks like a PEM key is refused, whatever it would verify."""
     if secret.lstrip().startswith(_PEM_MARK):
-        raise AuthConfigError("an HMAC secret must not be a PEM key")
+        raise AuthenticationConfigError("an HMAC secret must not be a PEM key")
     return _bound(secret, algorithms, kid)
 
 
@@ -168,7 +170,7 @@ def key_from_jwk(
         material = material.public_key()  # a JWK with private parts: use only the public one
     try:
         return _bound(material, algorithms, kid, declared)
-    except AuthConfigError:
+    except AuthenticationConfigError:
         return None
 
 
@@ -179,7 +181,7 @@ def keyset_from_jwks(
     allowed = tuple(algorithms)
     entries = document.get("keys") if isinstance(document, Mapping) else None
     if not isinstance(entries, list):
-        raise AuthConfigError("a JWKS document is an object with a 'keys' list")
+        raise AuthenticationConfigError("a JWKS document is an object with a 'keys' list")
     keys = [
         key
         for entry in entries
@@ -187,7 +189,7 @@ def keyset_from_jwks(
         and (key := key_from_jwk(entry, allowed, allow_symmetric=allow_symmetric)) is not None
     ]
     if not keys:
-        raise AuthConfigError(f"the JWKS has no key for {', '.join(sorted(allowed))}")
+        raise AuthenticationConfigError(f"the JWKS has no key for {', '.join(sorted(allowed))}")
     return KeySet(keys)
 
 
@@ -202,7 +204,7 @@ def jwks_file_keys(path: str | Path, algorithms: Iterable[str]) -> StaticKeys:
     try:
         document = json.loads(_read(path))
     except ValueError as error:
-        raise AuthConfigError(f"{path}: not JSON: {error}") from None
+        raise AuthenticationConfigError(f"{path}: not JSON: {error}") from None
     return StaticKeys(keyset_from_jwks(document, algorithms, allow_symmetric=True))
 
 
@@ -219,7 +221,7 @@ def env_keys(
     """
     value = (os.environ if environ is None else environ).get(variable, "")
     if not value:
-        raise AuthConfigError(f"environment variable {variable} is not set")
+        raise AuthenticationConfigError(f"environment variable {variable} is not set")
     allowed = check_algorithms(algorithms)
     data = value.encode()
     if allowed <= HMAC_ALGORITHMS:
@@ -237,11 +239,11 @@ def _bound(
         served = frozenset(alg for alg in served if len(material) >= _HMAC_MIN_BYTES[alg])
         if not served and allowed & HMAC_ALGORITHMS:
             shortest = min(_HMAC_MIN_BYTES[alg] for alg in allowed & HMAC_ALGORITHMS)
-            raise AuthConfigError(
+            raise AuthenticationConfigError(
                 f"the HMAC secret has {len(material)} bytes; at least {shortest} are needed"
             )
     if not served:
-        raise AuthConfigError(
+        raise AuthenticationConfigError(
             f"a {_kind(material)} key cannot verify any of {', '.join(sorted(allowed))}"
         )
     return VerificationKey(algorithms=served, material=material, kid=kid)
@@ -264,7 +266,7 @@ def _serves(material: Any, algorithm: str) -> bool:
 
 def _check_strength(material: Any) -> None:
     if isinstance(material, rsa.RSAPublicKey) and material.key_size < MIN_RSA_BITS:
-        raise AuthConfigError(
+        raise AuthenticationConfigError(
             f"the RSA key has {material.key_size} bits; at least {MIN_RSA_BITS} are needed"
         )
 
@@ -283,4 +285,4 @@ def _read(path: str | Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as error:
-        raise AuthConfigError(f"{path}: {error.strerror or error}") from None
+        raise AuthenticationConfigError(f"{path}: {error.strerror or error}") from None

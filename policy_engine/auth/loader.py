@@ -7,7 +7,7 @@ table): they plug a loader in instead of, or besides, JWT providers, as
 - returns the claims (a mapping) of a proven identity;
 - returns ``None`` when the handshake carries no credential it recognises (anonymous,
   which a namespace may allow or refuse);
-- raises :class:`~policy_engine.auth.failures.AuthError` when a credential is present but
+- raises :class:`~policy_engine.auth.failures.AuthenticationError` when a credential is present but
   wrong (refused, with that reason); any other exception is a failure of the loader, which
   the policy's failure handling classifies like any handler error.
 
@@ -21,7 +21,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from policy_engine.auth.failures import AuthConfigError
+from policy_engine.auth.failures import AuthenticationConfigError
 from policy_engine.auth.handshake import Handshake
 
 
@@ -34,19 +34,23 @@ def import_claims_loader(target: str) -> HandshakeClaimsLoader:
     """``"module:attr"`` -> the loader; a class there is instantiated without arguments."""
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
-        raise AuthConfigError(f"a claims loader is named 'module:attribute', not {target!r}")
+        raise AuthenticationConfigError(
+            f"a claims loader is named 'module:attribute', not {target!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise AuthConfigError(f"cannot import {module_name!r}: {error}") from None
+        raise AuthenticationConfigError(f"cannot import {module_name!r}: {error}") from None
     found: Any = module
     for part in attribute.split("."):
         try:
             found = getattr(found, part)
         except AttributeError:
-            raise AuthConfigError(f"{module_name!r} has no {attribute!r}") from None
+            raise AuthenticationConfigError(f"{module_name!r} has no {attribute!r}") from None
     if inspect.isclass(found):
         found = found()
     if not isinstance(found, HandshakeClaimsLoader) or not inspect.iscoroutinefunction(found.load):
-        raise AuthConfigError(f"{target}: needs an 'async def load(self, handshake)' method")
+        raise AuthenticationConfigError(
+            f"{target}: needs an 'async def load(self, handshake)' method"
+        )
     return found

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from policy_engine.auth.failures import AuthConfigError, AuthError, AuthReason
-from policy_engine.auth.keys import KeySet, check_algorithms, keyset_from_jwks
+from policy_engine.auth.failures import AuthenticationConfigError, AuthenticationError, AuthReason
+from policy_engine.auth.keys import HMAC_ALGORITHMS, KeySet, check_algorithms, keyset_from_jwks
 
 DEFAULT_MAX_AGE = 300.0
 DEFAULT_MIN_REFRESH_INTERVAL = 30.0
@@ -69,11 +69,18 @@ class RemoteJwks:
         on_fetch: FetchListener | None = None,
     ) -> None:
         if urlsplit(url).scheme not in ("http", "https"):
-            raise AuthConfigError(f"a JWKS URL must be http or https: {url!r}")
+            raise AuthenticationConfigError(f"a JWKS URL must be http or https: {url!r}")
         if min_refresh_interval < 0 or max_age <= 0 or timeout <= 0:
-            raise AuthConfigError("max_age and timeout must be positive, the interval not negative")
+            raise AuthenticationConfigError(
+                "max_age and timeout must be positive, the interval not negative"
+            )
+        allowed = check_algorithms(algorithms)
+        if allowed & HMAC_ALGORITHMS:
+            raise AuthenticationConfigError(
+                "a JWKS URL publishes public keys; an HS provider needs a local secret"
+            )
         self.url = url
-        self.algorithms = tuple(check_algorithms(algorithms))
+        self.algorithms = tuple(sorted(allowed))
         self.max_age = max_age
         self.min_refresh_interval = min_refresh_interval
         self.timeout = timeout
@@ -104,7 +111,7 @@ class RemoteJwks:
             # Shielded: a caller giving up must not cancel the fetch the others await.
             await asyncio.shield(self._in_flight)
         if self._keys is None:
-            raise AuthError(AuthReason.KEYS_UNAVAILABLE, self.last_error)
+            raise AuthenticationError(AuthReason.KEYS_UNAVAILABLE, self.last_error)
         return self._keys
 
     def _may_attempt(self) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 from itsdangerous import BadData, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
 
-from policy_engine.auth.failures import AuthConfigError, AuthError, AuthReason
+from policy_engine.auth.failures import AuthenticationConfigError, AuthenticationError, AuthReason
 from policy_engine.auth.handshake import Handshake
 from policy_engine.auth.token_source import TokenLocation, TokenPlace
 
@@ -41,7 +41,9 @@ class SessionCookieSpec:
 
     def __post_init__(self) -> None:
         if not self.cookie or self.max_age <= 0 or self.max_bytes <= 0:
-            raise AuthConfigError("a session cookie needs a name, a positive max_age and size")
+            raise AuthenticationConfigError(
+                "a session cookie needs a name, a positive max_age and size"
+            )
 
 
 class _ClockedSigner(TimestampSigner):
@@ -66,7 +68,9 @@ class SessionVerifier:
     ) -> None:
         keys = [secret.encode() if isinstance(secret, str) else secret for secret in secrets]
         if not keys or any(len(key) < MIN_SECRET_BYTES for key in keys):
-            raise AuthConfigError(f"session secrets need at least {MIN_SECRET_BYTES} bytes each")
+            raise AuthenticationConfigError(
+                f"session secrets need at least {MIN_SECRET_BYTES} bytes each"
+            )
         self.spec = spec
         self.locations = (TokenLocation(TokenPlace.COOKIE, spec.cookie),)
         self._serializer = URLSafeTimedSerializer(
@@ -86,20 +90,22 @@ class SessionVerifier:
         """The secret from ``spec.secret_env``; several, newest last, separated by spaces."""
         value = (os.environ if environ is None else environ).get(spec.secret_env, "")
         if not value.strip():
-            raise AuthConfigError(f"environment variable {spec.secret_env} is not set")
+            raise AuthenticationConfigError(f"environment variable {spec.secret_env} is not set")
         return cls(spec, value.split(), clock)
 
     def verify(self, cookie: str) -> Mapping[str, Any]:
         if len(cookie) > self.spec.max_bytes:
-            raise AuthError(AuthReason.TOO_LARGE, f"session cookie over {self.spec.max_bytes}")
+            raise AuthenticationError(
+                AuthReason.TOO_LARGE, f"session cookie over {self.spec.max_bytes}"
+            )
         try:
             claims = self._serializer.loads(cookie, max_age=int(self.spec.max_age))
         except SignatureExpired:
-            raise AuthError(AuthReason.EXPIRED, "session cookie") from None
+            raise AuthenticationError(AuthReason.EXPIRED, "session cookie") from None
         except BadData:
-            raise AuthError(AuthReason.BAD_SIGNATURE, "session cookie") from None
+            raise AuthenticationError(AuthReason.BAD_SIGNATURE, "session cookie") from None
         if not isinstance(claims, dict):
-            raise AuthError(AuthReason.MALFORMED, "session claims are not an object")
+            raise AuthenticationError(AuthReason.MALFORMED, "session claims are not an object")
         return MappingProxyType(claims)
 
     async def load(self, handshake: Handshake) -> Mapping[str, Any] | None:

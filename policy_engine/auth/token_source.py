@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from policy_engine.auth.failures import AuthConfigError, AuthError, AuthReason
+from policy_engine.auth.failures import AuthenticationConfigError, AuthenticationError, AuthReason
 from policy_engine.auth.handshake import Handshake
 
 DEFAULT_MAX_TOKEN_BYTES = 8192
@@ -44,9 +44,9 @@ class TokenLocation:
 
     def __post_init__(self) -> None:
         if not self.name:
-            raise AuthConfigError(f"a {self.place.value} token location needs a name")
+            raise AuthenticationConfigError(f"a {self.place.value} token location needs a name")
         if self.prefix and self.place is not TokenPlace.HEADER:
-            raise AuthConfigError("only a header token location has a prefix")
+            raise AuthenticationConfigError("only a header token location has a prefix")
         if self.place is TokenPlace.HEADER:
             object.__setattr__(self, "name", self.name.lower())
 
@@ -59,16 +59,13 @@ BEARER_HEADER = TokenLocation(TokenPlace.HEADER, "authorization", "Bearer ")
 
 @dataclass(frozen=True, slots=True)
 class TokenSourceSpec:
-    """The places one provider reads, in order, and the longest token it will look at."""
+    """The places one provider reads, in order."""
 
     locations: tuple[TokenLocation, ...] = (BEARER_HEADER,)
-    max_bytes: int = DEFAULT_MAX_TOKEN_BYTES
 
     def __post_init__(self) -> None:
         if not self.locations:
-            raise AuthConfigError("a token source needs at least one location")
-        if self.max_bytes <= 0:
-            raise AuthConfigError("max_bytes must be positive")
+            raise AuthenticationConfigError("a token source needs at least one location")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +76,18 @@ class TokenExtraction:
     location: TokenLocation | None = None
 
 
-def extract_token(spec: TokenSourceSpec, handshake: Handshake) -> TokenExtraction:
-    """The first token in the spec's places; :class:`AuthError` for an oversize or non-text one."""
+def extract_token(
+    spec: TokenSourceSpec, handshake: Handshake, max_bytes: int = DEFAULT_MAX_TOKEN_BYTES
+) -> TokenExtraction:
+    """The first token in the spec's places; refused if oversize or not text, unparsed."""
     for location in spec.locations:
         raw = _read(location, handshake)
         if raw is None:
             continue
         if not isinstance(raw, str):
-            raise AuthError(AuthReason.MALFORMED, f"{location} is not text")
-        if len(raw) > spec.max_bytes + len(location.prefix):
-            raise AuthError(AuthReason.TOO_LARGE, f"{location} over {spec.max_bytes} bytes")
+            raise AuthenticationError(AuthReason.MALFORMED, f"{location} is not text")
+        if len(raw) > max_bytes + len(location.prefix):
+            raise AuthenticationError(AuthReason.TOO_LARGE, f"{location} over {max_bytes} bytes")
         token = _strip_prefix(raw, location.prefix)
         if token:
             return TokenExtraction(token, location)
