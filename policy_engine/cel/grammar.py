@@ -1,8 +1,7 @@
 """CEL's grammar, as cel-python ships it, built once for every module that parses CEL.
 
-The CEL adapter analyses sources with it (variables, bounds, regex literals, the fallback's
-checks) and the fast path compiles its subset from the same trees, so both must read an
-expression exactly alike.
+Both engines' checks and the fast path read expressions through it (see
+:mod:`policy_engine.cel.tree`), so all of them read an expression exactly alike.
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ from lark import Lark
 
 
 @cache
-def parser(*, positions: bool) -> Lark:
-    """celpy's grammar; without positions it parses twice as fast (tokens keep theirs)."""
+def parser() -> Lark:
+    """celpy's grammar, keeping every node's position so its text can be sliced out."""
     grammar = (Path(celpy.celparser.__file__).parent / "cel.lark").read_text()
     return Lark(
         grammar,
@@ -25,7 +24,7 @@ def parser(*, positions: bool) -> Lark:
         start="expr",
         g_regex_flags=re.M,
         lexer_callbacks={"IDENT": celpy.celparser.CELParser.ambiguous_literals},
-        propagate_positions=positions,
+        propagate_positions=True,
         maybe_placeholders=False,
         priority="invert",
     )
