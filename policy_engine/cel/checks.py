@@ -8,7 +8,9 @@ The bounds exist because a policy must never stall the event loop (as in Kuberne
 a source longer than ``MAX_SOURCE_CHARS``, a tree of more than ``MAX_NODES`` operations or
 nested deeper than ``MAX_DEPTH``, and comprehensions whose static cost exceeds
 ``ITERATION_BUDGET`` are refused; at run time both engines stop after that many
-iterations.
+iterations. The budget bounds time, but not always tightly: ``map`` and ``filter`` copy
+their result at every step, so their time grows with the square of the list. Over lists a
+client controls, prefer ``exists``/``all`` and bound the list's size in the event's schema.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class _CelExprProgram(CompiledProgram):
             raise EvaluationError(_engine_message(str(result.plain_value())))
         if kind == self.null_type:
             # Never convert a null: cel-expr-python 0.1.3 drops a reference to None on every
-            # such conversion, and enough of them abort the interpreter.
+            # such conversion, and about ten thousand of them abort the interpreter.
             if self.result_type is None:
                 return None
             raise EvaluationError(f"the expression returned null, not {article(self.expect)}")
