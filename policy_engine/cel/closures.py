@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any, Final
 
 from policy_engine.cel import values
-from policy_engine.cel.checks import RESULT_TYPES, article, label
+from policy_engine.cel.checks import RESULT_TYPES, article, container, label
 from policy_engine.cel.values import Activation, Evaluator
 from policy_engine.errors import EvaluationError
 from policy_engine.language.contexts import MessageType
@@ -65,12 +65,13 @@ def base_kind(kind: str) -> str:
 
 def element_kind(kind: str) -> str:
     """``T`` of ``list<T>`` or ``map<string,T>``."""
-    inner = kind[kind.index("<") + 1 : -1]
-    if kind.startswith("map<"):
-        key, _, inner = inner.partition(",")
-        if key.strip() != "string":
-            raise UnsupportedError
-    return inner.strip()
+    try:
+        holder = container(kind)
+    except ValueError:  # a map whose keys are not strings
+        raise UnsupportedError from None
+    if holder is None:
+        raise UnsupportedError
+    return holder[1]
 
 
 def check_kind(kind: str) -> None:

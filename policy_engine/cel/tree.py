@@ -136,9 +136,11 @@ def operands(node: Tree[Token]) -> list[Tree[Token]]:
     The grammar nests a chain to the left: ``a && b && c`` is ``(a && b) && c``. A node
     that is not such an operator is its own only operand.
     """
+    if node.data not in _BALANCED:
+        return [node]
     found: list[Tree[Token]] = []
     current = node
-    while current.data in _BALANCED and len(current.children) == 2:
+    while current.data == node.data and len(current.children) == 2:
         left, right = current.children
         if not (isinstance(left, Tree) and isinstance(right, Tree)):
             break

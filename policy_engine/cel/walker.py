@@ -43,6 +43,7 @@ from policy_engine.cel.tree import (
     check_shape,
     dot_offset,
     first_token,
+    operands,
     parse,
     start,
     token,
@@ -340,14 +341,7 @@ class _Walker:
         return _Facts(then_kind if then_kind == otherwise_kind else None)
 
     def _on_conditionalor(self, node: Tree[Token]) -> _Facts:
-        operands: list[Branch[Token]] = []
-        current: Branch[Token] = node
-        while (
-            isinstance(current, Tree) and current.data == node.data and len(current.children) == 2
-        ):
-            operands.append(current.children[1])
-            current = current.children[0]
-        for operand in (current, *reversed(operands)):
+        for operand in operands(node):
             self.visit(operand)
         return _Facts("bool")
 
