@@ -65,9 +65,10 @@ def parse(source: str) -> Tree[Token]:
         raise CelCompileError(SYNTAX, f"Syntax error: {exc}") from None
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=16)
 def _parse(source: str) -> Tree[Token]:
-    # Compiling one expression reads its tree several times (checks, fast path, facts).
+    # Compiling one expression reads its tree several times in a row (checks, fast path,
+    # facts); a tree is large, so only the last few are kept.
     return parser().parse(source)
 
 
