@@ -7,6 +7,7 @@ from policy_engine.cel.analysis import (
     event_name_filter,
     field_path,
     names_read,
+    operands_reading_only,
     reads_field,
 )
 from policy_engine.compiler.pipeline import compile_text
@@ -32,6 +33,7 @@ COMMENTED_OR = 'event.name == "a" && conn.ip != "" // it\'s for b\n|| event.name
         ('event.name == "a" && b && c', {"a"}, "b && c"),
         ('event.name == "a" && x // it\'s\n&& y', {"a"}, "x // it's\n&& y"),
         ('(event.name == "a" || event.name == "b") && x', {"a", "b"}, "x"),
+        ('event.name == "a" && true', {"a"}, "true"),
     ],
 )
 def test_a_leading_event_name_test_is_recognised(
@@ -113,12 +115,30 @@ def test_plain_field_reads_are_recognised(source: str, path: tuple[str, str] | N
         ('r"a\\" == x && y', ['r"a\\" == x', "y"]),
         ('"a\\" && b" == x && y', ['"a\\" && b" == x', "y"]),
         ("a &&", None),  # does not parse
+        ("a == true && false", ["a == true", "false"]),  # literals that lex as names
     ],
 )
 def test_conjuncts_are_the_operands_every_one_of_which_must_hold(
     source: str, parts: list[str] | None
 ) -> None:
     assert conjuncts(source) == parts
+
+
+@pytest.mark.parametrize(
+    ("source", "parts"),
+    [
+        (
+            'load.lag > 300 && event.priority == "normal" && load.mem > 1',
+            ["load.lag > 300", "load.mem > 1"],
+        ),
+        ("load.x > 1 // it's\n&& claims.admin == true", ["load.x > 1"]),
+        ("conn.tags.all(load, load != '') && load.x > 1", ["load.x > 1"]),
+        ("[1].all(conn, conn > 0) && true", ["[1].all(conn, conn > 0)", "true"]),
+        ("claims.admin && load.x > 1 || load.y > 1", None),
+    ],
+)
+def test_the_operands_that_read_only_some_variables(source: str, parts: list[str] | None) -> None:
+    assert operands_reading_only(source, {"load"}) == parts
 
 
 def test_a_name_test_before_a_triple_quoted_string_and_an_or_is_not_a_prefilter() -> None:

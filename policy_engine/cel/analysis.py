@@ -10,6 +10,7 @@ gives None (or "may read"), and the expression is simply evaluated.
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from functools import lru_cache
 
 from lark import Token, Tree
@@ -51,17 +52,25 @@ def conjuncts(source: str) -> list[str] | None:
     None when the source's top is an ``||`` or a ``?:``, whose operands are not all required
     for the whole to be true, or when it does not parse.
     """
-    tree = _tree(source)
-    if tree is None:
+    found = _conjuncts(source)
+    return None if found is None else [text(operand, source) for operand in found]
+
+
+def operands_reading_only(source: str, names: AbstractSet[str]) -> list[str] | None:
+    """The sources of the :func:`conjuncts` that read no variable but ``names``, in order.
+
+    While any of them is false the whole expression is (CEL's ``false && error`` is false
+    too), so they make a gate that reads less, such as the ``load`` operands of a shedding
+    condition. None when :func:`conjuncts` is.
+    """
+    found = _conjuncts(source)
+    if found is None:
         return None
-    node = unwrap(tree)
-    if not isinstance(node, Tree):
-        return None
-    if node.data == "conditionalor" and len(node.children) == 2:
-        return None
-    if node.data == "expr" and len(node.children) == 3:
-        return None
-    return [text(operand, source) for operand in operands(node)]
+    return [
+        text(operand, source)
+        for operand in found
+        if all(name in names for name, _ in _reads_of(operand))
+    ]
 
 
 def field_path(source: str) -> tuple[str, str] | None:
@@ -157,15 +166,31 @@ def _string(branch: Branch[Token]) -> str | None:
     return None
 
 
+def _conjuncts(source: str) -> list[Tree[Token]] | None:
+    tree = _tree(source)
+    if tree is None:
+        return None
+    node = unwrap(tree)
+    if not isinstance(node, Tree):
+        return None
+    if node.data == "conditionalor" and len(node.children) == 2:
+        return None
+    if node.data == "expr" and len(node.children) == 3:
+        return None
+    return operands(node)
+
+
 @lru_cache(maxsize=512)
 def _reads(source: str) -> frozenset[_Read] | None:
+    tree = _tree(source)
+    return None if tree is None else _reads_of(tree)
+
+
+def _reads_of(tree: Tree[Token]) -> frozenset[_Read]:
     """Every free name the expression reads, with the field it selects on it when it does.
 
     One iterative walk, each node carrying the comprehension variables in scope there.
     """
-    tree = _tree(source)
-    if tree is None:
-        return None
     found: set[_Read] = set()
     pending: list[tuple[Tree[Token], frozenset[str]]] = [(tree, frozenset())]
     while pending:

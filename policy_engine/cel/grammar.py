@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 
 import celpy.celparser
-from lark import Lark
+from lark import Lark, Token
 
 
 @cache
@@ -23,8 +23,19 @@ def parser() -> Lark:
         parser="lalr",
         start="expr",
         g_regex_flags=re.M,
-        lexer_callbacks={"IDENT": celpy.celparser.CELParser.ambiguous_literals},
+        lexer_callbacks={"IDENT": _literal_words},
         propagate_positions=True,
         maybe_placeholders=False,
         priority="invert",
     )
+
+
+def _literal_words(token: Token) -> Token:
+    """``true`` and ``false`` lex as names; they are bool literals, at the same position.
+
+    celpy's own callback builds the new token without a position, which would leave every
+    node around a bool literal without a span.
+    """
+    if token.value in ("true", "false"):
+        return Token.new_borrow_pos("BOOL_LIT", token.value, token)
+    return token
