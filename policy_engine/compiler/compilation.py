@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 from policy_engine.cel.programs import CelBackend
 from policy_engine.errors import Diagnostic, Severity, UnitError, did_you_mean
+from policy_engine.language.locations import escape_pointer_token
 from policy_engine.language.schema import SchemaCheck
-from policy_engine.language.source import SourceDocument, escape_pointer_token
+from policy_engine.language.source import SourceDocument
 
 T = TypeVar("T")
 

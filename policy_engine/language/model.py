@@ -1,17 +1,11 @@
 """The compiled policy: frozen, slotted records of tuples and mappings.
 
-Everything here is built once by the compiler and only read afterwards, so nothing is
-parsed on the request path and a policy set can be shared by every task without locks.
-Units are already resolved: seconds as floats, sizes in bytes, rates as :class:`Rate`,
-percentages as fractions.
-
-The records' field defaults are the policy format's defaults, written only here: the
-compiler passes what a file sets and leaves the rest to them, and a test holds the JSON
-Schema's documented ``default`` values to the same figures.
-
-Equality ignores compiled programs and source locations: two compiles of the same
-document are equal, and a rule keeps its identity (and therefore its state across a hot
-reload) when only its position in the file moved.
+Built once by the compiler and only read afterwards, so nothing is parsed on the request
+path and one policy set is shared by every task without locks. Units are resolved
+(seconds, bytes, :class:`Rate`, fractions). Field defaults are the policy format's
+defaults, written only here. Equality ignores compiled programs, plans and source
+locations: a rule keeps its identity, and its state across a hot reload, when only its
+place in the file moved.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from policy_engine.errors import Diagnostic, did_you_mean
-from policy_engine.language.source import SourceDocument, build_pointer
+from policy_engine.language.locations import build_pointer
+from policy_engine.language.source import SourceDocument
 
 SCHEMA_FILE = "policy.schema.json"
 
