@@ -75,6 +75,15 @@ class Compilation:
             if self.schema.intact(item):
                 yield item, body
 
+    def rules(
+        self, raw: Any, pointer: str, section: str
+    ) -> Iterator[tuple[str, str, Mapping[str, Any]]]:
+        """The schema-valid rules of a list as (pointer, name, body), each name claimed."""
+        for item, body in self.items(raw, pointer):
+            name: str = body["name"]
+            self.claim_name(name, f"{item}/name", section)
+            yield item, name, body
+
     def entries(self, raw: Any, pointer: str) -> Iterator[tuple[str, str, Mapping[str, Any]]]:
         """The schema-valid entries of a mapping by name: (name, pointer, body)."""
         if raw is None or not self.schema.sound(pointer):
@@ -96,6 +105,16 @@ class Compilation:
                 except UnitError as exc:
                     self.error(f"{pointer}/{key}", "unit", str(exc))
         return values
+
+    def record(
+        self,
+        kind: type[T],
+        raw: Mapping[str, Any] | None,
+        pointer: str,
+        converters: Mapping[str, Convert],
+    ) -> T:
+        """A record with the fields ``raw`` sets; all defaults when the schema refused ``raw``."""
+        return kind() if raw is None else kind(**self.read(raw, pointer, converters))
 
     def unit(self, parse: Callable[[Any], T], value: Any, pointer: str) -> T | None:
         """A required unit value, or None (reported) when it does not parse."""

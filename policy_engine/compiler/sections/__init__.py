@@ -9,7 +9,8 @@ parts allow.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from policy_engine.compiler.compilation import Compilation
@@ -19,12 +20,13 @@ from policy_engine.compiler.sections.circuit_breakers import build_circuit_break
 from policy_engine.compiler.sections.connections import build_connections
 from policy_engine.compiler.sections.defaults import build_defaults
 from policy_engine.compiler.sections.errors import build_errors
-from policy_engine.compiler.sections.events import build_events
+from policy_engine.compiler.sections.events import ANY_EVENT, build_events
 from policy_engine.compiler.sections.identity import build_identity
 from policy_engine.compiler.sections.rate_limits import build_rate_limits
 from policy_engine.compiler.sections.recovery import build_recovery
 from policy_engine.compiler.sections.shedding import build_shedding
 from policy_engine.language.model import (
+    BUILTIN_BACKOFF,
     AuthorizationSpec,
     BackoffSpec,
     CircuitBreakerSpec,
@@ -41,20 +43,24 @@ from policy_engine.language.model import (
 
 @dataclass(frozen=True, slots=True)
 class Sections:
-    """Every section of a policy, compiled; the planner turns them into a PolicySet."""
+    """Every section of a policy, compiled; the planner turns them into a PolicySet.
 
-    defaults: DefaultsSpec
-    identity: IdentitySpec
-    errors: tuple[ErrorRuleSpec, ...]
-    backoff: Mapping[str, BackoffSpec]
-    rate_limits: tuple[RateLimitSpec, ...]
-    circuit_breakers: tuple[CircuitBreakerSpec, ...]
-    shedding: tuple[SheddingRuleSpec, ...]
-    connections: ConnectionsSpec
-    recovery: RecoverySpec
-    events: Mapping[str, EventSpec]
-    default_event: EventSpec
-    authorization: AuthorizationSpec
+    A section left out is the model's default, so a test can build a policy from the one
+    section it is about: ``plan(Sections(rate_limits=(...,)), version=..., source=...)``.
+    """
+
+    defaults: DefaultsSpec = field(default_factory=DefaultsSpec)
+    identity: IdentitySpec = field(default_factory=IdentitySpec)
+    errors: tuple[ErrorRuleSpec, ...] = ()
+    backoff: Mapping[str, BackoffSpec] = field(default_factory=lambda: BUILTIN_BACKOFF)
+    rate_limits: tuple[RateLimitSpec, ...] = ()
+    circuit_breakers: tuple[CircuitBreakerSpec, ...] = ()
+    shedding: tuple[SheddingRuleSpec, ...] = ()
+    connections: ConnectionsSpec = field(default_factory=ConnectionsSpec)
+    recovery: RecoverySpec = field(default_factory=RecoverySpec)
+    events: Mapping[str, EventSpec] = field(default_factory=lambda: MappingProxyType({}))
+    default_event: EventSpec = field(default_factory=lambda: EventSpec(ANY_EVENT))
+    authorization: AuthorizationSpec = field(default_factory=AuthorizationSpec)
 
 
 def build_sections(c: Compilation) -> Sections:

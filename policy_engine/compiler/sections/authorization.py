@@ -27,9 +27,7 @@ def build_authorization(
         return AuthorizationSpec()
     rules: list[AuthzRuleSpec] = []
     catch_all: dict[Hook, str] = {}
-    for pointer, body in c.items(raw.get("rules"), "/authorization/rules"):
-        name = body["name"]
-        c.claim_name(name, f"{pointer}/name", "authorization")
+    for pointer, name, body in c.rules(raw.get("rules"), "/authorization/rules", "authorization"):
         hook = Hook(body["hook"])
         if hook in catch_all:
             c.warn(

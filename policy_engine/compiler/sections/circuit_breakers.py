@@ -36,9 +36,7 @@ def build_circuit_breakers(
     c: Compilation, raw: list[Mapping[str, Any]] | None, defaults: DefaultsSpec
 ) -> tuple[CircuitBreakerSpec, ...]:
     rules: list[CircuitBreakerSpec] = []
-    for pointer, body in c.items(raw, "/circuit_breakers"):
-        name = body["name"]
-        c.claim_name(name, f"{pointer}/name", "circuit_breakers")
+    for pointer, name, body in c.rules(raw, "/circuit_breakers", "circuit_breakers"):
         match = expression(
             c,
             body["match"],

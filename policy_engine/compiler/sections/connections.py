@@ -55,8 +55,8 @@ def build_connections(
     if "auth_failures" in raw:
         values["auth_failures"] = _auth_failures(c, raw["auth_failures"], backoff_names)
     if "outbound" in raw:
-        values["outbound"] = OutboundSpec(
-            **c.read(raw["outbound"], "/connections/outbound", _OUTBOUND)
+        values["outbound"] = c.record(
+            OutboundSpec, raw["outbound"], "/connections/outbound", _OUTBOUND
         )
     return ConnectionsSpec(**values)
 
@@ -65,7 +65,7 @@ def _auth_failures(
     c: Compilation, raw: Mapping[str, Any], backoff_names: frozenset[str] | None
 ) -> AuthFailureSpec:
     pointer = "/connections/auth_failures"
-    spec = AuthFailureSpec(**c.read(raw, pointer, _AUTH_FAILURES))
+    spec = c.record(AuthFailureSpec, raw, pointer, _AUTH_FAILURES)
     c.check_backoff_ref(spec.backoff, f"{pointer}/backoff", backoff_names)
     if spec.block_after and spec.block_after <= spec.threshold:
         c.warn(

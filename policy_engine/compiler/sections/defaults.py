@@ -20,6 +20,4 @@ _FIELDS: Mapping[str, Convert] = {
 
 def build_defaults(c: Compilation, raw: Mapping[str, Any] | None) -> DefaultsSpec:
     """``raw`` is None when the schema refused the section: the model's defaults stand in."""
-    if raw is None:
-        return DefaultsSpec()
-    return DefaultsSpec(**c.read(raw, "/defaults", _FIELDS))
+    return c.record(DefaultsSpec, raw, "/defaults", _FIELDS)

@@ -36,9 +36,7 @@ def build_errors(
 ) -> tuple[ErrorRuleSpec, ...]:
     rules: list[ErrorRuleSpec] = []
     catch_all: str | None = None
-    for pointer, body in c.items(raw, "/errors"):
-        name = body["name"]
-        c.claim_name(name, f"{pointer}/name", "errors")
+    for pointer, name, body in c.rules(raw, "/errors", "errors"):
         if catch_all is not None:
             c.warn(
                 f"{pointer}/when",

@@ -19,9 +19,7 @@ _FIELDS: Mapping[str, Convert] = {
 
 
 def build_identity(c: Compilation, raw: Mapping[str, Any] | None) -> IdentitySpec:
-    if raw is None:
-        return IdentitySpec()
-    spec = IdentitySpec(**c.read(raw, "/identity", _FIELDS))
+    spec = c.record(IdentitySpec, raw, "/identity", _FIELDS)
     for index, network in enumerate(spec.trusted_proxies):
         try:
             ipaddress.ip_network(network, strict=False)

@@ -30,9 +30,7 @@ def build_rate_limits(
     c: Compilation, raw: list[Mapping[str, Any]] | None, defaults: DefaultsSpec
 ) -> tuple[RateLimitSpec, ...]:
     rules: list[RateLimitSpec] = []
-    for pointer, body in c.items(raw, "/rate_limits"):
-        name = body["name"]
-        c.claim_name(name, f"{pointer}/name", "rate_limits")
+    for pointer, name, body in c.rules(raw, "/rate_limits", "rate_limits"):
         hook = Hook(body["hook"])
         variables = HOOK_VARIABLES[hook]
         context = f"rate_limits at hook {hook.value}"

@@ -18,6 +18,4 @@ _FIELDS: Mapping[str, Convert] = {
 
 
 def build_recovery(c: Compilation, raw: Mapping[str, Any] | None) -> RecoverySpec:
-    if raw is None:
-        return RecoverySpec()
-    return RecoverySpec(**c.read(raw, "/recovery", _FIELDS))
+    return c.record(RecoverySpec, raw, "/recovery", _FIELDS)

@@ -39,9 +39,7 @@ def build_shedding(
     c: Compilation, raw: list[Mapping[str, Any]] | None, defaults: DefaultsSpec
 ) -> tuple[SheddingRuleSpec, ...]:
     rules: list[SheddingRuleSpec] = []
-    for pointer, body in c.items(raw, "/shedding"):
-        name = body["name"]
-        c.claim_name(name, f"{pointer}/name", "shedding")
+    for pointer, name, body in c.rules(raw, "/shedding", "shedding"):
         action = ShedAction(body["action"])
         hook = _hook(c, body, action, pointer)
         variables = HOOK_VARIABLES[hook] if hook else LOAD_VARIABLES
