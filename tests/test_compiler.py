@@ -193,3 +193,41 @@ def test_rate_limits_are_indexed_by_the_event_names_their_conditions_require() -
     assert names("a") == ["all", "a-only", "a-or-b", "by-ip"]
     assert names("b") == ["all", "a-or-b", "by-ip"]
     assert names("other") == ["all", "by-ip"]
+
+
+def refused(text: str) -> list[tuple[int, str]]:
+    with pytest.raises(PolicyError) as caught:
+        compile_text(text)
+    return [(d.location.line, d.code) for d in caught.value.diagnostics]
+
+
+def test_a_rule_the_schema_refuses_does_not_hide_its_siblings_expression_errors() -> None:
+    assert refused(
+        "version: 1\nrate_limits:\n"
+        "  - {name: a, hook: connect, key: conn.ip, limit: 5/s, burts: 2}\n"
+        "  - {name: b, hook: connect, key: conn.ipp, limit: 5/s}\n"
+    ) == [(3, "schema-unknown-key"), (4, "cel-undefined-field")]
+
+
+def test_the_parts_a_schema_error_makes_unreadable_are_not_checked_twice() -> None:
+    # The broken rule's own expression is not compiled: its problem is the schema's.
+    assert refused(
+        "version: 1\nrate_limits:\n  - {name: a, hook: conect, key: conn.ipp, limit: 5/s}\n"
+    ) == [(3, "schema-enum")]
+
+
+def test_references_into_a_broken_section_are_not_reported_as_missing() -> None:
+    # `slow` is defined, only wrongly: the error rule naming it is not told it is undefined.
+    assert refused(
+        "version: 1\nbackoff:\n  slow: {base: 1 second}\n"
+        "errors: [{name: e, when: 'true', category: system, code: E, backoff: slow}]\n"
+    ) == [(3, "schema-pattern")]
+
+
+def test_warnings_of_valid_sections_come_with_the_schema_errors_in_file_order() -> None:
+    assert refused(
+        "version: 1\nerrors:\n"
+        "  - {name: everything, when: 'true', category: system, code: INTERNAL}\n"
+        "  - {name: late, when: 'true', category: client, code: X}\n"
+        "shedding: 5\n"
+    ) == [(4, "unreachable-rule"), (5, "schema-type")]

@@ -91,6 +91,17 @@ EXPECTED: dict[str, list[tuple[int, int | None, str, str]]] = {
         (9, 15, "cel-undefined-field", "no field 'nme'"),
         (12, 29, "out-of-range", "backoff max (1s) is below its base (10s)"),
     ],
+    # a schema error does not hide the expression errors of the parts the schema passed
+    "mixed-unknown-top-key-and-cel": [
+        (2, 1, "schema-unknown-key", "unknown key 'rate_limit'"),
+        (7, 14, "cel-undefined-field", "`conn` has no field 'ipp'"),
+    ],
+    "mixed-two-schema-two-cel": [
+        (2, 18, "schema-enum", "'enforcing' is not one of"),
+        (5, 16, "cel-undefined-field", "`error` has no field 'typ'"),
+        (12, 12, "schema-pattern", "'20 per minute' is not valid"),
+        (14, 50, "cel-undefined-field", "`load` has no field 'loop_lag'"),
+    ],
 }
 
 

@@ -183,3 +183,6 @@ BREAKER_RECORD_VARIABLES: Mapping[str, Variable] = MappingProxyType(
     {"conn": CONN, "event": EVENT, "error": CLASSIFIED_ERROR, "call": CALL}
 )
 PRIORITY_VARIABLES: Mapping[str, Variable] = MappingProxyType({"conn": CONN, "claims": CLAIMS})
+# Disconnect shedding runs on the load sampler's tick, with no connection or event at hand;
+# a shedding rule's load gate reads the same.
+LOAD_VARIABLES: Mapping[str, Variable] = MappingProxyType({"load": LOAD})

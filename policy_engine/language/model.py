@@ -1,22 +1,20 @@
 """The compiled policy: frozen, slotted records of tuples and mappings.
 
-Everything here is built once by the compiler and only read afterwards, so nothing is
-parsed on the request path and a policy set can be shared by every task without locks.
-Units are already resolved: seconds as floats, sizes in bytes, rates as :class:`Rate`,
-percentages as fractions.
-
-Equality ignores compiled programs and source locations: two compiles of the same
-document are equal, and a rule keeps its identity (and therefore its state across a hot
-reload) when only its position in the file moved.
+Built once by the compiler and only read afterwards, so nothing is parsed on the request
+path and one policy set is shared by every task without locks. Units are resolved
+(seconds, bytes, :class:`Rate`, fractions). Field defaults are the policy format's
+defaults, written only here. Equality ignores compiled programs, plans and source
+locations: a rule keeps its identity, and its state across a hot reload, when only its
+place in the file moved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 from policy_engine.errors import Location
 from policy_engine.language.contexts import Hook
@@ -163,16 +161,38 @@ class BackoffSpec:
     multiplier: float = 2.0
 
 
+# Built in so that every policy can name them; a policy may redefine either.
+BUILTIN_BACKOFF: Final[Mapping[str, BackoffSpec]] = MappingProxyType(
+    {
+        "default": BackoffSpec("default"),
+        "progressive": BackoffSpec("progressive", BackoffStrategy.EXPONENTIAL, 1.0, 60.0),
+    }
+)
+
+
+# What a client is told when an error rule has no ``message`` of its own.
+DEFAULT_ERROR_MESSAGES: Final[Mapping[Category, str]] = MappingProxyType(
+    {
+        Category.CONNECTION: "The connection could not be established.",
+        Category.EVENT_PROCESSING: "The event could not be processed.",
+        Category.SYSTEM: "An internal error occurred; retry later.",
+        Category.CLIENT: "The request was invalid.",
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorRuleSpec:
+    """``message`` defaults by category (DEFAULT_ERROR_MESSAGES), ``backoff`` to the policy's."""
+
     name: str
     when: Expression
     category: Category
-    severity: ErrorSeverity
     code: str
     message: str
-    retryable: bool
     backoff: str
+    severity: ErrorSeverity = ErrorSeverity.ERROR
+    retryable: bool = False
     retry_after: float | None = None
     alert: bool = False
     location: Location = field(compare=False, repr=False, default=Location(""))
@@ -180,14 +200,16 @@ class ErrorRuleSpec:
 
 @dataclass(frozen=True, slots=True)
 class RateLimitSpec:
+    """``burst`` defaults to the rate's count, ``mode`` to the policy's."""
+
     name: str
     hook: Hook
     key: Expression
     rate: Rate
     burst: int
-    algorithm: RateAlgorithm
-    scope: Scope
     mode: Mode
+    algorithm: RateAlgorithm = RateAlgorithm.GCRA
+    scope: Scope = Scope.GLOBAL
     when: Expression | None = None
     code: str = "RATE_LIMITED"
     message: str = "Too many requests; slow down."
@@ -199,7 +221,7 @@ class RateLimitSpec:
 @dataclass(frozen=True, slots=True)
 class SlowCallSpec:
     over: float
-    rate: float
+    rate: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +236,12 @@ class WindowSpec:
 class CircuitBreakerSpec:
     name: str
     match: Expression
-    failure_rate: float
-    window: WindowSpec
-    minimum_calls: int
-    open_for: float
-    half_open_calls: int
     mode: Mode
+    failure_rate: float = 0.5
+    window: WindowSpec = WindowSpec(calls=100)
+    minimum_calls: int = 100
+    open_for: float = 60.0
+    half_open_calls: int = 10
     record_when: Expression | None = None
     slow_call: SlowCallSpec | None = None
     code: str = "SERVICE_UNAVAILABLE"
@@ -245,8 +267,8 @@ class SheddingRuleSpec:
     code: str = "OVERLOADED"
     message: str = "The server is overloaded; retry later."
     location: Location = field(compare=False, repr=False, default=Location(""))
-    # The part of ``when`` that reads only ``load`` (see Compiler.load_gate): while it is
-    # false, so is ``when``, whatever the event.
+    # The operands of ``when`` that read only ``load``, as one program (the compiler's
+    # planner builds it): while it is false, so is ``when``, whatever the event.
     load_gate: Program | None = field(default=None, compare=False, repr=False)
 
 
@@ -282,10 +304,12 @@ class ConnectionsSpec:
 
 @dataclass(frozen=True, slots=True)
 class RecoverySpec:
+    """``events`` names what is buffered for replay; a policy that names none replays none."""
+
     enabled: bool = True
     max_disconnection: float = 120.0
     buffer_events: int = 500
-    events: tuple[str, ...] = ("oh_event",)
+    events: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +340,9 @@ class AuthorizationSpec:
     rules: tuple[AuthzRuleSpec, ...] = ()
 
 
+# -- plans: what the compiler derives from the sections so a decision visits only its rules
+
+
 @dataclass(frozen=True, slots=True)
 class HookIndex:
     """The rules of each section grouped by hook, so a decision visits only its own.
@@ -330,7 +357,7 @@ class HookIndex:
     # Per hook: the limits for each event name that some limit names, and for all others.
     rate_limits_by_event: Mapping[
         Hook, tuple[Mapping[str, tuple[RateLimitSpec, ...]], tuple[RateLimitSpec, ...]]
-    ] = field(default_factory=dict)
+    ]
 
     def limits_or_sheds(self, hook: Hook) -> bool:
         """Whether any rate limit or shedding rule acts at ``hook`` (emit has none by default)."""
@@ -339,73 +366,6 @@ class HookIndex:
     def rate_limits_for(self, hook: Hook, event_name: str) -> tuple[RateLimitSpec, ...]:
         named, others = self.rate_limits_by_event[hook]
         return named.get(event_name, others)
-
-    @classmethod
-    def build(
-        cls,
-        rate_limits: tuple[RateLimitSpec, ...],
-        shedding: tuple[SheddingRuleSpec, ...],
-        authorization: tuple[AuthzRuleSpec, ...],
-    ) -> HookIndex:
-        hooks: list[Hook | None] = [*Hook, None]
-        limits = {h: tuple(r for r in rate_limits if r.hook is h) for h in Hook}
-        return cls(
-            limits,
-            {h: tuple(r for r in shedding if r.hook is h) for h in hooks},
-            {h: tuple(r for r in authorization if r.hook is h) for h in Hook},
-            {h: _by_event_name(rules) for h, rules in limits.items()},
-        )
-
-
-R = TypeVar("R")
-
-
-class _RulesByName(Generic[R]):
-    """Rules grouped by the event names their condition requires, in policy order.
-
-    A rule whose condition starts with an event-name test can only apply to those names;
-    one without a condition, or without such a test, applies to every event. Built in one
-    pass, so a policy with a thousand rules naming their events stays linear.
-    """
-
-    __slots__ = ("_everyone", "_for_everyone", "_named")
-
-    def __init__(self, rules: tuple[R, ...], condition: Callable[[R], Expression | None]) -> None:
-        self._everyone: list[tuple[int, R]] = []
-        self._named: dict[str, list[tuple[int, R]]] = {}
-        for position, rule in enumerate(rules):
-            expression = condition(rule)
-            names = expression.event_names if expression is not None else None
-            if names is None:
-                self._everyone.append((position, rule))
-            else:
-                for name in names:
-                    self._named.setdefault(name, []).append((position, rule))
-        self._for_everyone = tuple(rule for _, rule in self._everyone)
-
-    @property
-    def names(self) -> frozenset[str]:
-        """The names some rule requires."""
-        return frozenset(self._named)
-
-    def __call__(self, name: str | None) -> tuple[R, ...]:
-        """The rules that can apply to ``name`` (None: a name no rule requires)."""
-        own = self._named.get(name) if name is not None else None
-        if not own:
-            return self._for_everyone
-        return tuple(rule for _, rule in sorted([*self._everyone, *own], key=_position))
-
-
-def _position(entry: tuple[int, Any]) -> int:
-    return entry[0]
-
-
-def _by_event_name(
-    rules: tuple[RateLimitSpec, ...],
-) -> tuple[Mapping[str, tuple[RateLimitSpec, ...]], tuple[RateLimitSpec, ...]]:
-    """Each named event's limits, in policy order, and the limits every event meets."""
-    by_name = _RulesByName(rules, lambda rule: rule.when)
-    return MappingProxyType({name: by_name(name) for name in by_name.names}), by_name(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +390,7 @@ class EventPlan:
     shedding_names: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True, slots=True)
 class EventPlans:
     """One :class:`EventPlan` per event name the policy mentions, and one for all others.
 
@@ -437,60 +398,20 @@ class EventPlans:
     the map stays bounded however many different names clients send.
     """
 
-    __slots__ = ("_named", "_other")
-
-    def __init__(
-        self,
-        events: Mapping[str, EventSpec],
-        default_event: EventSpec,
-        index: HookIndex,
-        breakers: tuple[CircuitBreakerSpec, ...],
-        authorization_default: Effect,
-    ) -> None:
-        shed_by_name = _RulesByName(index.shedding[Hook.EVENT], lambda rule: rule.when)
-        authorize_by_name = _RulesByName(index.authorization[Hook.EVENT], lambda rule: rule.when)
-        guard_by_name = _RulesByName(breakers, lambda rule: rule.match)
-        limited = index.rate_limits_by_event[Hook.EVENT][0]
-        names = set(events).union(
-            shed_by_name.names, authorize_by_name.names, guard_by_name.names, limited
-        )
-
-        def plan(name: str | None) -> EventPlan:
-            spec = (events.get(name) if name is not None else None) or default_event
-            rank = spec.priority.rank
-            sheds = tuple(r for r in shed_by_name(name) if rank <= r.max_priority.rank)
-            authorizes = authorize_by_name(name)
-            guards = guard_by_name(name)
-            return EventPlan(
-                spec=spec,
-                priority=spec.priority.value,
-                shedding=sheds,
-                authorization=authorizes,
-                rate_limits=(
-                    index.rate_limits_for(Hook.EVENT, name)
-                    if name is not None
-                    else index.rate_limits_by_event[Hook.EVENT][1]
-                ),
-                breakers=guards,
-                plain=(
-                    spec.validate is None
-                    and not authorizes
-                    and authorization_default is Effect.ALLOW
-                    and not guards
-                ),
-                shedding_names=frozenset(r.name for r in sheds),
-            )
-
-        self._named: Mapping[str, EventPlan] = {name: plan(name) for name in names}
-        self._other = plan(None)
+    named: Mapping[str, EventPlan]
+    other: EventPlan
 
     def __getitem__(self, name: str) -> EventPlan:
-        return self._named.get(name, self._other)
+        return self.named.get(name, self.other)
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySet:
-    """One compiled policy file; ``version`` is the content hash of what was compiled."""
+    """One compiled policy file; ``version`` is the content hash of what was compiled.
+
+    The plans (``by_hook``, ``event_plans``, ``reads_connection_age``) are derived from the
+    sections by the compiler's planner and take no part in equality.
+    """
 
     version: str
     source: str
@@ -505,37 +426,12 @@ class PolicySet:
     recovery: RecoverySpec
     events: Mapping[str, EventSpec]
     authorization: AuthorizationSpec
-    default_event: EventSpec = EventSpec("*")
-    by_hook: HookIndex = field(init=False, compare=False, repr=False)
-    event_plans: EventPlans = field(init=False, compare=False, repr=False)
+    default_event: EventSpec
+    by_hook: HookIndex = field(compare=False, repr=False, kw_only=True)
+    event_plans: EventPlans = field(compare=False, repr=False, kw_only=True)
     # Whether any expression reads ``conn.connected_ms``: only then is it kept current on
     # every event (disconnect shedding refreshes it itself).
-    reads_connection_age: bool = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        sources = [
-            *(rule.when.source for rule in self.errors),
-            *(rule.key.source for rule in self.rate_limits),
-            *(rule.when.source for rule in self.rate_limits if rule.when is not None),
-            *(rule.match.source for rule in self.circuit_breakers),
-            *(b.record_when.source for b in self.circuit_breakers if b.record_when is not None),
-            *(rule.when.source for rule in self.shedding),
-            *(rule.when.source for rule in self.authorization.rules),
-            *([self.connections.priority.source] if self.connections.priority else []),
-        ]
-        object.__setattr__(
-            self, "reads_connection_age", any("connected_ms" in source for source in sources)
-        )
-        index = HookIndex.build(self.rate_limits, self.shedding, self.authorization.rules)
-        object.__setattr__(self, "by_hook", index)
-        plans = EventPlans(
-            self.events,
-            self.default_event,
-            index,
-            self.circuit_breakers,
-            self.authorization.default,
-        )
-        object.__setattr__(self, "event_plans", plans)
+    reads_connection_age: bool = field(compare=False, repr=False, kw_only=True)
 
     def event(self, name: str) -> EventSpec:
         return self.events.get(name, self.default_event)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -19,6 +20,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from policy_engine.errors import Diagnostic, did_you_mean
+from policy_engine.language.locations import build_pointer
 from policy_engine.language.source import SourceDocument
 
 SCHEMA_FILE = "policy.schema.json"
@@ -44,20 +46,49 @@ def _validator() -> Draft202012Validator:
     return Draft202012Validator(policy_schema())
 
 
-def validate_document(document: SourceDocument) -> list[Diagnostic]:
+@dataclass(frozen=True, slots=True)
+class SchemaCheck:
+    """What the schema found: every violation, and which nodes they make untrustworthy.
+
+    Later stages still read the parts of a broken file that are themselves valid, so one
+    misspelt key does not hide the expression errors of every other rule.
+    """
+
+    diagnostics: tuple[Diagnostic, ...]
+    broken: frozenset[str]  # the JSON pointer of each node that failed a schema rule
+    tainted: frozenset[str]  # those nodes and every node above them
+
+    def intact(self, pointer: str) -> bool:
+        """Whether the node at ``pointer`` and everything under it passed the schema."""
+        return pointer not in self.tainted
+
+    def sound(self, pointer: str) -> bool:
+        """Whether the node itself passed (its children may not): its items can be read."""
+        return pointer not in self.broken
+
+
+def check_document(document: SourceDocument) -> SchemaCheck:
     """Every schema violation of the document, each placed on the line it is about."""
     diagnostics: list[Diagnostic] = []
+    broken: set[str] = set()
     for error in _validator().iter_errors(document.data):
+        broken.add(build_pointer(error.absolute_path))
         diagnostics.extend(_explain(error, document))
-    return diagnostics
+    return SchemaCheck(tuple(diagnostics), frozenset(broken), _with_ancestors(broken))
 
 
-def _pointer(parts: Iterator[Any] | Any) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+def _with_ancestors(pointers: set[str]) -> frozenset[str]:
+    found = {""} if pointers else set()
+    for pointer in pointers:
+        cut = len(pointer)
+        while cut > 0:
+            found.add(pointer[:cut])
+            cut = pointer.rfind("/", 0, cut)
+    return frozenset(found)
 
 
 def _explain(error: ValidationError, document: SourceDocument) -> Iterator[Diagnostic]:
-    pointer = _pointer(error.absolute_path)
+    pointer = build_pointer(error.absolute_path)
     keyword = error.validator
     if keyword == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(_schema_of(error).get("properties", {}))
@@ -65,7 +96,7 @@ def _explain(error: ValidationError, document: SourceDocument) -> Iterator[Diagn
             if key in allowed:
                 continue
             yield Diagnostic(
-                document.locate(_pointer([*error.absolute_path, key]), key=True),
+                document.locate(build_pointer([*error.absolute_path, key]), key=True),
                 "schema-unknown-key",
                 f"unknown key {key!r}" + (f" in {pointer}" if pointer else ""),
                 did_you_mean(str(key), allowed, "allowed keys: " + ", ".join(allowed)),
