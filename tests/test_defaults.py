@@ -9,6 +9,12 @@ from typing import Any
 import pytest
 
 from policy_engine.compiler.pipeline import compile_text
+from policy_engine.language.authentication import (
+    JwtProviderSpec,
+    KeySourceSpec,
+    NamespaceAuthSpec,
+    SessionSpec,
+)
 from policy_engine.language.model import (
     AuthFailureSpec,
     AuthorizationSpec,
@@ -46,6 +52,10 @@ RECORDS: Mapping[str, type] = {
     "/$defs/event_rule": EventSpec,
     "/$defs/authorization": AuthorizationSpec,
     "/$defs/authorization/properties/rules/items": AuthzRuleSpec,
+    "/$defs/key_source": KeySourceSpec,
+    "/$defs/jwt_provider": JwtProviderSpec,
+    "/$defs/session_cookie": SessionSpec,
+    "/$defs/namespace_auth": NamespaceAuthSpec,
 }
 # How the schema writes a value whose model field holds it resolved.
 UNITS: Mapping[str, Callable[[Any], Any]] = {

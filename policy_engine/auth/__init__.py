@@ -12,7 +12,6 @@ from policy_engine.auth.authenticator import (
     JwtProvider,
     LoaderProvider,
     Provider,
-    Requirement,
 )
 from policy_engine.auth.failures import (
     AUTH_EXPIRED,
@@ -42,12 +41,12 @@ from policy_engine.auth.token_source import (
     BEARER_HEADER,
     TokenExtraction,
     TokenLocation,
-    TokenPlace,
     TokenSourceSpec,
     extract_token,
     unexpected_tokens,
 )
 from policy_engine.auth.verifier import JwtVerifier, JwtVerifierSpec, VerifiedToken, verify_token
+from policy_engine.language.authentication import Requirement, TokenPlace
 
 __all__ = [
     "AUTH_EXPIRED",

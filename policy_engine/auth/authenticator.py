@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -26,13 +25,9 @@ from policy_engine.auth.token_source import (
     unexpected_tokens,
 )
 from policy_engine.auth.verifier import JwtVerifier
+from policy_engine.language.authentication import Requirement
 
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
-
-
-class Requirement(StrEnum):
-    REQUIRED = "required"
-    ALLOW_MISSING = "allow_missing"
 
 
 class Provider(Protocol):

@@ -21,6 +21,9 @@ class Handshake:
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, str] = field(default_factory=dict)
     auth: Mapping[str, Any] = field(default_factory=dict)
+    # The server's own request record (an Engine.IO environ), for an application's loader
+    # that reads more than the credential places; never read by this package.
+    environ: Mapping[str, Any] = field(default_factory=dict, repr=False)
     cookies: Mapping[str, str] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -23,7 +23,8 @@ from itsdangerous import BadData, SignatureExpired, TimestampSigner, URLSafeTime
 
 from policy_engine.auth.failures import AuthenticationConfigError, AuthenticationError, AuthReason
 from policy_engine.auth.handshake import Handshake
-from policy_engine.auth.token_source import TokenLocation, TokenPlace
+from policy_engine.auth.token_source import TokenLocation
+from policy_engine.language.authentication import TokenPlace
 
 MIN_SECRET_BYTES = 32
 DEFAULT_SALT = "policy-engine.session"

@@ -15,23 +15,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from policy_engine.auth.failures import AuthenticationConfigError, AuthenticationError, AuthReason
 from policy_engine.auth.handshake import Handshake
+from policy_engine.language.authentication import TokenPlace
 
 DEFAULT_MAX_TOKEN_BYTES = 8192
 TOKEN_NAMES = frozenset(
     {"token", "access_token", "id_token", "jwt", "auth_token", "authorization", "bearer"}
 )
 _JWT_SHAPE = re.compile(r"(?:bearer\s+)?eyJ[\w-]*\.[\w-]*\.[\w-]*", re.IGNORECASE)
-
-
-class TokenPlace(StrEnum):
-    AUTH = "auth"
-    QUERY = "query"
-    COOKIE = "cookie"
-    HEADER = "header"
 
 
 @dataclass(frozen=True, slots=True)

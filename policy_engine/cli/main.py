@@ -120,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ops-host", default="127.0.0.1", help="operations listener address (default 127.0.0.1)"
     )
+    token = commands.add_parser(
+        "token", help="print a signed JWT (by default with the shipped development key)"
+    )
+    token.add_argument("subject", help="the sub claim: who the token is for")
+    token.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help='an extra claim, e.g. role="viewer" or plan=pro (repeatable)',
+    )
+    token.add_argument("--ttl", default="1h", help="how long it is valid (default 1h)")
+    token.add_argument("--key", help="PEM private key (default: policies/keys/dev-signing-key.pem)")
+    token.add_argument("--algorithm", default="ES256")
+    token.add_argument("--kid", default="dev-1")
+    token.add_argument("--issuer", default="policy-engine-dev")
+    token.add_argument("--audience", default="policy-engine-demo")
     return parser
 
 
@@ -143,6 +160,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return _test(args.paths, args.format, args.cel_backend, stdout)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "token":
+        return _token(args, stdout)
     if args.command == "schema":
         from policy_engine.language.schema import schema_path
 
@@ -155,6 +174,40 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
 def entry() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+def _token(args: argparse.Namespace, out: TextIO) -> int:
+    from policy_engine.cli.token import DEV_KEY, mint
+    from policy_engine.errors import UnitError
+    from policy_engine.language.units import parse_duration
+
+    claims: dict[str, object] = {}
+    for item in args.claim:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            sys.stderr.write(f"policy-engine token: --claim {item!r}: expected NAME=VALUE\n")
+            return EXIT_USAGE
+        try:
+            claims[name] = json.loads(raw)
+        except ValueError:
+            claims[name] = raw
+    try:
+        ttl = parse_duration(args.ttl)
+        token = mint(
+            args.subject,
+            claims,
+            key=args.key or DEV_KEY,
+            algorithm=args.algorithm,
+            kid=args.kid or None,
+            issuer=args.issuer,
+            audience=args.audience,
+            ttl=ttl,
+        )
+    except (UnitError, OSError, ValueError) as exc:
+        sys.stderr.write(f"policy-engine token: {exc}\n")
+        return EXIT_USAGE
+    out.write(token + "\n")
+    return EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:

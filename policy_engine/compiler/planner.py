@@ -61,6 +61,7 @@ def plan(
         recovery=sections.recovery,
         events=sections.events,
         authorization=sections.authorization,
+        authentication=sections.authentication,
         default_event=sections.default_event,
         by_hook=index,
         event_plans=event_plans(sections, index),

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from policy_engine.errors import Location
+from policy_engine.language.authentication import AuthenticationSpec
 from policy_engine.language.contexts import Hook
 from policy_engine.language.units import Rate
 
@@ -147,8 +148,16 @@ class IdentitySpec:
     trusted_proxies: tuple[str, ...] = ()
     user_claim: str = "sub"
     user_param: str = "user_id"
+    # A client-chosen user id is believed only when a policy says so (development).
+    trust_client_user_id: bool = False
     conversation_param: str = "conversation_id"
     token_param: str = "token"
+    # Every client-supplied identifier (user, conversation, query and header values) is
+    # at most this long: longer ones are refused, never stored as keys or logged.
+    max_identifier_length: int = 256
+    # IPv6 clients are keyed by their network of this prefix: one holder of a /64 is one
+    # address for per-IP limits.
+    ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +436,7 @@ class PolicySet:
     events: Mapping[str, EventSpec]
     authorization: AuthorizationSpec
     default_event: EventSpec
+    authentication: AuthenticationSpec = field(default_factory=AuthenticationSpec)
     by_hook: HookIndex = field(compare=False, repr=False, kw_only=True)
     event_plans: EventPlans = field(compare=False, repr=False, kw_only=True)
     # Whether any expression reads ``conn.connected_ms``: only then is it kept current on

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from policy_engine.compiler.compilation import Compilation
+from policy_engine.compiler.sections.authentication import build_authentication
 from policy_engine.compiler.sections.authorization import build_authorization
 from policy_engine.compiler.sections.backoff import backoff_names, build_backoff
 from policy_engine.compiler.sections.circuit_breakers import build_circuit_breakers
@@ -25,6 +26,7 @@ from policy_engine.compiler.sections.identity import build_identity
 from policy_engine.compiler.sections.rate_limits import build_rate_limits
 from policy_engine.compiler.sections.recovery import build_recovery
 from policy_engine.compiler.sections.shedding import build_shedding
+from policy_engine.language.authentication import AuthenticationSpec
 from policy_engine.language.model import (
     BUILTIN_BACKOFF,
     AuthorizationSpec,
@@ -61,6 +63,7 @@ class Sections:
     events: Mapping[str, EventSpec] = field(default_factory=lambda: MappingProxyType({}))
     default_event: EventSpec = field(default_factory=lambda: EventSpec(ANY_EVENT))
     authorization: AuthorizationSpec = field(default_factory=AuthorizationSpec)
+    authentication: AuthenticationSpec = field(default_factory=AuthenticationSpec)
 
 
 def build_sections(c: Compilation) -> Sections:
@@ -73,6 +76,7 @@ def build_sections(c: Compilation) -> Sections:
     return Sections(
         defaults=defaults,
         identity=build_identity(c, c.section("identity")),
+        authentication=build_authentication(c, c.section("authentication")),
         errors=build_errors(c, data.get("errors"), defaults, names),
         backoff=backoff,
         rate_limits=build_rate_limits(c, data.get("rate_limits"), defaults),

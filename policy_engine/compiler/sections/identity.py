@@ -13,6 +13,9 @@ _FIELDS: Mapping[str, Convert] = {
     "trusted_proxies": tuple,
     "user_claim": str,
     "user_param": str,
+    "trust_client_user_id": bool,
+    "max_identifier_length": int,
+    "ipv6_prefix": int,
     "conversation_param": str,
     "token_param": str,
 }
@@ -30,4 +33,11 @@ def build_identity(c: Compilation, raw: Mapping[str, Any] | None) -> IdentitySpe
                 f"{network!r} is not an IP network",
                 "write an address or a CIDR block, for example 10.0.0.0/8",
             )
+    if spec.trust_client_user_id:
+        c.warn(
+            "/identity/trust_client_user_id",
+            "client-chosen-identity",
+            "connections name their own user: any client can be any user to per-user rules",
+            "for development only; in production the user comes from verified claims",
+        )
     return spec
