@@ -113,7 +113,7 @@ class PolicyServer:
         await self.sampler.stop()
         await self.adapter.stop()
         with contextlib.suppress(Exception):
-            await self.engine.store.close()
+            await self.engine.state.close()
         self.started = False
 
     def shutdown(self, *, force: bool = False) -> None:
@@ -159,39 +159,15 @@ class PolicyServer:
         }
 
     def store_status(self) -> dict[str, Any]:
-        engine = self.engine
-        if engine.store is engine.local:
-            return {"kind": "memory"}
-        health = engine.store_health
-        return {
-            "kind": type(engine.store).__name__,
-            "available": health.available,
-            "failures": health.failures,
-            "on_store_error": engine.policy.defaults.on_store_error.value,
-        }
+        return self.engine.state.status()
 
     async def breaker_states(self) -> dict[str, str]:
         """Each breaker's circuit; on a shared store as stored there, "unknown" if it does not
         answer within ``store_timeout``."""
-        engine = self.engine
-        specs = engine.policy.circuit_breakers
-        if engine.store is engine.local:
-            return {
-                spec.name: engine.local.breaker_state(spec.name).circuit.value for spec in specs
-            }
-        fetch = getattr(engine.store, "fetch_breaker_state", None)
-        if fetch is None:
-            return {spec.name: "unknown" for spec in specs}
-
-        async def circuit(name: str) -> str:
-            try:
-                stored = await asyncio.wait_for(fetch(name), engine.policy.defaults.store_timeout)
-            except Exception:
-                return "unknown"
-            return str(stored.circuit.value)
-
-        circuits = await asyncio.gather(*(circuit(spec.name) for spec in specs))
-        return dict(zip((spec.name for spec in specs), circuits, strict=True))
+        state = self.engine.state
+        names = [spec.name for spec in self.engine.policy.circuit_breakers]
+        circuits = await asyncio.gather(*(state.circuit(name) for name in names))
+        return dict(zip(names, circuits, strict=True))
 
     # -- ASGI --------------------------------------------------------------------------------
 

@@ -1,0 +1,174 @@
+"""Rate limits: which limits apply and under which key, the store's verdict, the refusal.
+
+A hook call's limits are judged in three steps: :meth:`RateLimits.plan` evaluates each
+rule's condition and key (no state), the state answers the checks (synchronously when it
+can, see :mod:`policy_engine.state.guarded`), and :meth:`RateLimits.conclude` turns the
+answers into the refusal and the shadowed names. Enforced limits are judged together, so
+one refused limit consumes nothing from the others; a shadow limit is judged on its own
+and refuses nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from policy_engine.algorithms.ratelimit import CombinedDecision
+from policy_engine.core.decision import Decision, Outcome
+from policy_engine.core.evaluation import evaluate_value, matches
+from policy_engine.core.payload import backoff_for, client_payload
+from policy_engine.core.recorder import Recorder
+from policy_engine.errors import EvaluationError
+from policy_engine.language.model import (
+    Category,
+    EvalFailureMode,
+    Expression,
+    Mode,
+    PolicySet,
+    RateLimitSpec,
+)
+from policy_engine.state.guarded import ASK, Ask, GuardedStore
+
+Check = tuple[RateLimitSpec, str]
+_UNANSWERED = "rate limits concluded before the state answered them"
+
+
+class RateCheck:
+    """One hook call's limits with their keys, and the answers the state gave so far."""
+
+    __slots__ = ("enforced", "enforced_answer", "now", "shadow", "shadow_answers")
+
+    def __init__(self, shadow: list[Check], enforced: list[Check], now: float) -> None:
+        self.shadow = shadow
+        self.enforced = enforced
+        self.now = now
+        self.shadow_answers: list[CombinedDecision | Ask] = [ASK] * len(shadow)
+        self.enforced_answer: CombinedDecision | Ask | None = ASK if enforced else None
+
+    def answer_now(self, state: GuardedStore) -> bool:
+        """Ask the state for what it can answer without I/O; whether that was everything."""
+        now, answers = self.now, self.shadow_answers
+        for at, check in enumerate(self.shadow):
+            if answers[at] is ASK:
+                answers[at] = state.rates_now((check,), now)
+        if self.enforced_answer is ASK:
+            self.enforced_answer = state.rates_now(self.enforced, now)
+        return self.enforced_answer is not ASK and ASK not in answers
+
+    async def answer(self, state: GuardedStore) -> None:
+        """Ask the state for the rest, awaiting the shared store."""
+        now, answers = self.now, self.shadow_answers
+        for at, check in enumerate(self.shadow):
+            if answers[at] is ASK:
+                answers[at] = await state.rates((check,), now)
+        if self.enforced_answer is ASK:
+            self.enforced_answer = await state.rates(self.enforced, now)
+
+
+class RateLimits:
+    """The per-process part of rate limiting: keys computed once per connection."""
+
+    def __init__(self) -> None:
+        # Keys that read only conn and claims, per connection (sid) and expression.
+        self._connection_keys: dict[str, dict[tuple[str, Any], str]] = {}
+
+    def forget(self, sid: str) -> None:
+        self._connection_keys.pop(sid, None)
+
+    def plan(
+        self,
+        policy: PolicySet,
+        rules: tuple[RateLimitSpec, ...],
+        activation: Mapping[str, Any],
+        now: float,
+        recorder: Recorder,
+    ) -> RateCheck | Decision:
+        """The limits that apply, with their keys; a refusal when a key cannot be computed
+        and the policy's ``on_eval_error`` is ``fail_closed``."""
+        failure = policy.defaults.on_eval_error
+        enforced: list[Check] = []
+        shadow: list[Check] = []
+        for rule in rules:
+            if rule.when is not None and not matches(rule.when, activation, failure):
+                recorder.note("rate_limits", rule.name, False, "skip")
+                continue
+            try:
+                key = self._key(rule.key, activation)
+            except EvaluationError as exc:
+                if recorder.enabled:
+                    detail = {"error": str(exc)}
+                    recorder.note("rate_limits", rule.name, False, "key-error", detail)
+                if failure is EvalFailureMode.FAIL_CLOSED:
+                    return refusal(policy, rule, None)
+                continue
+            (shadow if rule.mode is Mode.SHADOW else enforced).append((rule, key))
+        return RateCheck(shadow, enforced, now)
+
+    def _key(self, expression: Expression, activation: Mapping[str, Any]) -> str:
+        if not expression.per_connection or expression.path is not None:
+            return str(evaluate_value(expression, activation))
+        sid = activation["conn"]["sid"]
+        keys = self._connection_keys.get(sid)
+        if keys is None:
+            keys = self._connection_keys[sid] = {}
+        # Keyed as Expression compares (source and context), without its Python-level hash.
+        identity = (expression.source, expression.context)
+        key = keys.get(identity)
+        if key is None:
+            key = keys[identity] = str(evaluate_value(expression, activation))
+        return key
+
+
+def conclude(
+    policy: PolicySet, check: RateCheck, recorder: Recorder, shadowed: list[str]
+) -> Decision | None:
+    """The refusal the answers make, if any; shadow limits that refused join ``shadowed``."""
+    for (rule, key), result in zip(check.shadow, check.shadow_answers, strict=True):
+        if result is ASK:
+            raise RuntimeError(_UNANSWERED)
+        if recorder.enabled:
+            verdict = "shadow-" + ("allow" if result.allowed else "reject")
+            detail = {"key": key, "retry_after": result.retry_after}
+            recorder.note("rate_limits", rule.name, True, verdict, detail)
+        if not result.allowed:
+            shadowed.append(f"rate_limits/{rule.name}")
+    decided = check.enforced_answer
+    if decided is None:
+        return None
+    if decided is ASK:
+        raise RuntimeError(_UNANSWERED)
+    if recorder.enabled:
+        for rule, key in check.enforced:
+            deciding = decided.rule == rule.name
+            verdict = "reject" if deciding and not decided.allowed else "allow"
+            detail = {"key": key, "retry_after": decided.retry_after if deciding else 0.0}
+            recorder.note("rate_limits", rule.name, True, verdict, detail)
+    if decided.allowed:
+        return None
+    for rule, key in check.enforced:
+        if rule.name == decided.rule:
+            return refusal(policy, rule, decided, key)
+    return None
+
+
+def refusal(
+    policy: PolicySet,
+    rule: RateLimitSpec,
+    combined: CombinedDecision | None,
+    key: str | None = None,
+) -> Decision:
+    payload = client_payload(
+        code=rule.code,
+        category=Category.CLIENT,
+        message=rule.message,
+        retryable=True,
+        retry_after=combined.retry_after if combined else rule.rate.interval,
+        backoff=backoff_for(policy),
+        policy=f"rate_limits/{rule.name}",
+    )
+    return Decision(
+        Outcome.REJECT,
+        f"rate_limits/{rule.name}",
+        payload,
+        key=key if rule.key_label else None,
+    )
