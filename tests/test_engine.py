@@ -573,3 +573,22 @@ async def test_a_delay_under_load_does_not_skip_authorization_or_rate_limits() -
     now = engine.judge_event_now(client, {}, event_context("admin"))
     assert now is not None
     assert now.decision.rule == "authorization/no-admin"
+
+
+async def test_a_long_run_of_auth_failures_is_throttled_at_the_backoff_cap() -> None:
+    # 3.0 ** 699 overflows a float: the delay must be capped, not raise.
+    engine, clock = engine_for(
+        "backoff:\n  steep: {strategy: exponential, base: 1s, max: 30s, multiplier: 3}\n"
+        "connections:\n  auth_failures: {threshold: 1, window: 1h, backoff: steep}\n"
+    )
+    client = conn()
+    for _ in range(700):
+        await engine.record_auth_failure(client)
+    clock.now += 1.0
+
+    decision = await engine.on_connect(client, {})
+
+    assert decision.rule == "connections/auth_failures"
+    assert decision.payload is not None
+    assert decision.payload["code"] == "AUTH_THROTTLED"
+    assert decision.payload["retry_after_ms"] == 29_000

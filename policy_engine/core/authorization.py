@@ -28,7 +28,8 @@ def authorize(  # noqa: PLR0917 (every caller passes all six)
     failure = policy.defaults.on_eval_error
     for rule in rules:
         hit = matches(rule.when, activation, failure)
-        recorder.note("authorization", rule.name, hit, rule.effect.value if hit else "skip")
+        if recorder.enabled:
+            recorder.note("authorization", rule.name, hit, rule.effect.value if hit else "skip")
         if not hit:
             continue
         if rule.effect is Effect.ALLOW:

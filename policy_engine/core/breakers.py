@@ -50,7 +50,7 @@ class Refused(NamedTuple):
     held: tuple[CircuitBreakerSpec, ...]
 
 
-def take_permits(  # noqa: PLR0913, PLR0917 (the call, and where a resumed walk stands)
+def take_permits(  # noqa: PLR0917 (the call, and where a resumed walk stands)
     policy: PolicySet,
     state: GuardedStore,
     breakers: tuple[CircuitBreakerSpec, ...],
@@ -95,7 +95,8 @@ def take_permits(  # noqa: PLR0913, PLR0917 (the call, and where a resumed walk 
             taken.append(spec)
             if permit.transition is not None:
                 transitions.append((spec.name, permit.transition))
-            recorder.note("circuit_breakers", spec.name, False, "allow")
+            if recorder.enabled:
+                recorder.note("circuit_breakers", spec.name, False, "allow")
             continue
         # No answer from the store (its failure mode let the call through), or shadow mode.
         if permit is None:
@@ -123,35 +124,27 @@ def _refusal(policy: PolicySet, spec: CircuitBreakerSpec, permit: Permit) -> Dec
     return Decision(Outcome.REJECT, f"circuit_breakers/{spec.name}", payload)
 
 
-async def record_outcome(  # noqa: PLR0917 (the call's whole story)
+def recorded_failures(  # noqa: PLR0917 (the failed call's whole story)
     policy: PolicySet,
-    state: GuardedStore,
     guard: BreakerGuard,
-    now: float,
+    duration: float,
     conn: Mapping[str, Any],
     event: Mapping[str, Any],
-    classification: Classification | None,
+    classification: Classification,
     error: Mapping[str, Any] | None,
-) -> list[tuple[str, Any]]:
-    """Tell each breaker held how the call went; the transitions that caused."""
-    duration = now - guard.started
-    # As in Resilience4j, record_when judges exceptions only: a return is a success,
-    # and slow calls are counted through the breaker's slow_call settings.
-    failed = classification is not None
-    activation: dict[str, Any] | None = None
-    if classification is not None and any(s.record_when for s in guard.permits):
-        call = {"duration_ms": int(duration * 1000), "failed": True, "event": event["name"]}
-        error_var = classification.as_context(error or {})
-        activation = {"conn": conn, "event": event, "error": error_var, "call": call}
-    transitions: list[tuple[str, Any]] = []
+) -> tuple[bool, ...]:
+    """For a call that raised: whether each breaker held counts it as a failure.
+
+    As in Resilience4j, ``record_when`` judges exceptions only: a return is a success, and
+    slow calls are counted through the breaker's ``slow_call`` settings.
+    """
+    if not any(spec.record_when for spec in guard.permits):
+        return (True,) * len(guard.permits)
+    call = {"duration_ms": int(duration * 1000), "failed": True, "event": event["name"]}
+    error_var = classification.as_context(error or {})
+    activation = {"conn": conn, "event": event, "error": error_var, "call": call}
     on_eval_error = policy.defaults.on_eval_error
-    for spec in guard.permits:
-        recorded = failed
-        if activation is not None and spec.record_when is not None:
-            recorded = matches(spec.record_when, activation, on_eval_error)
-        transition = state.record_now(spec, now, failed=recorded, duration=duration)
-        if transition is ASK:
-            transition = await state.record(spec, now, failed=recorded, duration=duration)
-        if transition is not None:
-            transitions.append((spec.name, transition))
-    return transitions
+    return tuple(
+        spec.record_when is None or matches(spec.record_when, activation, on_eval_error)
+        for spec in guard.permits
+    )

@@ -35,7 +35,7 @@ from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
 from policy_engine.language.contexts import CONN, EVENT, LOAD, Hook
 from policy_engine.language.model import EventPlan, PolicySet, RateLimitSpec
-from policy_engine.state.guarded import GuardedStore
+from policy_engine.state.guarded import ASK, GuardedStore
 from policy_engine.state.health import StoreHealth
 from policy_engine.state.memory import MemoryStore, StateStore
 
@@ -216,7 +216,9 @@ class Engine:
     ) -> Decision:
         """Judge one incoming event before its handler runs."""
         plan = self.policy.event_plans[event["name"]]
-        decided = self._decide_event(plan, conn, claims, event, _recorder(explain, recorder))
+        if recorder is None:
+            recorder = TraceRecorder() if explain else NULL_RECORDER
+        decided = self._decide_event(plan, conn, claims, event, recorder)
         if isinstance(decided, PendingEvent):
             return await self.settle_event(decided)
         return decided
@@ -357,9 +359,25 @@ class Engine:
         """Report the handler's outcome to the breakers it held; returns their transitions."""
         if not guard.permits:
             return []
-        return await breakers.record_outcome(
-            self.policy, self.state, guard, self.clock(), conn, event, classification, error
+        now = self.clock()
+        duration = now - guard.started
+        failed = (
+            ()
+            if classification is None
+            else breakers.recorded_failures(
+                self.policy, guard, duration, conn, event, classification, error
+            )
         )
+        state = self.state
+        transitions: list[tuple[str, Any]] = []
+        for at, spec in enumerate(guard.permits):
+            failure = failed[at] if failed else False
+            transition = state.record_now(spec, now, failed=failure, duration=duration)
+            if transition is ASK:
+                transition = await state.record(spec, now, failed=failure, duration=duration)
+            if transition is not None:
+                transitions.append((spec.name, transition))
+        return transitions
 
     # -- errors ------------------------------------------------------------------------------
 
@@ -403,7 +421,7 @@ def _recorder(explain: bool, recorder: Recorder | None) -> Recorder:
 def _finish(decision: Decision, shadowed: list[str], recorder: Recorder) -> Decision:
     if not shadowed and not recorder.enabled:
         return decision
-    # Built field by field: NamedTuple._replace costs several times more.
+    # Built field by field: NamedTuple._replace is much slower.
     return Decision(
         decision.outcome,
         decision.rule,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from policy_engine.algorithms.ratelimit import CombinedDecision
+from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.evaluation import evaluate_value, matches
 from policy_engine.core.payload import backoff_for, client_payload
@@ -30,11 +30,16 @@ from policy_engine.language.model import (
 from policy_engine.state.guarded import ASK, Ask, GuardedStore
 
 Check = tuple[RateLimitSpec, str]
+Answer = RateDecision | CombinedDecision
 _UNANSWERED = "rate limits concluded before the state answered them"
 
 
 class RateCheck:
-    """One hook call's limits with their keys, and the answers the state gave so far."""
+    """One hook call's limits with their keys, and the answers the state gave so far.
+
+    A limit judged alone is answered by its own :class:`RateDecision`; several enforced
+    limits by one :class:`CombinedDecision`. Both say ``allowed`` and ``retry_after``.
+    """
 
     __slots__ = ("enforced", "enforced_answer", "now", "shadow", "shadow_answers")
 
@@ -42,18 +47,25 @@ class RateCheck:
         self.shadow = shadow
         self.enforced = enforced
         self.now = now
-        self.shadow_answers: list[CombinedDecision | Ask] = [ASK] * len(shadow)
-        self.enforced_answer: CombinedDecision | Ask | None = ASK if enforced else None
+        self.shadow_answers: list[Answer | Ask] = [ASK] * len(shadow)
+        self.enforced_answer: Answer | Ask | None = ASK if enforced else None
 
     def answer_now(self, state: GuardedStore) -> bool:
         """Ask the state for what it can answer without I/O; whether that was everything."""
         now, answers = self.now, self.shadow_answers
-        for at, check in enumerate(self.shadow):
+        complete = True
+        for at, (rule, key) in enumerate(self.shadow):
             if answers[at] is ASK:
-                answers[at] = state.rates_now((check,), now)
+                answer = answers[at] = state.rate_now(rule, key, now)
+                complete = complete and answer is not ASK
+        enforced = self.enforced
         if self.enforced_answer is ASK:
-            self.enforced_answer = state.rates_now(self.enforced, now)
-        return self.enforced_answer is not ASK and ASK not in answers
+            if len(enforced) == 1:
+                self.enforced_answer = state.rate_now(*enforced[0], now)
+            else:
+                self.enforced_answer = state.rates_now(enforced, now)
+            return complete and self.enforced_answer is not ASK
+        return complete
 
     async def answer(self, state: GuardedStore) -> None:
         """Ask the state for the rest, awaiting the shared store."""
@@ -90,7 +102,8 @@ class RateLimits:
         shadow: list[Check] = []
         for rule in rules:
             if rule.when is not None and not matches(rule.when, activation, failure):
-                recorder.note("rate_limits", rule.name, False, "skip")
+                if recorder.enabled:
+                    recorder.note("rate_limits", rule.name, False, "skip")
                 continue
             try:
                 key = self._key(rule.key, activation)
@@ -99,7 +112,7 @@ class RateLimits:
                     detail = {"error": str(exc)}
                     recorder.note("rate_limits", rule.name, False, "key-error", detail)
                 if failure is EvalFailureMode.FAIL_CLOSED:
-                    return refusal(policy, rule, None)
+                    return refusal(policy, rule, rule.rate.interval)
                 continue
             (shadow if rule.mode is Mode.SHADOW else enforced).append((rule, key))
         return RateCheck(shadow, enforced, now)
@@ -137,32 +150,31 @@ def conclude(
         return None
     if decided is ASK:
         raise RuntimeError(_UNANSWERED)
+    enforced = check.enforced
+    deciding = decided.rule if isinstance(decided, CombinedDecision) else enforced[0][0].name
     if recorder.enabled:
-        for rule, key in check.enforced:
-            deciding = decided.rule == rule.name
-            verdict = "reject" if deciding and not decided.allowed else "allow"
-            detail = {"key": key, "retry_after": decided.retry_after if deciding else 0.0}
+        for rule, key in enforced:
+            decides = deciding == rule.name
+            verdict = "reject" if decides and not decided.allowed else "allow"
+            detail = {"key": key, "retry_after": decided.retry_after if decides else 0.0}
             recorder.note("rate_limits", rule.name, True, verdict, detail)
     if decided.allowed:
         return None
-    for rule, key in check.enforced:
-        if rule.name == decided.rule:
-            return refusal(policy, rule, decided, key)
+    for rule, key in enforced:
+        if rule.name == deciding:
+            return refusal(policy, rule, decided.retry_after, key)
     return None
 
 
 def refusal(
-    policy: PolicySet,
-    rule: RateLimitSpec,
-    combined: CombinedDecision | None,
-    key: str | None = None,
+    policy: PolicySet, rule: RateLimitSpec, retry_after: float, key: str | None = None
 ) -> Decision:
     payload = client_payload(
         code=rule.code,
         category=Category.CLIENT,
         message=rule.message,
         retryable=True,
-        retry_after=combined.retry_after if combined else rule.rate.interval,
+        retry_after=retry_after,
         backoff=backoff_for(policy),
         policy=f"rate_limits/{rule.name}",
     )

@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Any, Final, Literal, TypeVar
 
 from policy_engine.algorithms.breaker import Circuit, Permit, Transition
-from policy_engine.algorithms.ratelimit import CombinedDecision
+from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision
 from policy_engine.errors import StoreError
 from policy_engine.language.model import (
     CircuitBreakerSpec,
@@ -77,6 +77,12 @@ class GuardedStore:
         return time.time if self.shared else time.monotonic
 
     # -- rate limits -------------------------------------------------------------------------
+
+    def rate_now(self, spec: RateLimitSpec, key: str, now: float) -> RateDecision | Ask:
+        """One limit alone, when it lives in this process: the request path's common case."""
+        if self.shared and spec.scope is not Scope.LOCAL:
+            return ASK
+        return self.local.check_rate_limit_now(spec, key, now)
 
     def rates_now(self, checks: Checks, now: float) -> CombinedDecision | Ask:
         """The checks judged together, when each of them lives in this process."""
