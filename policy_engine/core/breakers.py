@@ -54,7 +54,6 @@ def take_permits(  # noqa: PLR0917 (the call, and where a resumed walk stands)
     policy: PolicySet,
     state: GuardedStore,
     breakers: tuple[CircuitBreakerSpec, ...],
-    activation: dict[str, Any] | None,
     variables: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any], Any],
     now: float,
     recorder: Recorder,
@@ -68,46 +67,66 @@ def take_permits(  # noqa: PLR0917 (the call, and where a resumed walk stands)
     store's ``answer``. ``variables`` (conn, claims, event, load) build the context only
     when a breaker's condition reads more than the event's name.
     """
-    start = 0
+    activation: dict[str, Any] | None = None
     taken: list[CircuitBreakerSpec] = []
     transitions: list[tuple[str, Transition]] = []
+    rest = breakers
     if resumed is not None:
-        start, activation = resumed.at, resumed.activation
+        activation = resumed.activation
         taken.extend(resumed.taken)
         transitions.extend(resumed.transitions)
-    for at in range(start, len(breakers)):
-        spec = breakers[at]
-        permit: Permit | None
-        if resumed is not None and at == start:
-            permit = answer
-        else:
-            if not spec.match.is_name_test:
-                if activation is None:
-                    conn, claims, event, load = variables
-                    activation = {"conn": conn, "claims": claims, "event": event, "load": load}
-                if not matches(spec.match, activation, policy.defaults.on_eval_error):
-                    continue
-            asked = state.permit_now(spec, now)
-            if asked is ASK:
-                return Waiting(at, tuple(taken), tuple(transitions), activation)
-            permit = asked
-        if permit is not None and permit.permitted:
+        refusal = _hold(policy, breakers[resumed.at], answer, taken, transitions, recorder)
+        if refusal is not None:
+            return Refused(refusal, tuple(taken))
+        rest = breakers[resumed.at + 1 :]
+    for spec in rest:
+        if not spec.match.is_name_test:
+            if activation is None:
+                conn, claims, event, load = variables
+                activation = {"conn": conn, "claims": claims, "event": event, "load": load}
+            if not matches(spec.match, activation, policy.defaults.on_eval_error):
+                continue
+        permit = state.permit_now(spec, now)
+        if permit is ASK:
+            at = breakers.index(spec)
+            return Waiting(at, tuple(taken), tuple(transitions), activation)
+        if permit.permitted:  # the common case, without a call
             taken.append(spec)
             if permit.transition is not None:
                 transitions.append((spec.name, permit.transition))
             if recorder.enabled:
                 recorder.note("circuit_breakers", spec.name, False, "allow")
             continue
-        # No answer from the store (its failure mode let the call through), or shadow mode.
-        if permit is None:
-            recorder.note("circuit_breakers", spec.name, False, "unanswered")
-            continue
-        if spec.mode is Mode.SHADOW:
-            recorder.note("circuit_breakers", spec.name, True, "shadow-reject")
-            continue
-        recorder.note("circuit_breakers", spec.name, True, "reject")
-        return Refused(_refusal(policy, spec, permit), tuple(taken))
+        refusal = _hold(policy, spec, permit, taken, transitions, recorder)
+        if refusal is not None:
+            return Refused(refusal, tuple(taken))
     return BreakerGuard(tuple(taken), now, tuple(transitions)) if taken else NO_GUARD
+
+
+def _hold(  # noqa: PLR0917 (a walk's state, passed along)
+    policy: PolicySet,
+    spec: CircuitBreakerSpec,
+    permit: Permit | None,
+    taken: list[CircuitBreakerSpec],
+    transitions: list[tuple[str, Transition]],
+    recorder: Recorder,
+) -> Decision | None:
+    """Note what one breaker answered; its refusal, unless the call may go on past it."""
+    if permit is not None and permit.permitted:
+        taken.append(spec)
+        if permit.transition is not None:
+            transitions.append((spec.name, permit.transition))
+        recorder.note("circuit_breakers", spec.name, False, "allow")
+        return None
+    # No answer from the store (its failure mode let the call through), or shadow mode.
+    if permit is None:
+        recorder.note("circuit_breakers", spec.name, False, "unanswered")
+        return None
+    if spec.mode is Mode.SHADOW:
+        recorder.note("circuit_breakers", spec.name, True, "shadow-reject")
+        return None
+    recorder.note("circuit_breakers", spec.name, True, "reject")
+    return _refusal(policy, spec, permit)
 
 
 def _refusal(policy: PolicySet, spec: CircuitBreakerSpec, permit: Permit) -> Decision:

@@ -15,11 +15,11 @@ from typing import Any, NamedTuple
 
 from policy_engine.core import breakers
 from policy_engine.core.authorization import authorize
-from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, Waiting
+from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, Waiting, take_permits
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import ALLOW, Decision, Outcome
 from policy_engine.core.payload_checks import check_payload
-from policy_engine.core.rate_limits import RateCheck, RateLimits, conclude
+from policy_engine.core.rate_limits import RateCheck, RateLimits
 from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
 from policy_engine.language.contexts import Hook
@@ -80,10 +80,10 @@ class EventHooks:
         if not decided.allowed or not plan.breakers:
             return EventVerdict(decided, NO_GUARD)
         variables = (conn, claims, event, self.load)
-        permits = breakers.take_permits(
-            self.policy, self.state, plan.breakers, None, variables, self.clock(), NULL_RECORDER
+        permits = take_permits(
+            self.policy, self.state, plan.breakers, variables, self.clock(), NULL_RECORDER
         )
-        if isinstance(permits, BreakerGuard):
+        if type(permits) is BreakerGuard:
             return EventVerdict(decided, permits)
         if isinstance(permits, Refused):
             for held in permits.held:
@@ -112,7 +112,7 @@ class EventHooks:
     async def settle_event(self, pending: PendingEvent) -> Decision:
         """Finish a judgement that waited for the shared store's rate-limit answers."""
         await pending.rates.answer(self.state)
-        refusal = conclude(self.policy, pending.rates, pending.recorder, pending.shadowed)
+        refusal = pending.rates.conclude(self.policy, pending.recorder, pending.shadowed)
         return finish(refusal or pending.refusal or ALLOW, pending.shadowed, pending.recorder)
 
     def _decide_event(
@@ -142,8 +142,12 @@ class EventHooks:
             return finish(refusal, [], recorder)
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
-        refusal = self._shedding.shed(
-            policy, plan.shedding, activation, spec.priority, self.clock, recorder, shadowed
+        refusal = (
+            self._shedding.shed(
+                policy, plan.shedding, activation, spec.priority, self.clock, recorder, shadowed
+            )
+            if plan.shedding
+            else None
         )
         if refusal is None or refusal.outcome is _DELAY:
             # A delay only postpones the event: what would refuse it still does.
@@ -152,12 +156,13 @@ class EventHooks:
                 or refusal
             )
         if plan.rate_limits and (refusal is None or refusal.outcome is _DELAY):
-            check = self._rates.plan(policy, plan.rate_limits, activation, self.clock(), recorder)
-            if not isinstance(check, RateCheck):
-                return finish(check, shadowed, recorder)
-            if not check.answer_now(self.state):
-                return PendingEvent(check, refusal, shadowed, recorder)
-            refusal = conclude(policy, check, recorder, shadowed) or refusal
+            judged = self._rates.judge(
+                policy, plan.rate_limits, activation, self.clock(), self.state, recorder, shadowed
+            )
+            if judged is not None:
+                if isinstance(judged, RateCheck):
+                    return PendingEvent(judged, refusal, shadowed, recorder)
+                refusal = judged
         if refusal is None and not shadowed and not recorder.enabled:
             return ALLOW
         return finish(refusal or ALLOW, shadowed, recorder)
@@ -198,12 +203,14 @@ class EventHooks:
     ) -> Decision | None:
         if not rules:
             return None
-        check = self._rates.plan(self.policy, rules, activation, self.clock(), recorder)
-        if not isinstance(check, RateCheck):
-            return check
-        if not check.answer_now(self.state):
-            await check.answer(self.state)
-        return conclude(self.policy, check, recorder, shadowed)
+        policy, state = self.policy, self.state
+        judged = self._rates.judge(
+            policy, rules, activation, self.clock(), state, recorder, shadowed
+        )
+        if isinstance(judged, RateCheck):
+            await judged.answer(state)
+            return judged.conclude(policy, recorder, shadowed)
+        return judged
 
     # -- circuit breakers --------------------------------------------------------------------
 
@@ -216,18 +223,19 @@ class EventHooks:
         recorder: Recorder | None = None,
     ) -> BreakerGuard | Decision:
         """Ask every breaker guarding this event for a permit; refuse at once if one is open."""
-        specs = self.policy.event_plans[event["name"]].breakers
+        policy = self.policy
+        specs = policy.event_plans[event["name"]].breakers
         if not specs:
             return NO_GUARD
-        policy, state, now = self.policy, self.state, self.clock()
-        recorder = recorder or NULL_RECORDER
+        state, now = self.state, self.clock()
         variables = (conn, claims, event, self.load)
-        permits = breakers.take_permits(policy, state, specs, None, variables, now, recorder)
+        permits = take_permits(policy, state, specs, variables, now, recorder or NULL_RECORDER)
+        if type(permits) is BreakerGuard:
+            return permits
+        recorder = recorder or NULL_RECORDER
         while isinstance(permits, Waiting):
             answer = await state.permit(specs[permits.at], now)
-            permits = breakers.take_permits(
-                policy, state, specs, None, variables, now, recorder, permits, answer
-            )
+            permits = take_permits(policy, state, specs, variables, now, recorder, permits, answer)
         if isinstance(permits, Refused):
             for held in permits.held:
                 await state.release(held)

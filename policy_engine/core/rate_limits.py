@@ -1,11 +1,11 @@
 """Rate limits: which limits apply and under which key, the store's verdict, the refusal.
 
-A hook call's limits are judged in three steps: :meth:`RateLimits.plan` evaluates each
-rule's condition and key (no state), the state answers the checks (synchronously when it
-can, see :mod:`policy_engine.state.guarded`), and :meth:`RateLimits.conclude` turns the
-answers into the refusal and the shadowed names. Enforced limits are judged together, so
-one refused limit consumes nothing from the others; a shadow limit is judged on its own
-and refuses nothing.
+A hook call's limits are judged in three steps: each rule's condition and key are
+evaluated (no state), the state answers the checks (synchronously when it can, see
+:mod:`policy_engine.state.guarded`; else :class:`RateCheck` awaits the shared store), and
+:func:`conclude` turns the answers into the refusal and the shadowed names. Enforced
+limits are judged together, so one refused limit consumes nothing from the others; a
+shadow limit is judged on its own and refuses nothing.
 """
 
 from __future__ import annotations
@@ -35,37 +35,21 @@ _UNANSWERED = "rate limits concluded before the state answered them"
 
 
 class RateCheck:
-    """One hook call's limits with their keys, and the answers the state gave so far.
-
-    A limit judged alone is answered by its own :class:`RateDecision`; several enforced
-    limits by one :class:`CombinedDecision`. Both say ``allowed`` and ``retry_after``.
-    """
+    """Limits whose answers the shared store still owes; the state gave the others."""
 
     __slots__ = ("enforced", "enforced_answer", "now", "shadow", "shadow_answers")
 
-    def __init__(self, shadow: list[Check], enforced: list[Check], now: float) -> None:
-        self.shadow = shadow
-        self.enforced = enforced
+    def __init__(
+        self,
+        shadow: list[Check],
+        shadow_answers: list[Answer | Ask],
+        enforced: list[Check],
+        enforced_answer: Answer | Ask | None,
+        now: float,
+    ) -> None:
+        self.shadow, self.shadow_answers = shadow, shadow_answers
+        self.enforced, self.enforced_answer = enforced, enforced_answer
         self.now = now
-        self.shadow_answers: list[Answer | Ask] = [ASK] * len(shadow)
-        self.enforced_answer: Answer | Ask | None = ASK if enforced else None
-
-    def answer_now(self, state: GuardedStore) -> bool:
-        """Ask the state for what it can answer without I/O; whether that was everything."""
-        now, answers = self.now, self.shadow_answers
-        complete = True
-        for at, (rule, key) in enumerate(self.shadow):
-            if answers[at] is ASK:
-                answer = answers[at] = state.rate_now(rule, key, now)
-                complete = complete and answer is not ASK
-        enforced = self.enforced
-        if self.enforced_answer is ASK:
-            if len(enforced) == 1:
-                self.enforced_answer = state.rate_now(*enforced[0], now)
-            else:
-                self.enforced_answer = state.rates_now(enforced, now)
-            return complete and self.enforced_answer is not ASK
-        return complete
 
     async def answer(self, state: GuardedStore) -> None:
         """Ask the state for the rest, awaiting the shared store."""
@@ -75,6 +59,19 @@ class RateCheck:
                 answers[at] = await state.rates((check,), now)
         if self.enforced_answer is ASK:
             self.enforced_answer = await state.rates(self.enforced, now)
+
+    def conclude(
+        self, policy: PolicySet, recorder: Recorder, shadowed: list[str]
+    ) -> Decision | None:
+        return conclude(
+            policy,
+            self.shadow,
+            self.shadow_answers,
+            self.enforced,
+            self.enforced_answer,
+            recorder,
+            shadowed,
+        )
 
 
 class RateLimits:
@@ -87,16 +84,22 @@ class RateLimits:
     def forget(self, sid: str) -> None:
         self._connection_keys.pop(sid, None)
 
-    def plan(
+    def judge(  # noqa: PLR0917 (every caller passes all seven)
         self,
         policy: PolicySet,
         rules: tuple[RateLimitSpec, ...],
         activation: Mapping[str, Any],
         now: float,
+        state: GuardedStore,
         recorder: Recorder,
-    ) -> RateCheck | Decision:
-        """The limits that apply, with their keys; a refusal when a key cannot be computed
-        and the policy's ``on_eval_error`` is ``fail_closed``."""
+        shadowed: list[str],
+    ) -> Decision | RateCheck | None:
+        """The limits that apply, with their keys, judged as far as the state answers now.
+
+        Returns the refusal (None: none), or a :class:`RateCheck` when the shared store
+        must answer first. A key that cannot be computed refuses when ``on_eval_error`` is
+        ``fail_closed``, and leaves its limit out otherwise.
+        """
         failure = policy.defaults.on_eval_error
         enforced: list[Check] = []
         shadow: list[Check] = []
@@ -115,7 +118,25 @@ class RateLimits:
                     return refusal(policy, rule, rule.rate.interval)
                 continue
             (shadow if rule.mode is Mode.SHADOW else enforced).append((rule, key))
-        return RateCheck(shadow, enforced, now)
+        complete = True
+        shadow_answers: list[Answer | Ask] = []
+        for rule, key in shadow:
+            answer = state.rate_now(rule, key, now)
+            shadow_answers.append(answer)
+            complete = complete and answer is not ASK
+        enforced_answer: Answer | Ask | None = None
+        if enforced:
+            if len(enforced) == 1:
+                rule, key = enforced[0]
+                enforced_answer = state.rate_now(rule, key, now)
+            else:
+                enforced_answer = state.rates_now(enforced, now)
+            complete = complete and enforced_answer is not ASK
+        if not complete:
+            return RateCheck(shadow, shadow_answers, enforced, enforced_answer, now)
+        return conclude(
+            policy, shadow, shadow_answers, enforced, enforced_answer, recorder, shadowed
+        )
 
     def _key(self, expression: Expression, activation: Mapping[str, Any]) -> str:
         if not expression.per_connection or expression.path is not None:
@@ -132,11 +153,17 @@ class RateLimits:
         return key
 
 
-def conclude(
-    policy: PolicySet, check: RateCheck, recorder: Recorder, shadowed: list[str]
+def conclude(  # noqa: PLR0917 (the checks and their answers)
+    policy: PolicySet,
+    shadow: list[Check],
+    shadow_answers: list[Answer | Ask],
+    enforced: list[Check],
+    enforced_answer: Answer | Ask | None,
+    recorder: Recorder,
+    shadowed: list[str],
 ) -> Decision | None:
     """The refusal the answers make, if any; shadow limits that refused join ``shadowed``."""
-    for (rule, key), result in zip(check.shadow, check.shadow_answers, strict=True):
+    for (rule, key), result in zip(shadow, shadow_answers):  # noqa: B905 (same length)
         if result is ASK:
             raise RuntimeError(_UNANSWERED)
         if recorder.enabled:
@@ -145,12 +172,13 @@ def conclude(
             recorder.note("rate_limits", rule.name, True, verdict, detail)
         if not result.allowed:
             shadowed.append(f"rate_limits/{rule.name}")
-    decided = check.enforced_answer
+    decided = enforced_answer
     if decided is None:
         return None
     if decided is ASK:
         raise RuntimeError(_UNANSWERED)
-    enforced = check.enforced
+    if decided.allowed and not recorder.enabled:
+        return None
     deciding = decided.rule if isinstance(decided, CombinedDecision) else enforced[0][0].name
     if recorder.enabled:
         for rule, key in enforced:

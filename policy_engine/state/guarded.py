@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from policy_engine.algorithms.breaker import Circuit, Permit, Transition
 from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision
@@ -55,6 +55,20 @@ STORE_RETRY_AFTER = 1.0
 """The retry advice of a refusal because the shared store is down."""
 
 
+class RateNow(Protocol):
+    def __call__(self, spec: RateLimitSpec, key: str, now: float, /) -> RateDecision | Ask: ...
+
+
+class PermitNow(Protocol):
+    def __call__(self, spec: CircuitBreakerSpec, now: float, /) -> Permit | Ask: ...
+
+
+class RecordNow(Protocol):
+    def __call__(
+        self, spec: CircuitBreakerSpec, now: float, /, *, failed: bool, duration: float
+    ) -> Transition | Ask | None: ...
+
+
 class GuardedStore:
     """One state store as the engine sees it; ``configure`` applies a policy's defaults."""
 
@@ -67,6 +81,14 @@ class GuardedStore:
         self.on_error = StoreFailureMode.FAIL_OPEN
         # Where each open connection was counted, so its disconnect releases that count.
         self._counted_in: dict[str, StateStore] = {}
+        # The synchronous answers (ASK: await the coroutine of the same name instead), chosen
+        # once: alone, the memory store's own methods, so the request path pays no call in
+        # between.
+        self.rate_now: RateNow = (
+            self._shared_rate_now if self.shared else self.local.check_rate_limit_now
+        )
+        self.permit_now: PermitNow = self._ask if self.shared else self.local.breaker_acquire_now
+        self.record_now: RecordNow = self._ask if self.shared else self.local.breaker_record_now
 
     def configure(self, timeout: float, on_error: StoreFailureMode) -> None:
         self.timeout, self.on_error = timeout, on_error
@@ -78,11 +100,15 @@ class GuardedStore:
 
     # -- rate limits -------------------------------------------------------------------------
 
-    def rate_now(self, spec: RateLimitSpec, key: str, now: float) -> RateDecision | Ask:
-        """One limit alone, when it lives in this process: the request path's common case."""
-        if self.shared and spec.scope is not Scope.LOCAL:
+    def _shared_rate_now(self, spec: RateLimitSpec, key: str, now: float) -> RateDecision | Ask:
+        """One limit alone, answered now when it is this process's (``scope: local``)."""
+        if spec.scope is not Scope.LOCAL:
             return ASK
         return self.local.check_rate_limit_now(spec, key, now)
+
+    @staticmethod
+    def _ask(*_: Any, **__: Any) -> Ask:
+        return ASK
 
     def rates_now(self, checks: Checks, now: float) -> CombinedDecision | Ask:
         """The checks judged together, when each of them lives in this process."""
@@ -115,9 +141,6 @@ class GuardedStore:
 
     # -- circuit breakers --------------------------------------------------------------------
 
-    def permit_now(self, spec: CircuitBreakerSpec, now: float) -> Permit | Ask:
-        return ASK if self.shared else self.local.breaker_acquire_now(spec, now)
-
     async def permit(self, spec: CircuitBreakerSpec, now: float) -> Permit | None:
         """A permit; None when the store did not answer and the policy lets the call go on
         unguarded (``fail_open``, ``local``); a refusal under ``fail_closed``."""
@@ -139,13 +162,6 @@ class GuardedStore:
     async def release(self, spec: CircuitBreakerSpec) -> None:
         if self.release_now(spec) is ASK:
             await self._answer(self.store.breaker_release(spec), None)
-
-    def record_now(
-        self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
-    ) -> Transition | Ask | None:
-        if self.shared:
-            return ASK
-        return self.local.breaker_record_now(spec, now, failed=failed, duration=duration)
 
     async def record(
         self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
