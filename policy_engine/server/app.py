@@ -54,7 +54,7 @@ from policy_engine.observe.observer import Observer
 from policy_engine.server import demo
 from policy_engine.server.reload import PolicyReloader
 from policy_engine.server.sampler import LoadSampler
-from policy_engine.state.memory import MemoryStore, StateStore
+from policy_engine.state.memory import StateStore
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -272,15 +272,14 @@ def build_app(
     """
     result = compile_file(policies, backend=cel_backend)
     source = str(policies)
-    shared = store is not None and not isinstance(store, MemoryStore)
-    engine = Engine(result.policy, store or MemoryStore())  # the wall clock when shared
+    engine = Engine(result.policy, store)  # the wall clock when shared
     metrics = MetricsObserver(registry, process_metrics=True)
 
     def is_audit_error(classification: Classification) -> bool:
         return engine.counts_as_auth_failure(classification) or is_auth_error(classification)
 
     observer = CompositeObserver(metrics, LogObserver(is_audit_error=is_audit_error), *observers)
-    if shared:
+    if engine.state.shared:
         engine.store_health.listeners.append(log_store_availability)
         metrics.track_store(engine.store_health)
     adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)
