@@ -23,7 +23,7 @@ $(JS_DEPS): tests/js/package-lock.json
 	else echo "npm not found: the JavaScript client tests will be skipped"; fi
 
 serve: $(STAMP)
-	$(BIN)/policy-engine serve --policies policies/policies.yaml --host 127.0.0.1 --port 8000
+	$(BIN)/policy-engine serve --policies policies/policies.yaml --host 127.0.0.1 --port 8000 --ops-port 8001
 
 lint: $(STAMP)
 	$(BIN)/ruff check policy_engine tests benchmarks

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from policy_engine.cel import programs as cel
+from policy_engine import cel
+from policy_engine.cel.descriptors import descriptor_pool_for
 from policy_engine.errors import EvaluationError, PolicyEngineError
 from policy_engine.language.contexts import (
     CLAIMS,
@@ -259,7 +260,7 @@ def test_checked_program_agrees_with_the_one_that_runs_on_dicts() -> None:
 
     backend = cel.get_backend(cel.CEL_EXPR_PYTHON)
     typed_env, _ = backend._environments_for(EVERYTHING)  # type: ignore[attr-defined]
-    pool = cel._descriptor_pool(v for v in EVERYTHING.values() if isinstance(v, MessageType))
+    pool = descriptor_pool_for(v for v in EVERYTHING.values() if isinstance(v, MessageType))
 
     def message(kind: MessageType, value: Mapping[str, Any]) -> Any:
         built = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"pe.{kind.name}"))()

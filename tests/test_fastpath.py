@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cel import CONTEXT, CORPUS, EVERYTHING, RAISES
 
+from policy_engine import cel
 from policy_engine.cel import fastpath
-from policy_engine.cel import programs as cel
 from policy_engine.errors import EvaluationError
 from policy_engine.language.contexts import CONN, EVENT, HOOK_VARIABLES, RAW_ERROR, Hook
 

@@ -14,7 +14,8 @@ from policy_engine.core.classify import Classification
 from policy_engine.core.decision import ALLOW, Decision, Outcome
 from policy_engine.errors import Diagnostic, Location, Severity
 from policy_engine.language.model import Category, ErrorSeverity
-from policy_engine.observe.logs import CompositeObserver, LogObserver, configure_logging
+from policy_engine.observe.composite import CompositeObserver
+from policy_engine.observe.logs import LogObserver, configure_logging
 from policy_engine.observe.observer import NullObserver
 
 CONN = {"sid": "sid-1", "ip": "198.51.100.7", "user_id": "ada"}

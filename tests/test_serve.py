@@ -120,10 +120,12 @@ async def refusal_without_conversation(base: str) -> Any:
 class Asgi:
     """Calls an ASGI app directly, as a server would, for one HTTP request."""
 
-    def __init__(self, app: PolicyServer) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
         self.app = app
 
-    async def request(self, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    async def request(
+        self, path: str, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         sent: list[dict[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
@@ -132,7 +134,13 @@ class Asgi:
         async def send(message: Any) -> None:
             sent.append(dict(message))
 
-        scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b""}
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "headers": headers or [],
+            "query_string": b"",
+        }
         await self.app(scope, receive, send)
         start, body = sent[0], sent[1]
         headers = {k.decode(): v.decode() for k, v in start["headers"]}
@@ -176,7 +184,7 @@ async def test_status_reports_policy_reloads_breakers_connections_and_load(
     try:
         policy_file.write_text(BROKEN, encoding="utf-8")
         assert await server.reloader.reload_async() is False
-        status, _, body = await Asgi(server).request("/status")
+        status, _, body = await Asgi(server.operations_app).request("/status")
     finally:
         await server.stop()
 
@@ -201,7 +209,7 @@ async def test_status_reports_policy_reloads_breakers_connections_and_load(
 
 
 async def test_metrics_endpoint_serves_prometheus_text(server: PolicyServer) -> None:
-    status, headers, body = await Asgi(server).request("/metrics")
+    status, headers, body = await Asgi(server.operations_app).request("/metrics")
     text = body.decode()
 
     assert status == 200
@@ -212,7 +220,7 @@ async def test_metrics_endpoint_serves_prometheus_text(server: PolicyServer) -> 
 
 
 async def test_operations_endpoints_only_answer_get_and_head(server: PolicyServer) -> None:
-    status, headers, _ = await Asgi(server).request("/status", method="POST")
+    status, headers, _ = await Asgi(server.operations_app).request("/status", method="POST")
     assert status == 405
     assert headers["allow"] == "GET, HEAD"
     status, _, body = await Asgi(server).request("/healthz", method="HEAD")
@@ -237,14 +245,17 @@ async def test_lifespan_starts_and_stops_the_server(server: PolicyServer) -> Non
 async def test_a_socketio_client_talks_through_the_policy_in_process(
     server: PolicyServer, http: aiohttp.ClientSession
 ) -> None:
-    port = free_port()
+    port, ops_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
-    task = asyncio.create_task(serve(server, "127.0.0.1", port, install_signals=False))
+    task = asyncio.create_task(
+        serve(server, "127.0.0.1", port, install_signals=False, ops_port=ops_port)
+    )
     try:
         await wait_until(lambda: _status_is(http, f"{base}/readyz", 200), "readiness")
         exchanges = await talk(base, "conv-1", actions=2)
         refusal = await refusal_without_conversation(base)
-        _, metrics = await get(http, f"{base}/metrics")
+        assert (await get(http, f"{base}/metrics"))[0] == 404
+        _, metrics = await get(http, f"http://127.0.0.1:{ops_port}/metrics")
     finally:
         server.shutdown()
         await asyncio.wait_for(task, 15)
@@ -345,10 +356,11 @@ def command() -> list[str]:
 
 
 class Process:
-    def __init__(self, popen: subprocess.Popen[bytes], log: Path, base: str) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], log: Path, base: str, ops: str) -> None:
         self.popen = popen
         self.log = log
         self.base = base
+        self.ops = ops
 
     def events(self) -> list[dict[str, Any]]:
         events = []
@@ -362,7 +374,7 @@ class Process:
 
 @pytest.fixture
 def running_server(policy_file: Path, tmp_path: Path) -> Iterator[Process]:
-    port = free_port()
+    port, ops_port = free_port(), free_port()
     log = tmp_path / "server.log"
     argv = [
         *command(),
@@ -377,11 +389,13 @@ def running_server(policy_file: Path, tmp_path: Path) -> Iterator[Process]:
         "json",
         "--graceful-timeout",
         "2",
+        "--ops-port",
+        str(ops_port),
     ]
     with log.open("wb") as output:
         popen = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
     try:
-        yield Process(popen, log, f"http://127.0.0.1:{port}")
+        yield Process(popen, log, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{ops_port}")
     finally:
         if popen.poll() is None:
             popen.kill()
@@ -395,7 +409,7 @@ async def test_sighup_reloads_a_real_process_and_keeps_the_old_policy_on_errors(
     pid = running_server.popen.pid
 
     async def status() -> dict[str, Any]:
-        code, body = await get(http, f"{base}/status")
+        code, body = await get(http, f"{running_server.ops}/status")
         return json.loads(body) if code == 200 else {}
 
     async def ready() -> bool:
@@ -436,7 +450,7 @@ async def test_sighup_reloads_a_real_process_and_keeps_the_old_policy_on_errors(
         "failed": 1,
         "last_failure": failure["diagnostics"],
     }
-    _, metrics = await get(http, f"{base}/metrics")
+    _, metrics = await get(http, f"{running_server.ops}/metrics")
     assert 'policy_engine_policy_reloads_total{result="failure"} 1.0' in metrics
     assert 'policy_engine_policy_reloads_total{result="success"} 1.0' in metrics
     assert f'version="{second}"' in metrics
@@ -450,3 +464,25 @@ async def test_sighup_reloads_a_real_process_and_keeps_the_old_policy_on_errors(
     os.kill(pid, signal.SIGTERM)
     assert await asyncio.to_thread(running_server.popen.wait, 15) == 0
     assert any(e.get("event") == "server.stopping" for e in running_server.events())
+
+
+async def test_operations_data_is_not_served_to_the_public_without_the_operator_token(
+    policy_file: Path,
+) -> None:
+    guarded = build_app(
+        create_server(), policy_file, registry=CollectorRegistry(), ops_token="s3cret-token"
+    )
+    closed = build_app(create_server(), policy_file, registry=CollectorRegistry())
+    public = Asgi(guarded)
+
+    assert (await public.request("/healthz"))[0] == 200
+    assert (await public.request("/readyz"))[0] == 503  # not started, but answered
+    for path in ("/status", "/metrics"):
+        assert (await public.request(path))[0] == 404
+        assert (await Asgi(closed).request(path))[0] == 404
+        wrong = [(b"authorization", b"Bearer s3cret-tokeN")]
+        assert (await public.request(path, headers=wrong))[0] == 404
+        right = [(b"authorization", b"Bearer s3cret-token")]
+        assert (await public.request(path, headers=right))[0] == 200
+        assert (await Asgi(closed.operations_app).request(path))[0] == 200
+    assert (await Asgi(closed.operations_app).request("/socket.io/"))[0] == 404

@@ -1,36 +1,9 @@
 """The Socket.IO adapter: applies the engine's decisions at python-socketio's hook points.
 
-This module and its outgoing half (``outgoing``: ``emit`` and every packet sent) are the
-only ones that touch python-socketio and python-engineio internals (``gate`` and
-``outbound`` are their plain ASGI and buffering helpers). :func:`attach`
-installs the policy on an existing ``socketio.AsyncServer`` without changing a single
-application handler, whether the handlers were registered before or after, as functions
-or as ``AsyncNamespace`` classes, in any namespace. It does so the way
-``sio.instrument()`` (the official admin UI) does, by replacing a few methods on the
-server *instance*:
-
-* ``_trigger_event``: connect and disconnect (every handler call passes here, including
-  class-based namespaces, and it runs even when the application has no handler);
-* ``_handle_event_internal``: incoming events, because it alone knows whether the client
-  asked for an ack; it replaces the original (same eight lines of ack sending) rather than
-  wrapping it, so an event costs no extra coroutine frame;
-* ``emit`` (in ``outgoing``): outgoing events (namespace ``emit``/``send``/``call`` go
-  through it), for priorities, emit-hook rules and the replay buffers of connection-state
-  recovery;
-* ``eio.send_packet`` (public; in ``outgoing``): every packet to a client, for the bounded
-  outbound buffer;
-* ``packet_class`` (what the ``serializer`` option sets): a subclass that notes the size of
-  every packet it decodes, so measuring costs no extra frame on the receive path.
-
-Those private names are stable from python-socketio 5.11 to 5.18, the range pinned in
-``pyproject.toml`` and covered by the tests.
-
-The request path is measured in microseconds (about 110 us of server CPU per echo at
-saturation, so each microsecond here is about 1% of capacity): the ``conn`` dict is built
-once per connection, the event size is the length of the packet as received (handed over
-in a context variable, which the task python-socketio starts per event inherits), an
-event that meets no rate limit is judged in one plain call, and nothing is allocated per
-event beyond the ``event`` context the engine reads.
+:func:`attach` installs the policy on an existing ``socketio.AsyncServer`` by replacing a few
+methods on the server instance, as ``sio.instrument()`` does, so no application handler
+changes. Which methods, and why each, is in ``docs/architecture.md``; the outgoing half
+(``emit`` and every packet sent) is in :mod:`policy_engine.adapter.outgoing`.
 """
 
 from __future__ import annotations

@@ -28,13 +28,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from policy_engine.language.model import IdentitySpec
+from policy_engine.observe.logs import MASK
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ClaimsLoader = Callable[
     [Mapping[str, Any], Any], Mapping[str, Any] | Awaitable[Mapping[str, Any]] | None
 ]
 
-MASK = "***"
 SENSITIVE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
 _SENSITIVE_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "session_key")
 _LATEST_EVENT_ID = "latest_event_id"

@@ -42,7 +42,7 @@ _INF = math.inf
 
 class RateDecision(NamedTuple):
     """One limit's verdict. A named tuple rather than a frozen dataclass: it is built on
-    every checked event, and a tuple is built in half the time (0.24 us against 0.53)."""
+    every checked event, and a tuple is the cheaper of the two to build."""
 
     allowed: bool
     remaining: int

@@ -1,5 +1,33 @@
 """CEL behind one interface: parsing, checking, analysis of the tree and evaluation.
 
-The compiler asks this package for programs and for facts about an expression (the names
-it reads, the event names it filters on); nothing above it knows which CEL engine runs.
+The compiler asks this package for programs (:func:`get_backend`, then ``compile``) and for
+facts about an expression (:mod:`policy_engine.cel.analysis`); nothing above it knows
+which CEL engine runs.
 """
+
+from policy_engine.cel.backend import BACKEND_ENV_VAR, available_backends, get_backend
+from policy_engine.cel.checks import (
+    ITERATION_BUDGET,
+    MAX_DEPTH,
+    MAX_NODES,
+    MAX_SOURCE_CHARS,
+    CelCompileError,
+)
+from policy_engine.cel.cpp import checked_fast_program
+from policy_engine.cel.program import CEL_EXPR_PYTHON, CEL_PYTHON, CelBackend, CompiledProgram
+
+__all__ = [
+    "BACKEND_ENV_VAR",
+    "CEL_EXPR_PYTHON",
+    "CEL_PYTHON",
+    "ITERATION_BUDGET",
+    "MAX_DEPTH",
+    "MAX_NODES",
+    "MAX_SOURCE_CHARS",
+    "CelBackend",
+    "CelCompileError",
+    "CompiledProgram",
+    "available_backends",
+    "checked_fast_program",
+    "get_backend",
+]

@@ -1,154 +1,231 @@
-"""Static facts about CEL sources that let the engine skip evaluations on the hot path.
+"""Facts about a CEL expression, read off its parse tree, that let the engine skip work.
 
-At roughly 85 us of server CPU per Socket.IO event, every microsecond of policy work is
-about one percent of capacity. Most conditions start with a test of the event name
-(``event.name == "oh_user_action" && ...``) and many keys are a plain field
-(``conn.sid``): recognising those shapes once, at compile time, turns a CEL evaluation
-into a set lookup or a dict read. The analysis is conservative: when it is not certain
-of a shape it returns nothing, and the expression is simply evaluated.
+Most conditions start with a test of the event name (``event.name == "x" && ...``) and
+many keys are a plain field (``conn.sid``): recognising those shapes once, at compile
+time, turns an evaluation into a set lookup or a dict read. The facts come from the same
+tree the checker walks, so a comment, a raw or triple-quoted string or an operator inside a
+string can never be mistaken for code. Every fact is conservative: a shape not recognised
+gives None (or "may read"), and the expression is simply evaluated.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Set as AbstractSet
+from functools import lru_cache
 
-_STRING = r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\''
-_NAME_EQ = re.compile(rf"\s*event\.name\s*==\s*({_STRING})\s*")
-_NAME_IN = re.compile(
-    rf"\s*event\.name\s+in\s*\[\s*((?:{_STRING})(?:\s*,\s*(?:{_STRING}))*)\s*,?\s*\]\s*"
-)
-_LITERAL = re.compile(_STRING)
-# An identifier, or a number (digits, then letters, digits and dots: 1.5e3, 0xFF, 3u).
-_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9][0-9A-Za-z_.]*")
-_KEYWORDS = frozenset({"true", "false", "null", "in"})
-_PATH = re.compile(r"\s*([a-z_][a-z0-9_]*)\.([a-z_][a-z0-9_]*)\s*")
+from lark import Token, Tree
+from lark.tree import Branch
+
+from policy_engine.cel.checks import MACROS, CelCompileError
+from policy_engine.cel.literals import string_value
+from policy_engine.cel.tree import arguments, operands, parse, text, unwrap
+
+# A field read: (variable, field), with field None when the variable is read some other way.
+_Read = tuple[str, str | None]
 
 
 def event_name_filter(source: str) -> tuple[frozenset[str] | None, str | None]:
     """The event names the expression requires, and what is left to evaluate after that test.
 
-    Recognised: ``event.name == "x"`` or ``event.name in ["x", "y"]`` standing alone or as
-    the first operand of a top-level ``&&`` chain (no top-level ``||``, which binds looser).
-    The rest is None when the name test is the whole expression; otherwise it is the
-    remainder of the chain, which alone decides once the name matched (``&&`` is
-    commutative in CEL, so evaluating it alone gives the same answer).
+    Recognised: a name test (``event.name == "x"``, ``"x" == event.name``,
+    ``event.name in ["x", "y"]``, or an ``||`` of name tests) standing alone or as the first
+    operand of the top-level ``&&`` chain. The rest is None when the name test is the whole
+    expression; otherwise it is the source of the remaining operands, which alone decide
+    once the name matched (``true && x`` is ``x`` in CEL, errors included).
     """
-    head, rest = _first_conjunct(source)
-    if head is None:
+    tree = _tree(source)
+    if tree is None:
         return None, None
-    for pattern in (_NAME_EQ, _NAME_IN):
-        match = pattern.fullmatch(head)
-        if match:
-            names = frozenset(_unquote(m) for m in _LITERAL.findall(match.group(1)))
-            return names, rest
-    return None, None
+    node = unwrap(tree)
+    if isinstance(node, Tree) and node.data == "conditionaland" and len(node.children) == 2:
+        first, *others = operands(node)
+        names = _name_test(first)
+        if names is None:
+            return None, None
+        return names, source[others[0].meta.start_pos : others[-1].meta.end_pos]
+    return _name_test(node), None
 
 
 def conjuncts(source: str) -> list[str] | None:
-    """The operands of a top-level ``&&`` chain (one for a source without one).
+    """The sources of the operands of the top-level ``&&`` chain (one for a source without).
 
-    None when the source has a top-level ``||`` or ``?``, whose operands are not all
-    required for the whole to be true.
+    None when the source's top is an ``||`` or a ``?:``, whose operands are not all required
+    for the whole to be true, or when it does not parse.
     """
-    parts: list[str] = []
-    rest: str | None = source
-    while rest is not None:
-        head, rest = _first_conjunct(rest)
-        if head is None:
-            return None
-        parts.append(head.strip())
-    return parts
+    found = _conjuncts(source)
+    return None if found is None else [text(operand, source) for operand in found]
 
 
-def names_read(source: str) -> frozenset[str]:
-    """The top-level names an expression may read, found without parsing it.
+def operands_reading_only(source: str, names: AbstractSet[str]) -> list[str] | None:
+    """The sources of the :func:`conjuncts` that read no variable but ``names``, in order.
 
-    Every identifier outside strings that is neither a member (after ``.``) nor called
-    (before ``(``) nor a literal keyword. A comprehension's own variable
-    (``list.all(x, x > 1)``) counts too: the answer may hold more than the variables, never
-    fewer, so "reads only these" is never wrongly true.
+    While any of them is false the whole expression is (CEL's ``false && error`` is false
+    too), so they make a gate that reads less, such as the ``load`` operands of a shedding
+    condition. None when :func:`conjuncts` is.
     """
-    names: set[str] = set()
-    index = 0
-    while index < len(source):
-        char = source[index]
-        if char in "\"'":
-            index = _after_string(source, index)
-            continue
-        token = _TOKEN.match(source, index)
-        if token is None:
-            index += 1
-            continue
-        text, end = token.group(), token.end()
-        if (char.isalpha() or char == "_") and source[end : end + 1] not in ("'", '"'):
-            member = source[:index].rstrip().endswith(".")
-            called = source[end:].lstrip().startswith("(")
-            if not member and not called and text not in _KEYWORDS:
-                names.add(text)
-        index = end
-    return frozenset(names)
+    found = _conjuncts(source)
+    if found is None:
+        return None
+    return [
+        text(operand, source)
+        for operand in found
+        if all(name in names for name, _ in _reads_of(operand))
+    ]
 
 
 def field_path(source: str) -> tuple[str, str] | None:
     """``("conn", "sid")`` for the source ``conn.sid``; None for anything else."""
-    match = _PATH.fullmatch(source)
-    return (match.group(1), match.group(2)) if match else None
+    tree = _tree(source)
+    if tree is None:
+        return None
+    node = unwrap(tree)
+    if isinstance(node, Tree) and node.data == "member_dot":
+        receiver = unwrap(node.children[0])
+        if isinstance(receiver, Tree) and receiver.data == "ident":
+            return str(receiver.children[0]), str(node.children[1])
+    return None
 
 
-def _first_conjunct(source: str) -> tuple[str | None, str | None]:
-    """Split at the first top-level ``&&``; refuse sources with a top-level ``||`` or ``?``."""
-    depth = 0
-    index = 0
-    split = -1
-    while index < len(source):
-        char = source[index]
-        if char in "\"'":
-            index = _after_string(source, index)
-            continue
-        if char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        elif (depth == 0 and source.startswith("||", index)) or (depth == 0 and char == "?"):
-            return None, None
-        elif depth == 0 and split < 0 and source.startswith("&&", index):
-            split = index
-        index += 1
-    if split < 0:
-        return source, None
-    return source[:split], source[split + 2 :]
-
-
-def _after_string(source: str, start: int) -> int:
-    """The index just past the CEL string literal whose opening quote is at ``start``.
-
-    Handles the four quote forms (``'``, ``"``, and the triple ones, which may hold the
-    other quotes unescaped) and raw strings (an ``r`` or ``R`` prefix, possibly with ``b``
-    or ``B``), in which a backslash escapes nothing.
+def names_read(source: str) -> frozenset[str]:
+    """The variables an expression reads: its free names, never a function's nor a
+    comprehension's own variable. A source that does not parse reads nothing: it never runs.
     """
-    quote = source[start]
-    prefix = start
-    while prefix > 0 and start - prefix < 2 and source[prefix - 1] in "rRbB":
-        prefix -= 1
-    if prefix > 0 and _is_name(source[prefix - 1]):
-        prefix = start  # the end of a longer name, not a literal's prefix
-    raw = "r" in source[prefix:start].lower()
-    closing = quote * 3 if source.startswith(quote * 3, start) else quote
-    index = start + len(closing)
-    while index < len(source):
-        if source[index] == "\\" and not raw:
-            index += 2
-        elif source.startswith(closing, index):
-            return index + len(closing)
+    return frozenset(name for name, _ in _reads(source) or ())
+
+
+def reads_field(source: str, variable: str, field: str) -> bool:
+    """Whether the expression may read ``variable.field``.
+
+    True when it selects that field (``conn.connected_ms``, ``conn["connected_ms"]``,
+    ``has(conn.connected_ms)``), reads ``variable`` in any other way than selecting a
+    named field (``conn[key]``, ``[conn]``), or does not parse.
+    """
+    reads = _reads(source)
+    return reads is None or (variable, field) in reads or (variable, None) in reads
+
+
+def _tree(source: str) -> Tree[Token] | None:
+    try:
+        return parse(source)
+    except CelCompileError:
+        return None
+
+
+def _name_test(branch: Branch[Token]) -> frozenset[str] | None:
+    """The names an operand accepts when it only tests ``event.name``; else None."""
+    node = unwrap(branch)
+    if not isinstance(node, Tree):
+        return None
+    if node.data == "conditionalor" and len(node.children) == 2:
+        names: set[str] = set()
+        for operand in operands(node):
+            found = _name_test(operand)
+            if found is None:
+                return None
+            names |= found
+        return frozenset(names)
+    if node.data != "relation" or len(node.children) != 2:
+        return None
+    operation, right = node.children
+    if not isinstance(operation, Tree):
+        return None
+    left = operation.children[0]
+    if operation.data == "relation_eq":
+        if _is_event_name(left):
+            value = _string(right)
+        elif _is_event_name(right):
+            value = _string(left)
         else:
-            index += 1
-    return len(source)
+            return None
+        return None if value is None else frozenset({value})
+    if operation.data == "relation_in" and _is_event_name(left):
+        items = unwrap(right)
+        if not (isinstance(items, Tree) and items.data == "list_lit"):
+            return None
+        values = [_string(item) for item in arguments(items, 0)]
+        return frozenset(v for v in values if v is not None) if None not in values else None
+    return None
 
 
-def _is_name(char: str) -> bool:
-    return char.isalnum() or char == "_"
+def _is_event_name(branch: Branch[Token]) -> bool:
+    node = unwrap(branch)
+    if not (isinstance(node, Tree) and node.data == "member_dot" and node.children[1] == "name"):
+        return False
+    receiver = unwrap(node.children[0])
+    return (
+        isinstance(receiver, Tree) and receiver.data == "ident" and receiver.children[0] == "event"
+    )
 
 
-def _unquote(literal: str) -> str:
-    body = literal[1:-1]
-    return body.encode().decode("unicode_escape") if "\\" in body else body
+def _string(branch: Branch[Token]) -> str | None:
+    node = unwrap(branch)
+    if isinstance(node, Tree) and node.data == "literal":
+        literal = node.children[0]
+        if isinstance(literal, Token):
+            return string_value(literal)
+    return None
+
+
+def _conjuncts(source: str) -> list[Tree[Token]] | None:
+    tree = _tree(source)
+    if tree is None:
+        return None
+    node = unwrap(tree)
+    if not isinstance(node, Tree):
+        return None
+    if node.data == "conditionalor" and len(node.children) == 2:
+        return None
+    if node.data == "expr" and len(node.children) == 3:
+        return None
+    return operands(node)
+
+
+@lru_cache(maxsize=512)
+def _reads(source: str) -> frozenset[_Read] | None:
+    tree = _tree(source)
+    return None if tree is None else _reads_of(tree)
+
+
+def _reads_of(tree: Tree[Token]) -> frozenset[_Read]:
+    """Every free name the expression reads, with the field it selects on it when it does.
+
+    One iterative walk, each node carrying the comprehension variables in scope there.
+    """
+    found: set[_Read] = set()
+    pending: list[tuple[Tree[Token], frozenset[str]]] = [(tree, frozenset())]
+    while pending:
+        node, scope = pending.pop()
+        children: list[tuple[Branch[Token], frozenset[str]]] = [(c, scope) for c in node.children]
+        if node.data in ("ident", "dot_ident"):
+            name = _free_name(node, scope)
+            if name is not None:
+                found.add((name, None))
+        elif node.data in ("member_dot", "member_index"):
+            owner, field = _free_name(node.children[0], scope), _selected(node)
+            if owner is not None and field is not None:
+                found.add((owner, field))
+                children = []
+        elif node.data == "member_dot_arg" and node.children[1] in MACROS:
+            args = arguments(node, 2)
+            variable = unwrap(args[0]) if args else None
+            if len(args) in (2, 3) and isinstance(variable, Tree) and variable.data == "ident":
+                inner = scope | {str(variable.children[0])}
+                children = [(node.children[0], scope), *((body, inner) for body in args[1:])]
+        pending.extend((child, s) for child, s in children if isinstance(child, Tree))
+    return frozenset(found)
+
+
+def _free_name(branch: Branch[Token], scope: frozenset[str]) -> str | None:
+    node = unwrap(branch)
+    if isinstance(node, Tree) and node.data in ("ident", "dot_ident"):
+        name = str(node.children[0])
+        if node.data == "dot_ident" or name not in scope:
+            return name
+    return None
+
+
+def _selected(node: Tree[Token]) -> str | None:
+    """The field a selection names: ``x.f`` and ``x["f"]``; None for a computed key."""
+    if node.data == "member_dot":
+        return str(node.children[1])
+    return _string(node.children[1])

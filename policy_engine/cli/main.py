@@ -108,7 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
         " (several processes share limits, breakers, connection counts and replay buffers);"
         " default from POLICY_ENGINE_STORE",
     )
+    serve.add_argument(
+        "--ops-port",
+        type=int,
+        default=_env_int("POLICY_ENGINE_OPS_PORT"),
+        metavar="PORT",
+        help="serve /metrics and /status (and /healthz, /readyz) on a listener of their own;"
+        " default from POLICY_ENGINE_OPS_PORT, else none. On the public listener they answer"
+        " only with Authorization: Bearer $POLICY_ENGINE_OPS_TOKEN",
+    )
+    serve.add_argument(
+        "--ops-host", default="127.0.0.1", help="operations listener address (default 127.0.0.1)"
+    )
     return parser
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
@@ -167,6 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
             socketio_path=args.socketio_path,
             cel_backend=args.cel_backend,
             store=store,
+            ops_token=os.environ.get("POLICY_ENGINE_OPS_TOKEN") or None,
         )
     except PolicyError as exc:
         for diagnostic in exc.diagnostics:
@@ -174,7 +192,16 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"{len(exc.errors)} error(s) in {args.policies}: not serving\n")
         return EXIT_INVALID
     try:
-        asyncio.run(serve(server, args.host, args.port, graceful_timeout=args.graceful_timeout))
+        asyncio.run(
+            serve(
+                server,
+                args.host,
+                args.port,
+                graceful_timeout=args.graceful_timeout,
+                ops_host=args.ops_host,
+                ops_port=args.ops_port,
+            )
+        )
     except SystemExit as exc:  # uvicorn exits this way when it cannot bind or start
         return exc.code if isinstance(exc.code, int) else EXIT_INVALID
     return EXIT_OK

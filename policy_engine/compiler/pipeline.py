@@ -22,7 +22,7 @@ import fastjsonschema
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from policy_engine.cel import programs as cel
+from policy_engine import cel
 from policy_engine.cel.analysis import conjuncts, event_name_filter, field_path, names_read
 from policy_engine.errors import (
     Diagnostic,

@@ -15,6 +15,7 @@ field never has to guess.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TextIO
@@ -26,11 +27,11 @@ from policy_engine.core.classify import Classification
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.errors import Diagnostic, Severity
 from policy_engine.language.model import Category
-from policy_engine.observe.observer import Observer
 
 LogFormat = Literal["auto", "json", "console"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOGGER_NAME = "policy_engine"
+MASK = "***"
 _SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 # Outcomes that refuse something; DELAY lets the event through late and is only counted.
@@ -103,6 +104,7 @@ def configure_logging(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *finishing],
         )
     )
+    handler.addFilter(redact_query_strings)
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(numeric_level)
@@ -112,7 +114,36 @@ def configure_logging(
         server_logger = logging.getLogger(name)
         server_logger.handlers = []
         server_logger.propagate = True
+        server_logger.setLevel(logging.NOTSET)
     return chosen
+
+
+# Engine.IO's own parameters; every other query value may be a credential.
+_PLAIN_QUERY_PARAMS = frozenset({"EIO", "transport", "sid", "t", "j", "b64"})
+_QUERY = re.compile(r"\?([^\s\"']*)")
+
+
+def redact_query(text: str) -> str:
+    """``text`` with every query value but Engine.IO's own masked (``token=***``)."""
+
+    def masked(match: re.Match[str]) -> str:
+        pairs = []
+        for pair in match.group(1).split("&"):
+            name, sep, value = pair.partition("=")
+            plain = name in _PLAIN_QUERY_PARAMS or not value
+            pairs.append(f"{name}{sep}{value if plain else MASK}")
+        return "?" + "&".join(pairs)
+
+    return _QUERY.sub(masked, text) if "?" in text else text
+
+
+def redact_query_strings(record: logging.LogRecord) -> bool:
+    """A logging filter: the web server logs request paths, query tokens included."""
+    if isinstance(record.msg, str):
+        record.msg = redact_query(record.msg)
+    if isinstance(record.args, tuple):
+        record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
+    return True
 
 
 def _is_tty(stream: TextIO) -> bool:
@@ -307,90 +338,3 @@ def _identity(conn: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _correlation_id(payload: Mapping[str, Any] | None) -> Any:
     return payload.get("correlation_id") if payload is not None else None
-
-
-class CompositeObserver:
-    """Fans every report out to several observers, in order.
-
-    A failing observer is logged and skipped: a bug in a metrics exporter must neither hide
-    the log line nor raise into the request path that reported the fact.
-    """
-
-    def __init__(self, *observers: Observer) -> None:
-        self.observers: tuple[Observer, ...] = observers
-        # Every event reports a decision: those reports go to bound methods looked up once,
-        # and a plain allowed one skips the observers that say it does not concern them
-        # (``quiet_when_allowed``).
-        self._decision_reports = tuple((o, o.decision) for o in observers)
-        self._allowed_reports = tuple(
-            (o, o.decision) for o in observers if not getattr(o, "quiet_when_allowed", False)
-        )
-        self._log = structlog.get_logger(LOGGER_NAME)
-
-    def decision(
-        self, hook: str, decision: Decision, seconds: float, conn: Mapping[str, Any] | None
-    ) -> None:
-        reports = self._decision_reports
-        if decision.outcome is Outcome.ALLOW and not decision.shadowed:
-            reports = self._allowed_reports
-        for observer, report in reports:
-            try:
-                report(hook, decision, seconds, conn)
-            except Exception:
-                self._failed(observer, "decision")
-
-    def error(
-        self,
-        hook: str,
-        classification: Classification,
-        error: Mapping[str, Any],
-        payload: Mapping[str, Any],
-        conn: Mapping[str, Any] | None,
-    ) -> None:
-        for observer in self.observers:
-            try:
-                observer.error(hook, classification, error, payload, conn)
-            except Exception:
-                self._failed(observer, "error")
-
-    def breaker_transition(self, name: str, transition: Transition) -> None:
-        for observer in self.observers:
-            try:
-                observer.breaker_transition(name, transition)
-            except Exception:
-                self._failed(observer, "breaker_transition")
-
-    def shed(self, rule: str, action: str, count: int) -> None:
-        for observer in self.observers:
-            try:
-                observer.shed(rule, action, count)
-            except Exception:
-                self._failed(observer, "shed")
-
-    def reload(
-        self, ok: bool, version: str | None, path: str, diagnostics: Sequence[Diagnostic]
-    ) -> None:
-        for observer in self.observers:
-            try:
-                observer.reload(ok, version, path, diagnostics)
-            except Exception:
-                self._failed(observer, "reload")
-
-    def connection(self, event: str, conn: Mapping[str, Any], reason: str = "") -> None:
-        for observer in self.observers:
-            try:
-                observer.connection(event, conn, reason)
-            except Exception:
-                self._failed(observer, "connection")
-
-    def outbound_drop(self, conn: Mapping[str, Any], event: str, reason: str) -> None:
-        for observer in self.observers:
-            try:
-                observer.outbound_drop(conn, event, reason)
-            except Exception:
-                self._failed(observer, "outbound_drop")
-
-    def _failed(self, observer: Observer, method: str) -> None:
-        self._log.exception(
-            "observer.failed", observer=type(observer).__name__, method=method, audit=False
-        )

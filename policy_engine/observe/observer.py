@@ -18,10 +18,14 @@ from policy_engine.errors import Diagnostic
 
 
 class Observer(Protocol):
+    """What the edges report. Every method does nothing by default, so an observer that
+    subclasses this protocol implements only the facts it cares about."""
+
     def decision(
         self, hook: str, decision: Decision, seconds: float, conn: Mapping[str, Any] | None
     ) -> None:
         """Every decision, allowed or not; ``seconds`` is the time the engine took."""
+        return
 
     def error(
         self,
@@ -32,38 +36,7 @@ class Observer(Protocol):
         conn: Mapping[str, Any] | None,
     ) -> None:
         """A handler raised; ``payload`` is what the client was sent (with correlation_id)."""
-
-    def breaker_transition(self, name: str, transition: Transition) -> None: ...
-
-    def shed(self, rule: str, action: str, count: int) -> None: ...
-
-    def reload(
-        self, ok: bool, version: str | None, path: str, diagnostics: Sequence[Diagnostic]
-    ) -> None: ...
-
-    def connection(self, event: str, conn: Mapping[str, Any], reason: str = "") -> None:
-        """``opened``, ``closed``, ``idle_closed``, ``shed`` or ``recovered``."""
-
-    def outbound_drop(self, conn: Mapping[str, Any], event: str, reason: str) -> None: ...
-
-
-class NullObserver:
-    """Reports nothing: the default when an application wires no logging or metrics."""
-
-    def decision(
-        self, hook: str, decision: Decision, seconds: float, conn: Mapping[str, Any] | None
-    ) -> None:
-        return None
-
-    def error(
-        self,
-        hook: str,
-        classification: Classification,
-        error: Mapping[str, Any],
-        payload: Mapping[str, Any],
-        conn: Mapping[str, Any] | None,
-    ) -> None:
-        return None
+        return
 
     def breaker_transition(self, name: str, transition: Transition) -> None:
         return None
@@ -77,7 +50,12 @@ class NullObserver:
         return None
 
     def connection(self, event: str, conn: Mapping[str, Any], reason: str = "") -> None:
-        return None
+        """``opened``, ``closed``, ``idle_closed``, ``shed`` or ``recovered``."""
+        return
 
     def outbound_drop(self, conn: Mapping[str, Any], event: str, reason: str) -> None:
         return None
+
+
+class NullObserver(Observer):
+    """Reports nothing: the default when an application wires no logging or metrics."""

@@ -14,15 +14,22 @@ itself and hands everything else to the Socket.IO app behind the policy:
   current load sample.
 
 The operations endpoints sit in front of the adapter's overload gate: a health check must
-get an answer precisely when the server sheds Socket.IO traffic. :func:`serve` runs it all
-under uvicorn, with SIGHUP reloading the policy and SIGTERM or SIGINT shutting down
-gracefully (readiness drops, uvicorn drains, the lifespan stops the sampler and adapter).
+get an answer precisely when the server sheds Socket.IO traffic. Health and readiness are
+answered on the public listener, for load balancers; ``/metrics`` and ``/status`` describe
+the policy, its breakers and the load, which a client has no business reading, so they are
+served on the separate operations listener (:attr:`PolicyServer.operations_app`, bound to
+loopback by default), or on the public one only with the operator's bearer token.
+
+:func:`serve` runs it all under uvicorn, with SIGHUP reloading the policy and SIGTERM or
+SIGINT shutting down gracefully (readiness drops, uvicorn drains, the lifespan stops the
+sampler and adapter).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import importlib
 import importlib.util
 import json
@@ -31,7 +38,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import socketio
 import structlog
@@ -43,8 +50,8 @@ from policy_engine.compiler.pipeline import compile_file
 from policy_engine.core.classify import Classification
 from policy_engine.core.engine import Engine
 from policy_engine.errors import PolicyEngineError
+from policy_engine.observe.composite import CompositeObserver
 from policy_engine.observe.logs import (
-    CompositeObserver,
     LogObserver,
     is_auth_error,
     log_store_availability,
@@ -60,6 +67,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Route = Callable[[], Awaitable[tuple[int, bytes, bytes]]]
 
 _log = structlog.get_logger("policy_engine")
 _JSON = b"application/json"
@@ -82,6 +90,8 @@ class PolicyServer:
         sampler: LoadSampler,
         metrics: MetricsObserver,
         socketio_path: str = "socket.io",
+        ops_token: str | None = None,
+        public_operations: bool = False,
     ) -> None:
         self.sio = sio
         self.engine = engine
@@ -93,12 +103,14 @@ class PolicyServer:
         self.started = False
         self.draining = False
         self._runner: uvicorn.Server | None = None
-        self._routes: dict[str, Callable[[], Awaitable[tuple[int, bytes, bytes]]]] = {
+        self._routes: dict[str, Route] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/metrics": self._metrics,
             "/status": self._status,
         }
+        self._ops_token = ops_token.encode() if ops_token else None
+        self._public_operations = public_operations
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -177,11 +189,35 @@ class PolicyServer:
             await self._lifespan(receive, send)
             return
         if kind == "http":
-            route = self._routes.get(scope["path"])
-            if route is not None:
+            path = scope["path"]
+            route = self._routes.get(path)
+            if route is not None and (path in _PUBLIC_ROUTES or self._may_operate(scope)):
                 await self._answer(scope, send, route)
                 return
         await self.socketio_app(scope, receive, send)
+
+    async def operations_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every operations endpoint and nothing else, for a listener only operators reach."""
+        if scope["type"] == "lifespan":
+            await _refuse_lifespan(receive, send)
+            return
+        route = self._routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            await _send(send, 404, b"text/plain", b"not found\n", [], scope.get("method"))
+            return
+        await self._answer(scope, send, route)
+
+    def _may_operate(self, scope: Scope) -> bool:
+        """Whether the public listener may answer ``/metrics`` and ``/status`` to this request."""
+        if self._ops_token is not None:
+            for name, value in scope.get("headers") or ():
+                if name.lower() == b"authorization":
+                    scheme, _, credentials = value.partition(b" ")
+                    return scheme.lower() == b"bearer" and hmac.compare_digest(
+                        credentials.strip(), self._ops_token
+                    )
+            return False
+        return self._public_operations
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -201,9 +237,7 @@ class PolicyServer:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _answer(
-        self, scope: Scope, send: Send, route: Callable[[], Awaitable[tuple[int, bytes, bytes]]]
-    ) -> None:
+    async def _answer(self, scope: Scope, send: Send, route: Route) -> None:
         method = scope.get("method", "GET")
         if method not in ("GET", "HEAD"):
             status, content_type, body = 405, b"text/plain", b"method not allowed\n"
@@ -211,13 +245,7 @@ class PolicyServer:
         else:
             status, content_type, body = await route()
             headers = []
-        headers += [
-            (b"content-type", content_type),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+        await _send(send, status, content_type, body, headers, method)
 
     async def _healthz(self) -> tuple[int, bytes, bytes]:
         return 200, b"text/plain", b"ok\n"
@@ -233,6 +261,34 @@ class PolicyServer:
 
     async def _status(self) -> tuple[int, bytes, bytes]:
         return 200, _JSON, json.dumps(await self.status()).encode()
+
+
+_PUBLIC_ROUTES = frozenset({"/healthz", "/readyz"})
+
+
+async def _send(  # noqa: PLR0917 (one response, every part of it)
+    send: Send,
+    status: int,
+    content_type: bytes,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    method: str | None,
+) -> None:
+    headers = [
+        *headers,
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+async def _refuse_lifespan(receive: Receive, send: Send) -> None:
+    """The operations listener has no lifespan of its own: the public one runs the server's."""
+    message = await receive()
+    if message["type"] == "lifespan.startup":
+        await send({"type": "lifespan.startup.failed", "message": "no lifespan here"})
 
 
 def open_store(url: str | None) -> StateStore | None:
@@ -264,11 +320,15 @@ def build_app(
     cel_backend: str | None = None,
     claims_loader: ClaimsLoader | None = None,
     store: StateStore | None = None,
+    ops_token: str | None = None,
+    public_operations: bool = False,
 ) -> PolicyServer:
     """Compile ``policies`` and put ``sio`` behind it; raises PolicyError on an invalid file.
 
     ``store`` is the shared state store (see :func:`open_store`); without one, state lives
-    in this process's memory.
+    in this process's memory. ``/metrics`` and ``/status`` are served by
+    :meth:`PolicyServer.operations_app`; the public app answers them only to a request with
+    ``Authorization: Bearer <ops_token>``, or to anyone with ``public_operations``.
     """
     result = compile_file(policies, backend=cel_backend)
     source = str(policies)
@@ -315,6 +375,8 @@ def build_app(
         sampler=sampler,
         metrics=metrics,
         socketio_path=socketio_path,
+        ops_token=ops_token,
+        public_operations=public_operations,
     )
 
 
@@ -370,24 +432,25 @@ async def serve(
     *,
     graceful_timeout: float = 10.0,
     install_signals: bool = True,
+    ops_host: str = "127.0.0.1",
+    ops_port: int | None = None,
 ) -> None:
     """Serve until :meth:`PolicyServer.shutdown`, SIGTERM or SIGINT; SIGHUP reloads.
 
     A second SIGINT forces the exit. ``install_signals=False`` leaves the process's signal
-    handling alone, for a server embedded in a larger program or a test.
+    handling alone, for a server embedded in a larger program or a test. With ``ops_port``
+    the operations endpoints get a listener of their own on ``ops_host``.
+
+    uvicorn's own proxy-header handling is off: it would rewrite the peer address from
+    ``X-Forwarded-For`` for any peer in ``FORWARDED_ALLOW_IPS`` before the policy's
+    ``identity.trusted_proxies`` is consulted, so a second, looser trust decision would
+    decide who the client is.
     """
-    ws = "wsproto" if importlib.util.find_spec("wsproto") is not None else "auto"
-    config = uvicorn.Config(
-        server,
-        host=host,
-        port=port,
-        ws=ws,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=math.ceil(graceful_timeout),
-    )
-    runner = _Server(config)
+    runner = _Server(_config(server, host, port, graceful_timeout, lifespan="on"))
+    listeners = [runner]
+    if ops_port is not None:
+        ops_config = _config(server.operations_app, ops_host, ops_port, 1, lifespan="off")
+        listeners.append(_Server(ops_config))
     server._runner = runner
     loop = asyncio.get_running_loop()
     exit_signals = (signal.SIGTERM, signal.SIGINT)
@@ -400,11 +463,33 @@ async def serve(
         server.reloader.install_sighup(loop)
         for signum in exit_signals:
             loop.add_signal_handler(signum, request_exit, signum)
+    others = [asyncio.create_task(listener.serve()) for listener in listeners[1:]]
     try:
         await runner.serve()
     finally:
         server._runner = None
+        for listener in listeners[1:]:
+            listener.should_exit = True
+        await asyncio.gather(*others, return_exceptions=True)
         if install_signals:
             server.reloader.remove_sighup(loop)
             for signum in exit_signals:
                 loop.remove_signal_handler(signum)
+
+
+def _config(
+    app: Any, host: str, port: int, graceful_timeout: float, *, lifespan: Literal["on", "off"]
+) -> uvicorn.Config:
+    ws = "wsproto" if importlib.util.find_spec("wsproto") is not None else "auto"
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ws=ws,
+        lifespan=lifespan,
+        interface="asgi3",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=math.ceil(graceful_timeout),
+    )
