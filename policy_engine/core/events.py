@@ -71,10 +71,10 @@ class EventHooks:
         """
         plan = self.policy.event_plans[event["name"]]
         decided = self._decide_event(plan, conn, claims, event, NULL_RECORDER)
-        if isinstance(decided, PendingEvent):
-            return decided
         if decided is ALLOW and not plan.breakers:
             return _ALLOWED
+        if isinstance(decided, PendingEvent):
+            return decided
         if decided.outcome is _DELAY:
             return EventVerdict(decided, None)
         if not decided.allowed or not plan.breakers:
@@ -124,19 +124,19 @@ class EventHooks:
         recorder: Recorder,
     ) -> Decision | PendingEvent:
         """Payload, shedding, authorization and rate limits, as far as needs no I/O."""
-        policy = self.policy
-        spec = plan.spec
         event["priority"] = plan.priority
         if plan.plain and not plan.rate_limits and not recorder.enabled:
             # The common case, answered without building a context: only the size and the
             # shedding rules armed under the current load sample can refuse this event
             # (a plain plan says nothing of rate limits).
-            max_bytes = spec.max_bytes
+            max_bytes = plan.spec.max_bytes
             if (max_bytes is None or event["size_bytes"] <= max_bytes) and (
                 not plan.shedding
-                or self._shedding.armed(policy, self.load).isdisjoint(plan.shedding_names)
+                or self._shedding.armed(self.policy, self.load).isdisjoint(plan.shedding_names)
             ):
                 return ALLOW
+        policy = self.policy
+        spec = plan.spec
         refusal = check_payload(spec, event, recorder)
         if refusal is not None:
             return finish(refusal, [], recorder)
