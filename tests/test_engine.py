@@ -10,10 +10,19 @@ from servers import CONTRACT_KEYS
 from policy_engine.algorithms.ratelimit import CombinedDecision
 from policy_engine.compiler.pipeline import compile_file, compile_text
 from policy_engine.core.decision import Decision, Outcome
-from policy_engine.core.engine import NO_GUARD, BreakerGuard, Engine, conn_context, event_context
+from policy_engine.core.engine import (
+    NO_GUARD,
+    BreakerGuard,
+    Engine,
+    EventVerdict,
+    PendingEvent,
+    conn_context,
+    event_context,
+)
 from policy_engine.errors import StoreError
 from policy_engine.language.contexts import Hook
 from policy_engine.language.model import PolicySet, RateLimitSpec
+from policy_engine.state.memory import MemoryStore
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies" / "policies.yaml"
 
@@ -399,12 +408,40 @@ async def test_the_one_call_verdict_is_what_the_full_path_decides(
         assert quick.guard == guard
 
 
-async def test_an_event_a_rate_limit_applies_to_takes_the_awaited_path() -> None:
+class RemoteStore:
+    """A shared store that answers: a memory store reached only through the protocol."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_rate_limits_are_judged_in_one_call_on_the_memory_store() -> None:
     engine = Engine(compile_file(SHIPPED).policy, clock=Clock())
     conn = conn_context(sid="s1", ip="192.0.2.1", user_id="alice", conversation_id="c1")
     event = event_context("oh_user_action", {"action": "run"}, size_bytes=40)
-    assert engine.judge_event_now(conn, {}, event) is None
-    assert engine.judge_event_now(conn, {}, event_context("echo", 1, size_bytes=10)) is not None
+    verdict = engine.judge_event_now(conn, {}, event)
+    assert isinstance(verdict, EventVerdict)
+    assert verdict.decision.allowed
+    assert engine.local.rate_keys("user-actions-per-connection") == 1
+
+
+async def test_an_event_whose_limits_are_shared_waits_for_the_store_then_concludes() -> None:
+    text = "rate_limits:\n  - {name: l, hook: event, key: conn.sid, limit: 1/second, burst: 1}\n"
+    remote = RemoteStore()
+    engine = Engine(policy(text), remote, clock=Clock())
+    conn = conn_context(sid="s1", ip="192.0.2.1")
+    decisions = []
+    for _ in range(2):
+        pending = engine.judge_event_now(conn, {}, event_context("x"))
+        assert isinstance(pending, PendingEvent)
+        decisions.append(await engine.settle_event(pending))
+    assert [d.allowed for d in decisions] == [True, False]
+    assert decisions[1].rule == "rate_limits/l"
+    assert remote.inner.rate_keys("l") == 1
+    assert engine.local.rate_keys("l") == 0
 
 
 async def test_breaker_permits_taken_in_one_call_are_the_breakers_own() -> None:
@@ -536,3 +573,22 @@ async def test_a_delay_under_load_does_not_skip_authorization_or_rate_limits() -
     now = engine.judge_event_now(client, {}, event_context("admin"))
     assert now is not None
     assert now.decision.rule == "authorization/no-admin"
+
+
+async def test_a_long_run_of_auth_failures_is_throttled_at_the_backoff_cap() -> None:
+    # 3.0 ** 699 overflows a float: the delay must be capped, not raise.
+    engine, clock = engine_for(
+        "backoff:\n  steep: {strategy: exponential, base: 1s, max: 30s, multiplier: 3}\n"
+        "connections:\n  auth_failures: {threshold: 1, window: 1h, backoff: steep}\n"
+    )
+    client = conn()
+    for _ in range(700):
+        await engine.record_auth_failure(client)
+    clock.now += 1.0
+
+    decision = await engine.on_connect(client, {})
+
+    assert decision.rule == "connections/auth_failures"
+    assert decision.payload is not None
+    assert decision.payload["code"] == "AUTH_THROTTLED"
+    assert decision.payload["retry_after_ms"] == 29_000

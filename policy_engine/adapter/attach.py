@@ -28,17 +28,18 @@ from policy_engine.adapter.identity import ClaimsLoader, identify, load_claims
 from policy_engine.adapter.outgoing import Buffered, Outgoing, replayed_up_to
 from policy_engine.adapter.recovery import Recovery
 from policy_engine.core.classify import Classification
-from policy_engine.core.decision import Decision, Outcome, client_payload
+from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import (
     NO_GUARD,
     BreakerGuard,
     Engine,
     EventVerdict,
+    PendingEvent,
     conn_context,
-    new_correlation_id,
 )
+from policy_engine.core.payload import IDLE_TIMEOUT, ClientPayload, backoff_for
 from policy_engine.language.contexts import Hook
-from policy_engine.language.model import Category, ShedAction
+from policy_engine.language.model import ShedAction
 from policy_engine.observe.observer import NullObserver, Observer
 
 __all__ = ["ClaimsLoader", "ConnectionState", "PolicyAdapter", "attach"]
@@ -303,7 +304,8 @@ class PolicyAdapter:
     ) -> Exception:
         """The refusal a failed connect handler becomes: classified, and counted if auth."""
         engine = self.engine
-        classification, payload, error = engine.on_error(exc, Hook.CONNECT, conn, claims)
+        classification, contract, error = engine.on_error(exc, Hook.CONNECT, conn, claims)
+        payload: dict[str, Any] = dict(contract)
         app_refusal = getattr(exc, "error_args", None)
         if isinstance(app_refusal, Mapping):
             # An explicit refusal: its message was written for the client.
@@ -385,7 +387,7 @@ class PolicyAdapter:
             started = _perf_counter()
             verdict = engine.judge_event_now(conn, claims, event)
             waited = 0.0
-            if verdict is not None and verdict.guard is not None:
+            if type(verdict) is EventVerdict and verdict.guard is not None:
                 decision, guard = verdict.decision, verdict.guard
             else:
                 decision, guard, waited = await self._judge_waiting(conn, claims, event, verdict)
@@ -428,19 +430,19 @@ class PolicyAdapter:
         conn: Mapping[str, Any],
         claims: Mapping[str, Any],
         event: dict[str, Any],
-        verdict: EventVerdict | None,
+        verdict: EventVerdict | PendingEvent,
     ) -> tuple[Decision, BreakerGuard, float]:
         """The verdict when reaching it awaits: a store, or a shedding delay before permits.
 
-        ``verdict`` is what :meth:`Engine.judge_event_now` could decide without waiting
-        (None: nothing). Returns the decision, the permits held and the seconds spent
-        delaying, which are not part of the decision's own latency.
+        ``verdict`` is what :meth:`Engine.judge_event_now` could decide without waiting.
+        Returns the decision, the permits held and the seconds spent delaying, which are
+        not part of the decision's own latency.
         """
         engine = self.engine
-        if verdict is not None:
+        if isinstance(verdict, EventVerdict):
             decision = verdict.decision
         else:
-            decision = await engine.on_event(conn, claims, event)
+            decision = await engine.settle_event(verdict)
         waited = 0.0
         outcome = decision.outcome
         if outcome is _DELAY:
@@ -459,7 +461,7 @@ class PolicyAdapter:
         hook: Hook,
         state: ConnectionState,
         event: Mapping[str, Any] | None,
-    ) -> tuple[Classification, dict[str, Any], dict[str, Any]]:
+    ) -> tuple[Classification, ClientPayload, dict[str, Any]]:
         """Classify an exception and report it with its correlation id."""
         classification, payload, error = self.engine.on_error(
             exc, hook, state.conn, state.claims, event
@@ -543,16 +545,7 @@ class PolicyAdapter:
         for state in [s for s in self._states.values() if s.last_activity <= deadline]:
             if state.close_event:
                 continue
-            payload = client_payload(
-                code="IDLE_TIMEOUT",
-                category=Category.CONNECTION,
-                message="Closed after a period without activity; reconnect when needed.",
-                retryable=True,
-                retry_after=None,
-                backoff=policy.backoff.get(policy.defaults.backoff),
-                policy="connections/idle_timeout",
-                correlation_id=new_correlation_id(),
-            )
+            payload = IDLE_TIMEOUT.payload("connections/idle_timeout", backoff=backoff_for(policy))
             await self._close(state, payload, "idle_closed", "idle_timeout")
 
     async def _close(

@@ -31,11 +31,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from policy_engine.adapter.cors import CorsPolicy
-from policy_engine.core.decision import Decision, Outcome, client_payload
-from policy_engine.core.engine import Engine, new_correlation_id
+from policy_engine.core.decision import Decision, Outcome
+from policy_engine.core.engine import Engine
 from policy_engine.core.evaluation import matches
+from policy_engine.core.shedding import shed_payload
 from policy_engine.language.contexts import Hook
-from policy_engine.language.model import Category, EvalFailureMode, Mode, ShedAction
+from policy_engine.language.model import EvalFailureMode, Mode, ShedAction
 from policy_engine.observe.observer import NullObserver, Observer
 
 Scope = MutableMapping[str, Any]
@@ -108,16 +109,7 @@ class HandshakeGate:
             since = self._since.setdefault(rule.name, now)
             if now - since < rule.sustained_for:
                 continue
-            payload = client_payload(
-                code=rule.code,
-                category=Category.SYSTEM,
-                message=rule.message,
-                retryable=True,
-                retry_after=rule.retry_after,
-                backoff=policy.backoff.get(policy.defaults.backoff),
-                policy=f"shedding/{rule.name}",
-                correlation_id=new_correlation_id(),
-            )
+            payload = shed_payload(policy, rule)
             return Decision(Outcome.REJECT, f"shedding/{rule.name}", payload)
         return None
 

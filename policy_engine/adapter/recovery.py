@@ -18,16 +18,14 @@ at).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from policy_engine.core.decision import client_payload
-from policy_engine.core.engine import Engine, new_correlation_id
-from policy_engine.language.model import Category
+from policy_engine.core.engine import Engine
+from policy_engine.core.payload import RECOVERY_UNAVAILABLE, ClientPayload
 from policy_engine.observe.observer import Observer
 from policy_engine.state.memory import ReplayedEvent
 
@@ -133,7 +131,7 @@ class Recovery:
         if not streams:
             return data, None, None
         recovery = self.engine.policy.recovery
-        store = self.engine.store
+        state = self.engine.state
         now = self.engine.clock()
         limit = recovery.buffer_events
         retain = recovery.max_disconnection
@@ -143,18 +141,14 @@ class Recovery:
                 last = self.index.last_payload_id(stream)
                 if last is not None and own_id <= last:
                     continue  # already buffered: the application is replaying it itself
-                store_id = await self._store_call(
-                    store.append_replay(stream, event, data, limit, now, retain=retain)
-                )
+                store_id = await state.append_replay(stream, event, data, limit, now, retain=retain)
                 if store_id is not None:
                     self.index.record(stream, own_id, store_id, limit)
             return data, streams[0] if len(streams) == 1 else None, own_id
         if len(streams) != 1:
             return data, None, None  # one payload cannot carry two streams' ids
         stamped = dict(data)
-        store_id = await self._store_call(
-            store.append_replay(streams[0], event, stamped, limit, now, retain=retain)
-        )
+        store_id = await state.append_replay(streams[0], event, stamped, limit, now, retain=retain)
         if store_id is None:
             return data, None, None
         stamped["id"] = store_id
@@ -168,7 +162,7 @@ class Recovery:
         On a shared store every conversation is buffered: its clients may be connected to,
         and come back to, other processes, which this one cannot know about.
         """
-        shared = self.engine.store is not self.engine.local
+        shared = self.engine.state.shared
         targets = target if isinstance(target, list | tuple) else (target,)
         streams: list[str] = []
         for room in targets:
@@ -206,14 +200,13 @@ class Recovery:
         after = self.index.store_id(stream, latest)
         # Buffered by another process, whose ids this one never saw: the ids clients hold
         # are then the store's own, unless the application numbers the stream itself.
-        elsewhere = after is None and engine.store is not engine.local
+        elsewhere = after is None and engine.state.shared
         if elsewhere:
             after = latest
         missed: list[ReplayedEvent] | None = None
         if after is not None:
-            missed = await self._store_call(
-                engine.store.replay_since(stream, after, recovery.max_disconnection, engine.clock())
-            )
+            max_age = recovery.max_disconnection
+            missed = await engine.state.replay_since(stream, after, max_age, engine.clock())
         if elsewhere and missed and any(_own_id(e) not in (None, e.event_id) for e in missed):
             missed = None  # the application's own ids: nothing here maps them to the store's
         if missed is None:
@@ -232,32 +225,8 @@ class Recovery:
         return last_sent
 
     @staticmethod
-    def unavailable_payload() -> dict[str, Any]:
-        return client_payload(
-            code="RECOVERY_UNAVAILABLE",
-            category=Category.CONNECTION,
-            message="Missed events can no longer be replayed; reload the conversation.",
-            retryable=False,
-            retry_after=None,
-            backoff=None,
-            policy="recovery",
-            correlation_id=new_correlation_id(),
-        )
-
-    async def _store_call(self, awaitable: Awaitable[Any]) -> Any:
-        """A replay-buffer call; a store that fails or lags costs recovery, never the emit."""
-        engine = self.engine
-        if engine.store is engine.local:
-            return await awaitable
-        try:
-            answer = await asyncio.wait_for(awaitable, engine.policy.defaults.store_timeout)
-        except Exception as exc:
-            # Counted, and logged once per outage through the engine's store health.
-            engine.store_health.failed(exc)
-            _log.debug("replay buffer unavailable", exc_info=True)
-            return None
-        engine.store_health.answered()
-        return answer
+    def unavailable_payload() -> ClientPayload:
+        return RECOVERY_UNAVAILABLE.payload("recovery")
 
 
 def _own_id(event: ReplayedEvent) -> int | None:

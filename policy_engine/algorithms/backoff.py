@@ -55,7 +55,7 @@ def compute_delay(
     if strategy is BackoffStrategy.DECORRELATED_JITTER:
         prev = base if previous is None or previous < base else previous
         return min(cap, base + rand() * (3.0 * prev - base))
-    ceiling = _exponential(base, spec.multiplier, attempt, cap)
+    ceiling = exponential(base, spec.multiplier, attempt, cap)
     if strategy is BackoffStrategy.FULL_JITTER:
         return rand() * ceiling
     if strategy is BackoffStrategy.EQUAL_JITTER:
@@ -89,7 +89,7 @@ def to_client(spec: BackoffSpec) -> dict[str, Any]:
     }
 
 
-def _exponential(base: float, multiplier: float, attempt: int, cap: float) -> float:
+def exponential(base: float, multiplier: float, attempt: int, cap: float) -> float:
     """``min(cap, base * multiplier ** (attempt - 1))`` without overflowing on long runs."""
     if base <= 0.0:
         return 0.0

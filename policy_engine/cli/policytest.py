@@ -66,8 +66,11 @@ class _Clock:
         return self.now
 
 
-def run_file(path: str | Path, *, backend: str | None = None) -> list[CaseResult]:
-    """Run every case of one test file."""
+def run_file(
+    path: str | Path, *, backend: str | None = None, explain: bool = True
+) -> list[CaseResult]:
+    """Run every case of one test file; ``explain=False`` runs the hooks untraced, through
+    the request path's own entry points (the decisions must not differ)."""
     document = load_source(path)
     data = document.data
     if not isinstance(data, Mapping) or "policy" not in data or "tests" not in data:
@@ -80,10 +83,12 @@ def run_file(path: str | Path, *, backend: str | None = None) -> list[CaseResult
     cases = data["tests"]
     if not isinstance(cases, list) or not cases:
         raise PolicyTestError(f"{path}: `tests:` must be a non-empty list")
-    return [asyncio.run(_run_case(str(path), policy, case)) for case in cases]
+    return [asyncio.run(_run_case(str(path), policy, case, explain)) for case in cases]
 
 
-async def _run_case(file: str, policy: PolicySet, case: Mapping[str, Any]) -> CaseResult:
+async def _run_case(
+    file: str, policy: PolicySet, case: Mapping[str, Any], explain: bool
+) -> CaseResult:
     name = str(case.get("name", "unnamed"))
     clock = _Clock()
     engine = Engine(policy, clock=clock, rand=lambda: 0.5)
@@ -93,7 +98,7 @@ async def _run_case(file: str, policy: PolicySet, case: Mapping[str, Any]) -> Ca
         if "advance" in case:
             clock.now += parse_duration(case["advance"])
         hook = Hook(case["hook"])
-        decision = await run_hook(engine, hook, build_context(_context(case)), explain=True)
+        decision = await run_hook(engine, hook, build_context(_context(case)), explain=explain)
     except (ContextError, UnitError, ValueError, KeyError, TypeError) as exc:
         return CaseResult(file, name, False, (f"cannot run: {exc}",))
     failures = _compare(case.get("expect", {}), decision)

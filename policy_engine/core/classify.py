@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from policy_engine.core.decision import client_payload
 from policy_engine.core.evaluation import matches
+from policy_engine.core.payload import CONNECTION_REFUSED, INTERNAL, ClientPayload, client_payload
+from policy_engine.core.recorder import NULL_RECORDER, Recorder
 from policy_engine.language.model import BackoffSpec, Category, ErrorSeverity, PolicySet
 
 MAX_MESSAGE_CHARS = 1024
@@ -34,16 +35,15 @@ class Classification:
     retry_after: float | None
     alert: bool
 
-    def payload(self, correlation_id: str) -> dict[str, Any]:
+    def payload(self) -> ClientPayload:
         return client_payload(
             code=self.code,
             category=self.category,
             message=self.message,
             retryable=self.retryable,
             retry_after=self.retry_after,
-            backoff=self.backoff if self.retryable else None,
+            backoff=self.backoff,
             policy=f"errors/{self.rule}",
-            correlation_id=correlation_id,
         )
 
     def as_context(self, error: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,10 +79,14 @@ def error_context(error: BaseException, hook: str) -> dict[str, Any]:
     }
 
 
-def classify(policy: PolicySet, activation: Mapping[str, Any]) -> Classification:
+def classify(
+    policy: PolicySet, activation: Mapping[str, Any], recorder: Recorder = NULL_RECORDER
+) -> Classification:
     """The first matching rule's classification; ``activation`` holds the hook's context."""
     for rule in policy.errors:
-        if matches(rule.when, activation, policy.defaults.on_eval_error):
+        hit = matches(rule.when, activation, policy.defaults.on_eval_error)
+        recorder.note("errors", rule.name, hit, rule.code if hit else "skip")
+        if hit:
             return Classification(
                 rule=rule.name,
                 category=rule.category,
@@ -98,22 +102,22 @@ def classify(policy: PolicySet, activation: Mapping[str, Any]) -> Classification
         # The application refused the handshake on purpose: a refusal, not a server fault.
         return Classification(
             rule="refused",
-            category=Category.CONNECTION,
+            category=CONNECTION_REFUSED.category,
             severity=ErrorSeverity.INFO,
-            code="CONNECTION_REFUSED",
-            message="The server refused the connection.",
-            retryable=False,
+            code=CONNECTION_REFUSED.code,
+            message=CONNECTION_REFUSED.message,
+            retryable=CONNECTION_REFUSED.retryable,
             backoff=None,
             retry_after=None,
             alert=False,
         )
     return Classification(
         rule="default",
-        category=Category.SYSTEM,
+        category=INTERNAL.category,
         severity=ErrorSeverity.ERROR,
-        code="INTERNAL",
-        message="An internal error occurred; retry later.",
-        retryable=True,
+        code=INTERNAL.code,
+        message=INTERNAL.message,
+        retryable=INTERNAL.retryable,
         backoff=policy.backoff.get(policy.defaults.backoff),
         retry_after=None,
         alert=False,

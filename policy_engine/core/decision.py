@@ -1,22 +1,16 @@
-"""What the engine answers at a hook, and the one JSON shape clients receive.
+"""What the engine answers at a hook.
 
 A :class:`Decision` is plain data: the Socket.IO adapter turns it into a refused
-handshake, an ack, an error event, a dropped or delayed event, or a disconnect. The client
-payload is built here and only here, so every refusal a client sees has the same keys
-(``code``, ``category``, ``message``, ``retryable``, ``retry_after_ms``, ``backoff``,
-``policy``, ``correlation_id``) and never carries internals such as stack traces.
+handshake, an ack, an error event, a dropped or delayed event, or a disconnect. What a
+refused client receives is its ``payload``, built by :mod:`policy_engine.core.payload`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
-
-from policy_engine.algorithms.backoff import to_client
-from policy_engine.language.model import BackoffSpec, Category
 
 
 class Outcome(StrEnum):
@@ -46,7 +40,7 @@ class Decision(NamedTuple):
     ``key`` is the refused rate-limit key, set only for rules with ``key_label`` (metrics
     label their refusals with it).
     A named tuple rather than a frozen dataclass: one may be built per event, and a tuple
-    is built in half the time.
+    is cheaper to build.
     """
 
     outcome: Outcome
@@ -82,27 +76,3 @@ class Decision(NamedTuple):
 
 
 ALLOW = Decision(Outcome.ALLOW)
-
-
-def client_payload(
-    *,
-    code: str,
-    category: Category,
-    message: str,
-    retryable: bool,
-    retry_after: float | None,
-    backoff: BackoffSpec | None,
-    policy: str,
-    correlation_id: str,
-) -> dict[str, Any]:
-    """The client contract's JSON object; ``retry_after_ms`` is rounded up, never down."""
-    return {
-        "code": code,
-        "category": category.value,
-        "message": message,
-        "retryable": retryable,
-        "retry_after_ms": None if retry_after is None else math.ceil(retry_after * 1000),
-        "backoff": to_client(backoff) if backoff is not None else None,
-        "policy": policy,
-        "correlation_id": correlation_id,
-    }

@@ -2,8 +2,9 @@
 
 Operators reason about a policy with concrete cases ("what happens to a viewer who sends
 oh_user_action while the loop lags 400 ms?"). This module turns such a case, given as
-JSON or YAML, into complete typed contexts, runs the engine exactly as the server would,
-and returns the decision with every rule considered.
+JSON or YAML, into complete typed contexts and runs the engine's own decision on them
+with a :class:`~policy_engine.core.recorder.TraceRecorder`: the trace is of the decision
+the server would make, by the same code.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from policy_engine.core.classify import Classification, classify, error_context
-from policy_engine.core.decision import Decision, Outcome, TraceEntry
-from policy_engine.core.engine import BreakerGuard, Engine, new_correlation_id
-from policy_engine.core.evaluation import matches
+from policy_engine.core.decision import Decision, Outcome
+from policy_engine.core.engine import BreakerGuard, Engine, EventVerdict
+from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.errors import PolicyEngineError
 from policy_engine.language.contexts import CONN, EVENT, LOAD, RAW_ERROR, Hook, MessageType
 
@@ -65,52 +66,74 @@ def build_context(raw: Mapping[str, Any]) -> dict[str, Any]:
 async def run_hook(
     engine: Engine, hook: Hook, contexts: dict[str, Any], *, explain: bool = True
 ) -> Decision:
-    """Run ``hook`` as the server would; the error hook answers with its classification."""
+    """Run ``hook`` as the server would; the error hook answers with its classification.
+
+    With ``explain`` the decision carries the trace of every rule it visited; without, it
+    takes the request path's own entry points (the event hook's synchronous judgement
+    first), so the two can be compared.
+    """
     if "load" in contexts:
         engine.load = contexts["load"]
+    recorder: Recorder = TraceRecorder() if explain else NULL_RECORDER
     conn, claims, event = contexts["conn"], contexts["claims"], contexts["event"]
     if hook is Hook.CONNECT:
-        return await engine.on_connect(conn, claims, explain=explain)
+        return await engine.on_connect(conn, claims, recorder=recorder)
     if hook is Hook.EVENT:
-        decision = await engine.on_event(conn, claims, event, explain=explain)
-        if not decision.allowed:
-            return decision
-        guard = await engine.before_call(conn, claims, event)
-        if isinstance(guard, Decision):
-            return _with_trace(guard, decision.trace, explain)
-        await engine.after_call(guard, conn, event, None, None)
-        return decision
+        return await _run_event(engine, conn, claims, event, recorder)
     if hook is Hook.EMIT:
-        return await engine.on_emit(conn, claims, event)
+        return await engine.on_emit(conn, claims, event, recorder=recorder)
     if hook is Hook.DISCONNECT:
         await engine.on_disconnect(conn)
         return Decision(Outcome.ALLOW)
-    return explain_error(engine, contexts)
+    return explain_error(engine, contexts, recorder)
 
 
-def explain_error(engine: Engine, contexts: Mapping[str, Any]) -> Decision:
+async def _run_event(
+    engine: Engine,
+    conn: dict[str, Any],
+    claims: dict[str, Any],
+    event: dict[str, Any],
+    recorder: Recorder,
+) -> Decision:
+    """The event hook up to the handler: the decision, then the breakers' permits."""
+    guard: BreakerGuard | Decision | None = None
+    if recorder.enabled:
+        decision = await engine.on_event(conn, claims, event, recorder=recorder)
+    else:
+        verdict = engine.judge_event_now(conn, claims, event)
+        if isinstance(verdict, EventVerdict):
+            decision, guard = verdict.decision, verdict.guard
+        else:
+            decision = await engine.settle_event(verdict)
+    if not decision.allowed:
+        return decision
+    if guard is None:
+        guard = await engine.before_call(conn, claims, event, recorder=recorder)
+    if isinstance(guard, Decision):
+        return guard
+    await engine.after_call(guard, conn, event, None, None)
+    return decision
+
+
+def explain_error(
+    engine: Engine, contexts: Mapping[str, Any], recorder: Recorder | None = None
+) -> Decision:
+    """The classification of the error in ``contexts``, as the error hook makes it."""
+    recorder = recorder or TraceRecorder()
     error = contexts.get("error") or error_context(RuntimeError(), Hook.ERROR.value)
     activation = {**contexts, "error": error, "hook": error.get("hook") or "event"}
-    classification = classify(engine.policy, activation)
-    failure = engine.policy.defaults.on_eval_error
-    trace: list[TraceEntry] = []
-    for rule in engine.policy.errors:
-        hit = matches(rule.when, activation, failure)
-        trace.append(TraceEntry("errors", rule.name, hit, rule.code if hit else "skip"))
-        if hit:
-            break
-    return classification_decision(classification, trace)
+    classification = classify(engine.policy, activation, recorder)
+    return classification_decision(classification, recorder)
 
 
 def classification_decision(
-    classification: Classification, trace: list[TraceEntry] | None = None
+    classification: Classification, recorder: Recorder = NULL_RECORDER
 ) -> Decision:
-    payload = classification.payload(new_correlation_id())
     return Decision(
         Outcome.REJECT,
         f"errors/{classification.rule}",
-        payload,
-        trace=tuple(trace or ()),
+        classification.payload(),
+        trace=recorder.entries(),
     )
 
 
@@ -132,10 +155,3 @@ async def record_call(
         activation = {**contexts, "error": error, "hook": Hook.EVENT.value}
         classification = classify(engine.policy, activation)
     await engine.after_call(started, conn, event, classification, error)
-
-
-def _with_trace(decision: Decision, trace: tuple[TraceEntry, ...], explain: bool) -> Decision:
-    if not explain:
-        return decision
-    breaker = TraceEntry("circuit_breakers", decision.rule or "", True, "reject")
-    return decision._replace(trace=(*trace, breaker))

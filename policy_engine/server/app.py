@@ -61,7 +61,7 @@ from policy_engine.observe.observer import Observer
 from policy_engine.server import demo
 from policy_engine.server.reload import PolicyReloader
 from policy_engine.server.sampler import LoadSampler
-from policy_engine.state.memory import MemoryStore, StateStore
+from policy_engine.state.memory import StateStore
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -125,7 +125,7 @@ class PolicyServer:
         await self.sampler.stop()
         await self.adapter.stop()
         with contextlib.suppress(Exception):
-            await self.engine.store.close()
+            await self.engine.state.close()
         self.started = False
 
     def shutdown(self, *, force: bool = False) -> None:
@@ -171,39 +171,15 @@ class PolicyServer:
         }
 
     def store_status(self) -> dict[str, Any]:
-        engine = self.engine
-        if engine.store is engine.local:
-            return {"kind": "memory"}
-        health = engine.store_health
-        return {
-            "kind": type(engine.store).__name__,
-            "available": health.available,
-            "failures": health.failures,
-            "on_store_error": engine.policy.defaults.on_store_error.value,
-        }
+        return self.engine.state.status()
 
     async def breaker_states(self) -> dict[str, str]:
         """Each breaker's circuit; on a shared store as stored there, "unknown" if it does not
         answer within ``store_timeout``."""
-        engine = self.engine
-        specs = engine.policy.circuit_breakers
-        if engine.store is engine.local:
-            return {
-                spec.name: engine.local.breaker_state(spec.name).circuit.value for spec in specs
-            }
-        fetch = getattr(engine.store, "fetch_breaker_state", None)
-        if fetch is None:
-            return {spec.name: "unknown" for spec in specs}
-
-        async def circuit(name: str) -> str:
-            try:
-                stored = await asyncio.wait_for(fetch(name), engine.policy.defaults.store_timeout)
-            except Exception:
-                return "unknown"
-            return str(stored.circuit.value)
-
-        circuits = await asyncio.gather(*(circuit(spec.name) for spec in specs))
-        return dict(zip((spec.name for spec in specs), circuits, strict=True))
+        state = self.engine.state
+        names = [spec.name for spec in self.engine.policy.circuit_breakers]
+        circuits = await asyncio.gather(*(state.circuit(name) for name in names))
+        return dict(zip(names, circuits, strict=True))
 
     # -- ASGI --------------------------------------------------------------------------------
 
@@ -356,15 +332,14 @@ def build_app(
     """
     result = compile_file(policies, backend=cel_backend)
     source = str(policies)
-    shared = store is not None and not isinstance(store, MemoryStore)
-    engine = Engine(result.policy, store or MemoryStore())  # the wall clock when shared
+    engine = Engine(result.policy, store)  # the wall clock when shared
     metrics = MetricsObserver(registry, process_metrics=True)
 
     def is_audit_error(classification: Classification) -> bool:
         return engine.counts_as_auth_failure(classification) or is_auth_error(classification)
 
     observer = CompositeObserver(metrics, LogObserver(is_audit_error=is_audit_error), *observers)
-    if shared:
+    if engine.state.shared:
         engine.store_health.listeners.append(log_store_availability)
         metrics.track_store(engine.store_health)
     adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)

@@ -1,6 +1,6 @@
 """The Redis state store: processes on one machine or many share limits and breakers.
 
-It answers every :class:`~policy_engine.state.memory.StateStore` call exactly as
+It answers every :class:`~policy_engine.state.protocol.StateStore` call exactly as
 :class:`~policy_engine.state.memory.MemoryStore` does for the same calls, atomically across every
 process using the same Redis, and turns every Redis failure into
 :class:`~policy_engine.errors.StoreError` within its socket timeout, so the engine applies
@@ -15,24 +15,10 @@ script that stores the new states only if every key still holds what was read; o
 again on the values the script hands back (a bounded number of times, then StoreError).
 Connection counts, authentication failures and replay buffers are each one Lua script.
 
-Keys (``prefix`` is ``policy-engine`` unless given; rule names never contain ``:``), by
-rule name and key, never by a rule's parameters, so a hot reload that keeps a rule keeps
-its state::
-
-    {prefix}:rl:{rule}:{key}      rate-limit state (JSON), expires when empty again
-    {prefix}:cb:{rule}            circuit breaker state (JSON)
-    {prefix}:conn:total           connections counted, all processes together
-    {prefix}:conn:user:{user}     connections per user (deleted at zero)
-    {prefix}:conn:ip:{ip}         connections per client address (deleted at zero)
-    {prefix}:auth:{key}           authentication failures: sorted set scored by time
-    {prefix}:replay:{stream}      replay buffer: list of JSON [id, time, event, data]
-    {prefix}:replay-id:{stream}   a stream's last id: outlives its buffer, ids never restart
-    {prefix}:replay-streams       streams scored by their newest event, to drop idle ones
-
-States are JSON with type tags (:mod:`policy_engine.state.codec`). The scheme is flat,
-without hash tags: the scripts touch several keys, and the replay script deletes idle
-buffers it finds in the index, so the store needs one Redis (with replicas or Sentinel
-for availability), not Redis Cluster.
+The keys are listed in :mod:`policy_engine.state.redis_scripts`. States are JSON with type
+tags (:mod:`policy_engine.state.codec`). The scheme is flat, without hash tags: the scripts
+touch several keys, and the replay script deletes idle buffers it finds in the index, so
+the store needs one Redis (with replicas or Sentinel for availability), not Redis Cluster.
 
 Times are the callers' ``now``, compared with each other and never with Redis's clock:
 every process sharing a store must pass wall-clock seconds (``time.time()``), not its own
@@ -65,6 +51,7 @@ from policy_engine.algorithms.breaker import BreakerState, Permit, Transition
 from policy_engine.algorithms.ratelimit import CombinedDecision, RateState
 from policy_engine.errors import StoreError
 from policy_engine.language.model import CircuitBreakerSpec, RateLimitSpec
+from policy_engine.state import redis_scripts as scripts
 from policy_engine.state.codec import (
     StateCodecError,
     decode_payload,
@@ -72,11 +59,10 @@ from policy_engine.state.codec import (
     encode_payload,
     loads_state,
 )
-from policy_engine.state.memory import ConnectionLimits, ReplayedEvent
+from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent
 
 T = TypeVar("T")
 
-_FOREVER = math.inf
 _CLOSED = BreakerState()
 
 _AUTH_FAILURES_KEPT = 1000
@@ -111,143 +97,8 @@ Step = Callable[[list[Raw]], tuple[T, Sequence[Write] | None]]
 """Decide on the values read: the answer, and the writes it needs (None: nothing to write)."""
 
 
-# -- Lua -----------------------------------------------------------------------------------------
-
-_COMPARE_AND_SET = """
--- Write every key only if every key still holds what the caller read.
--- ARGV has four values per key: '1' if the key was present ('0' absent), the value read,
--- the value to write ('' deletes the key) and a TTL in milliseconds ('0': none).
--- Returns {1} when written, else {0, the current values...} for the caller's next try.
-local current = {}
-local stale = false
-for i = 1, #KEYS do
-  local at = (i - 1) * 4
-  local value = redis.call('GET', KEYS[i])
-  current[i] = value
-  if ARGV[at + 1] == '1' then
-    if value ~= ARGV[at + 2] then stale = true end
-  elseif value then
-    stale = true
-  end
-end
-if stale then
-  return {0, unpack(current)}
-end
-for i = 1, #KEYS do
-  local at = (i - 1) * 4
-  local value = ARGV[at + 3]
-  if value == '' then
-    redis.call('DEL', KEYS[i])
-  elseif ARGV[at + 4] == '0' then
-    redis.call('SET', KEYS[i], value)
-  else
-    redis.call('SET', KEYS[i], value, 'PX', ARGV[at + 4])
-  end
-end
-return {1}
-"""
-
-_OPEN_CONNECTION = """
--- KEYS: the total, the user's and the address's counters. ARGV: max_total, max_per_user,
--- max_per_ip ('' for no ceiling) and '1' when the connection has a user.
--- Returns the ceiling reached, or nil once every counter has counted the connection.
-local function reached(key, ceiling)
-  return ceiling ~= '' and tonumber(redis.call('GET', key) or '0') >= tonumber(ceiling)
-end
-local has_user = ARGV[4] == '1'
-if reached(KEYS[1], ARGV[1]) then return 'max_total' end
-if has_user and reached(KEYS[2], ARGV[2]) then return 'max_per_user' end
-if reached(KEYS[3], ARGV[3]) then return 'max_per_ip' end
-redis.call('INCR', KEYS[1])
-if has_user then redis.call('INCR', KEYS[2]) end
-redis.call('INCR', KEYS[3])
-return false
-"""
-
-_CLOSE_CONNECTION = """
--- KEYS: the total, the user's and the address's counters: one less each, gone at zero.
-for i = 1, #KEYS do
-  if redis.call('DECR', KEYS[i]) <= 0 then redis.call('DEL', KEYS[i]) end
-end
-return 1
-"""
-
-_RECORD_AUTH_FAILURE = """
--- KEYS[1]: the failures. ARGV: now, the window's start (failures at or before it have
--- left), a unique member, a TTL in ms ('0': none), how many failures are kept.
--- Returns the failures within the window, this one included.
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1 - tonumber(ARGV[5]))
-if ARGV[4] == '0' then
-  redis.call('PERSIST', KEYS[1])
-else
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-end
-return redis.call('ZCARD', KEYS[1])
-"""
-
-_AUTH_FAILURES = """
--- KEYS[1]: the failures. ARGV[1]: the window's start. Returns {count, newest time}.
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-if #newest == 0 then return {0, '0'} end
-return {redis.call('ZCARD', KEYS[1]), newest[2]}
-"""
-
-_APPEND_REPLAY = """
--- KEYS: the buffer, the stream's last id, the index of streams by newest event.
--- ARGV: the stream, the entry after its id ('time,event,data]'), the buffer's length, now,
--- the idle horizon ('' keeps every stream), the buffer's TTL and the last id's TTL in ms
--- ('0': none), the prefix of buffer keys, how many idle buffers to drop at most.
--- Returns the new event's id.
-local id = redis.call('INCR', KEYS[2])
-local limit = tonumber(ARGV[3])
-if limit > 0 then
-  redis.call('RPUSH', KEYS[1], '[' .. id .. ',' .. ARGV[2])
-  redis.call('LTRIM', KEYS[1], -limit, -1)
-else
-  redis.call('DEL', KEYS[1])
-end
-if ARGV[6] == '0' then
-  redis.call('PERSIST', KEYS[1])
-else
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
-end
-if ARGV[7] == '0' then
-  redis.call('PERSIST', KEYS[2])
-else
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
-end
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-if ARGV[5] ~= '' then
-  -- Streams whose newest event is older than the horizon: nobody can recover from them.
-  local idle = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[5], 'LIMIT', 0, ARGV[9])
-  for _, stream in ipairs(idle) do
-    redis.call('DEL', ARGV[8] .. stream)
-    redis.call('ZREM', KEYS[3], stream)
-  end
-end
-return id
-"""
-
-_REPLAY_SINCE = """
--- KEYS: the buffer, the stream's last id. ARGV[1]: the last id the client has.
--- Returns {-1} for an unknown stream, {0} when nothing was missed, {-2} when more was
--- missed than is buffered or the id is after the stream's last, else {1, the missed
--- entries in order}.
-local last = redis.call('GET', KEYS[2])
-if not last then return {-1} end
-local missed = tonumber(last) - tonumber(ARGV[1])
-if missed < 0 then return {-2} end
-if missed == 0 then return {0} end
-if missed > redis.call('LLEN', KEYS[1]) then return {-2} end
-return {1, redis.call('LRANGE', KEYS[1], -missed, -1)}
-"""
-
-
 class RedisStore:
-    """The shared :class:`~policy_engine.state.memory.StateStore`, in one Redis.
+    """The shared :class:`~policy_engine.state.protocol.StateStore`, in one Redis.
 
     ``url`` is a redis-py URL (``redis://``, ``rediss://``, ``unix://``; query options such
     as ``socket_timeout`` override the defaults here). A ``client`` passed in is used as
@@ -285,13 +136,13 @@ class RedisStore:
         # The values this process last read or wrote, per key (see _decide).
         self._known: dict[str, Raw] = {}
         register = self._client.register_script
-        self._compare_and_set = register(_COMPARE_AND_SET)
-        self._open_connection = register(_OPEN_CONNECTION)
-        self._close_connection = register(_CLOSE_CONNECTION)
-        self._record_auth_failure = register(_RECORD_AUTH_FAILURE)
-        self._auth_failures = register(_AUTH_FAILURES)
-        self._append_replay = register(_APPEND_REPLAY)
-        self._replay_since = register(_REPLAY_SINCE)
+        self._compare_and_set = register(scripts.COMPARE_AND_SET)
+        self._open_connection = register(scripts.OPEN_CONNECTION)
+        self._close_connection = register(scripts.CLOSE_CONNECTION)
+        self._record_auth_failure = register(scripts.RECORD_AUTH_FAILURE)
+        self._auth_failures = register(scripts.AUTH_FAILURES)
+        self._append_replay = register(scripts.APPEND_REPLAY)
+        self._replay_since = register(scripts.REPLAY_SINCE)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
@@ -479,7 +330,7 @@ class RedisStore:
         limit: int,
         now: float,
         *,
-        retain: float = _FOREVER,
+        retain: float = FOREVER,
     ) -> int:
         """Buffer an outgoing event for replay; returns its id (increasing per stream).
 

@@ -1,0 +1,289 @@
+"""The event hooks: an incoming event judged before its handler, the breakers around the
+handler, and an outgoing event judged before it is sent.
+
+An incoming event is judged synchronously as far as the state answers without I/O
+(:meth:`EventHooks.judge_event_now`): on the memory store, the whole verdict in one plain
+call. What needs the shared store comes back as a :class:`PendingEvent`, whose answers
+are awaited and then concluded by the same code (:meth:`EventHooks.settle_event`).
+These are :class:`~policy_engine.core.engine.Engine`'s methods, kept in their own module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from policy_engine.core import breakers
+from policy_engine.core.authorization import authorize
+from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, Waiting, take_permits
+from policy_engine.core.classify import Classification
+from policy_engine.core.decision import ALLOW, Decision, Outcome
+from policy_engine.core.payload_checks import check_payload
+from policy_engine.core.rate_limits import RateCheck, RateLimits
+from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
+from policy_engine.core.shedding import Shedding
+from policy_engine.language.contexts import Hook
+from policy_engine.language.model import EventPlan, PolicySet, RateLimitSpec
+from policy_engine.state.guarded import ASK, GuardedStore
+
+
+class EventVerdict(NamedTuple):
+    """An event's decision and the breaker permits it holds (None: not asked for yet)."""
+
+    decision: Decision
+    guard: BreakerGuard | None
+
+
+class PendingEvent(NamedTuple):
+    """An event judged up to its rate limits, which the shared store must answer."""
+
+    rates: RateCheck
+    refusal: Decision | None  # a delay decided before the rate limits
+    shadowed: list[str]
+    recorder: Recorder
+
+
+_ALLOWED = EventVerdict(ALLOW, NO_GUARD)
+_DELAY = Outcome.DELAY
+
+
+class EventHooks:
+    """The event hooks of the engine, over the state it holds."""
+
+    policy: PolicySet
+    state: GuardedStore
+    load: dict[str, Any]
+    clock: Callable[[], float]
+    _shedding: Shedding
+    _rates: RateLimits
+
+    # -- events ------------------------------------------------------------------------------
+
+    def judge_event_now(
+        self, conn: Mapping[str, Any], claims: Mapping[str, Any], event: dict[str, Any]
+    ) -> EventVerdict | PendingEvent:
+        """:meth:`on_event` and :meth:`before_call` in one plain call, as far as the state
+        answers without I/O: the whole verdict on the memory store.
+
+        A :class:`PendingEvent` is settled by :meth:`settle_event`. The guard is None when
+        the permits are still to be asked for through :meth:`before_call`: after a delay
+        (a delayed call does not hold one while it waits), or from the shared store.
+        """
+        plan = self.policy.event_plans[event["name"]]
+        decided = self._decide_event(plan, conn, claims, event, NULL_RECORDER)
+        if decided is ALLOW and not plan.breakers:
+            return _ALLOWED
+        if isinstance(decided, PendingEvent):
+            return decided
+        if decided.outcome is _DELAY:
+            return EventVerdict(decided, None)
+        if not decided.allowed or not plan.breakers:
+            return EventVerdict(decided, NO_GUARD)
+        variables = (conn, claims, event, self.load)
+        permits = take_permits(
+            self.policy, self.state, plan.breakers, variables, self.clock(), NULL_RECORDER
+        )
+        if type(permits) is BreakerGuard:
+            return EventVerdict(decided, permits)
+        if isinstance(permits, Refused):
+            for held in permits.held:
+                self.state.release_now(held)
+            return EventVerdict(permits.decision, NO_GUARD)
+        return EventVerdict(decided, None)  # the shared store holds the breakers' state
+
+    async def on_event(
+        self,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+        *,
+        explain: bool = False,
+        recorder: Recorder | None = None,
+    ) -> Decision:
+        """Judge one incoming event before its handler runs."""
+        plan = self.policy.event_plans[event["name"]]
+        if recorder is None:
+            recorder = TraceRecorder() if explain else NULL_RECORDER
+        decided = self._decide_event(plan, conn, claims, event, recorder)
+        if isinstance(decided, PendingEvent):
+            return await self.settle_event(decided)
+        return decided
+
+    async def settle_event(self, pending: PendingEvent) -> Decision:
+        """Finish a judgement that waited for the shared store's rate-limit answers."""
+        await pending.rates.answer(self.state)
+        refusal = pending.rates.conclude(self.policy, pending.recorder, pending.shadowed)
+        return finish(refusal or pending.refusal or ALLOW, pending.shadowed, pending.recorder)
+
+    def _decide_event(
+        self,
+        plan: EventPlan,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+        recorder: Recorder,
+    ) -> Decision | PendingEvent:
+        """Payload, shedding, authorization and rate limits, as far as needs no I/O."""
+        event["priority"] = plan.priority
+        if plan.plain and not plan.rate_limits and not recorder.enabled:
+            # The common case, answered without building a context: only the size and the
+            # shedding rules armed under the current load sample can refuse this event
+            # (a plain plan says nothing of rate limits).
+            max_bytes = plan.spec.max_bytes
+            if (max_bytes is None or event["size_bytes"] <= max_bytes) and (
+                not plan.shedding
+                or self._shedding.armed(self.policy, self.load).isdisjoint(plan.shedding_names)
+            ):
+                return ALLOW
+        policy = self.policy
+        spec = plan.spec
+        refusal = check_payload(spec, event, recorder)
+        if refusal is not None:
+            return finish(refusal, [], recorder)
+        shadowed: list[str] = []
+        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
+        refusal = (
+            self._shedding.shed(
+                policy, plan.shedding, activation, spec.priority, self.clock, recorder, shadowed
+            )
+            if plan.shedding
+            else None
+        )
+        if refusal is None or refusal.outcome is _DELAY:
+            # A delay only postpones the event: what would refuse it still does.
+            refusal = (
+                authorize(policy, plan.authorization, Hook.EVENT, activation, recorder, shadowed)
+                or refusal
+            )
+        if plan.rate_limits and (refusal is None or refusal.outcome is _DELAY):
+            judged = self._rates.judge(
+                policy, plan.rate_limits, activation, self.clock(), self.state, recorder, shadowed
+            )
+            if judged is not None:
+                if isinstance(judged, RateCheck):
+                    return PendingEvent(judged, refusal, shadowed, recorder)
+                refusal = judged
+        if refusal is None and not shadowed and not recorder.enabled:
+            return ALLOW
+        return finish(refusal or ALLOW, shadowed, recorder)
+
+    async def on_emit(
+        self,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+        *,
+        recorder: Recorder | None = None,
+    ) -> Decision:
+        """Judge one outgoing event: shedding and emit-hook rate limits."""
+        policy = self.policy
+        recorder = recorder or NULL_RECORDER
+        spec = policy.events.get(event["name"]) or policy.default_event
+        event["priority"] = spec.priority.value
+        index = policy.by_hook
+        if not index.limits_or_sheds(Hook.EMIT):
+            return finish(ALLOW, [], recorder)
+        shadowed: list[str] = []
+        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
+        sheds = index.shedding[Hook.EMIT]
+        refusal = self._shedding.shed(
+            policy, sheds, activation, spec.priority, self.clock, recorder, shadowed
+        )
+        if refusal is None or refusal.outcome is _DELAY:
+            limits = index.rate_limits_for(Hook.EMIT, event["name"])
+            refusal = await self._rate_limits(limits, activation, recorder, shadowed) or refusal
+        return finish(refusal or ALLOW, shadowed, recorder)
+
+    async def _rate_limits(
+        self,
+        rules: tuple[RateLimitSpec, ...],
+        activation: Mapping[str, Any],
+        recorder: Recorder,
+        shadowed: list[str],
+    ) -> Decision | None:
+        if not rules:
+            return None
+        policy, state = self.policy, self.state
+        judged = self._rates.judge(
+            policy, rules, activation, self.clock(), state, recorder, shadowed
+        )
+        if isinstance(judged, RateCheck):
+            await judged.answer(state)
+            return judged.conclude(policy, recorder, shadowed)
+        return judged
+
+    # -- circuit breakers --------------------------------------------------------------------
+
+    async def before_call(
+        self,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: Mapping[str, Any],
+        *,
+        recorder: Recorder | None = None,
+    ) -> BreakerGuard | Decision:
+        """Ask every breaker guarding this event for a permit; refuse at once if one is open."""
+        policy = self.policy
+        specs = policy.event_plans[event["name"]].breakers
+        if not specs:
+            return NO_GUARD
+        state, now = self.state, self.clock()
+        variables = (conn, claims, event, self.load)
+        permits = take_permits(policy, state, specs, variables, now, recorder or NULL_RECORDER)
+        if type(permits) is BreakerGuard:
+            return permits
+        recorder = recorder or NULL_RECORDER
+        while isinstance(permits, Waiting):
+            answer = await state.permit(specs[permits.at], now)
+            permits = take_permits(policy, state, specs, variables, now, recorder, permits, answer)
+        if isinstance(permits, Refused):
+            for held in permits.held:
+                await state.release(held)
+            return finish(permits.decision, [], recorder)
+        return permits
+
+    async def after_call(
+        self,
+        guard: BreakerGuard,
+        conn: Mapping[str, Any],
+        event: Mapping[str, Any],
+        classification: Classification | None,
+        error: Mapping[str, Any] | None,
+    ) -> list[tuple[str, Any]]:
+        """Report the handler's outcome to the breakers it held; returns their transitions."""
+        if not guard.permits:
+            return []
+        now = self.clock()
+        duration = now - guard.started
+        failed = (
+            ()
+            if classification is None
+            else breakers.recorded_failures(
+                self.policy, guard, duration, conn, event, classification, error
+            )
+        )
+        state = self.state
+        transitions: list[tuple[str, Any]] = []
+        for at, spec in enumerate(guard.permits):
+            failure = failed[at] if failed else False
+            transition = state.record_now(spec, now, failed=failure, duration=duration)
+            if transition is ASK:
+                transition = await state.record(spec, now, failed=failure, duration=duration)
+            if transition is not None:
+                transitions.append((spec.name, transition))
+        return transitions
+
+
+def finish(decision: Decision, shadowed: list[str], recorder: Recorder) -> Decision:
+    if not shadowed and not recorder.enabled:
+        return decision
+    # Built field by field: NamedTuple._replace is much slower.
+    return Decision(
+        decision.outcome,
+        decision.rule,
+        decision.payload,
+        decision.delay,
+        tuple(shadowed),
+        recorder.entries(),
+        decision.key,
+    )

@@ -1,0 +1,310 @@
+"""The state the engine and the adapter use: the store behind a timeout, a health record and
+the policy's ``on_store_error``.
+
+Everything that asks "is the state shared with other processes?" asks it here. The
+memory store answers at once and never fails; a shared store (Redis) answers within
+``store_timeout`` or not at all, and then the policy decides: let the call through
+(``fail_open``), refuse it (``fail_closed``), or answer from this process's own state
+(``local``). Every answer and failure of the shared store is told to :attr:`health`.
+
+The request path asks the ``*_now`` methods first: they answer synchronously when no I/O is
+needed (the memory store, or a ``scope: local`` rule) and return :data:`ASK` otherwise;
+the caller then awaits the coroutine of the same name, which answers for any store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from enum import Enum
+from typing import Any, Final, Literal, Protocol, TypeVar
+
+from policy_engine.algorithms.breaker import Circuit, Permit, Transition
+from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision
+from policy_engine.errors import StoreError
+from policy_engine.language.model import (
+    CircuitBreakerSpec,
+    RateLimitSpec,
+    Scope,
+    StoreFailureMode,
+)
+from policy_engine.state.health import StoreHealth
+from policy_engine.state.memory import MemoryStore
+from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent, StateStore
+
+T = TypeVar("T")
+Checks = Sequence[tuple[RateLimitSpec, str]]
+
+_log = logging.getLogger("policy_engine.state.guarded")
+
+
+class _Ask(Enum):
+    ASK = "ask"
+
+
+ASK: Final = _Ask.ASK
+"""A ``*_now`` answer meaning "this needs the shared store: await the coroutine instead"."""
+Ask = Literal[_Ask.ASK]
+
+STORE_UNAVAILABLE = "store_unavailable"
+"""The ceiling reported for a connection that could not be counted under ``fail_closed``."""
+
+STORE_RETRY_AFTER = 1.0
+"""The retry advice of a refusal because the shared store is down."""
+
+
+class RateNow(Protocol):
+    def __call__(self, spec: RateLimitSpec, key: str, now: float, /) -> RateDecision | Ask: ...
+
+
+class PermitNow(Protocol):
+    def __call__(self, spec: CircuitBreakerSpec, now: float, /) -> Permit | Ask: ...
+
+
+class RecordNow(Protocol):
+    def __call__(
+        self, spec: CircuitBreakerSpec, now: float, /, *, failed: bool, duration: float
+    ) -> Transition | Ask | None: ...
+
+
+class GuardedStore:
+    """One state store as the engine sees it; ``configure`` applies a policy's defaults."""
+
+    def __init__(self, store: StateStore | None = None, local: MemoryStore | None = None) -> None:
+        self.local = local or (store if isinstance(store, MemoryStore) else MemoryStore())
+        self.store: StateStore = store or self.local
+        self.shared = self.store is not self.local
+        self.health = StoreHealth()
+        self.timeout = 0.05
+        self.on_error = StoreFailureMode.FAIL_OPEN
+        # Where each open connection was counted, so its disconnect releases that count.
+        self._counted_in: dict[str, StateStore] = {}
+        # The synchronous answers (ASK: await the coroutine of the same name instead), chosen
+        # once: alone, the memory store's own methods, so the request path pays no call in
+        # between.
+        self.rate_now: RateNow = (
+            self._shared_rate_now if self.shared else self.local.check_rate_limit_now
+        )
+        self.permit_now: PermitNow = self._ask if self.shared else self.local.breaker_acquire_now
+        self.record_now: RecordNow = self._ask if self.shared else self.local.breaker_record_now
+
+    def configure(self, timeout: float, on_error: StoreFailureMode) -> None:
+        self.timeout, self.on_error = timeout, on_error
+
+    def default_clock(self) -> Callable[[], float]:
+        """Processes sharing a store compare each other's times, so they read the wall
+        clock; alone, this process's monotonic clock is immune to the wall clock's jumps."""
+        return time.time if self.shared else time.monotonic
+
+    # -- rate limits -------------------------------------------------------------------------
+
+    def _shared_rate_now(self, spec: RateLimitSpec, key: str, now: float) -> RateDecision | Ask:
+        """One limit alone, answered now when it is this process's (``scope: local``)."""
+        if spec.scope is not Scope.LOCAL:
+            return ASK
+        return self.local.check_rate_limit_now(spec, key, now)
+
+    @staticmethod
+    def _ask(*_: Any, **__: Any) -> Ask:
+        return ASK
+
+    def rates_now(self, checks: Checks, now: float) -> CombinedDecision | Ask:
+        """The checks judged together, when each of them lives in this process."""
+        if self.shared:
+            for spec, _ in checks:
+                if spec.scope is not Scope.LOCAL:
+                    return ASK
+        return self.local.check_rate_limits_now(checks, now)
+
+    async def rates(self, checks: Checks, now: float) -> CombinedDecision:
+        """The checks judged together: this process's first, the shared ones if they pass."""
+        if not self.shared:
+            return self.local.check_rate_limits_now(checks, now)
+        local = [check for check in checks if check[0].scope is Scope.LOCAL]
+        shared = [check for check in checks if check[0].scope is not Scope.LOCAL]
+        decided = self.local.check_rate_limits_now(local, now) if local else None
+        if not shared or (decided is not None and not decided.allowed):
+            return decided or self.local.check_rate_limits_now((), now)
+        try:
+            answer = await self._call(self.store.check_rate_limits(shared, now))
+        except StoreError:
+            mode = self.on_error
+            if mode is StoreFailureMode.LOCAL:
+                answer = self.local.check_rate_limits_now(shared, now)
+            else:
+                allowed = mode is StoreFailureMode.FAIL_OPEN
+                retry_after = 0.0 if allowed else STORE_RETRY_AFTER
+                answer = CombinedDecision(allowed, retry_after, shared[0][0].name, None)
+        return answer if decided is None or not answer.allowed else decided
+
+    # -- circuit breakers --------------------------------------------------------------------
+
+    async def permit(self, spec: CircuitBreakerSpec, now: float) -> Permit | None:
+        """A permit; None when the store did not answer and the policy lets the call go on
+        unguarded (``fail_open``, ``local``); a refusal under ``fail_closed``."""
+        if not self.shared:
+            return self.local.breaker_acquire_now(spec, now)
+        try:
+            return await self._call(self.store.breaker_acquire(spec, now))
+        except StoreError:
+            if self.on_error is StoreFailureMode.FAIL_CLOSED:
+                return Permit(False, STORE_RETRY_AFTER, Circuit.OPEN)
+            return None
+
+    def release_now(self, spec: CircuitBreakerSpec) -> Ask | None:
+        if self.shared:
+            return ASK
+        self.local.breaker_release_now(spec)
+        return None
+
+    async def release(self, spec: CircuitBreakerSpec) -> None:
+        if self.release_now(spec) is ASK:
+            await self._answer(self.store.breaker_release(spec), None)
+
+    async def record(
+        self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
+    ) -> Transition | None:
+        answer = self.record_now(spec, now, failed=failed, duration=duration)
+        if answer is not ASK:
+            return answer
+        call = self.store.breaker_record(spec, now, failed=failed, duration=duration)
+        return await self._answer(call, None)
+
+    async def circuit(self, name: str) -> str:
+        """A breaker's circuit for status pages; "unknown" when the store cannot tell."""
+        if not self.shared:
+            return self.local.breaker_state(name).circuit.value
+        fetch = getattr(self.store, "fetch_breaker_state", None)
+        if fetch is None:
+            return "unknown"
+        try:
+            stored = await self._call(fetch(name), catch=Exception)
+        except StoreError:
+            return "unknown"
+        return str(stored.circuit.value)
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def open_connection(self, sid: str, limits: ConnectionLimits) -> str | None:
+        """Count a new connection unless a ceiling is reached; the ceiling hit, if any.
+
+        Where it was counted is remembered, so that :meth:`close_connection` releases
+        exactly that count: nothing when it was let in uncounted (``fail_open``), the local
+        count when the shared store did not answer under ``local``.
+        """
+        store: StateStore = self.store
+        try:
+            if self.shared:
+                ceiling = await self._call(store.open_connection(limits))
+            else:
+                ceiling = await store.open_connection(limits)
+        except StoreError:
+            mode = self.on_error
+            if mode is StoreFailureMode.FAIL_CLOSED:
+                return STORE_UNAVAILABLE
+            if mode is StoreFailureMode.FAIL_OPEN:
+                return None
+            store = self.local
+            ceiling = await store.open_connection(limits)
+        if ceiling is None:
+            self._counted_in[sid] = store
+        return ceiling
+
+    async def close_connection(self, sid: str, user: str, ip: str) -> None:
+        store = self._counted_in.pop(sid, None)
+        if store is not None:
+            await self._answer(store.close_connection(user, ip), None, store)
+
+    # -- authentication failures -------------------------------------------------------------
+
+    async def record_auth_failure(self, key: str, window: float, now: float) -> int:
+        return await self._answer(self.store.record_auth_failure(key, window, now), 0)
+
+    async def auth_failures(self, key: str, window: float, now: float) -> tuple[int, float]:
+        return await self._answer(self.store.auth_failures(key, window, now), (0, 0.0))
+
+    async def clear_auth_failures(self, key: str) -> None:
+        await self._answer(self.store.clear_auth_failures(key), None)
+
+    # -- replay buffers ----------------------------------------------------------------------
+    # A failing replay buffer costs recovery, never the emit: any failure reads as None.
+
+    async def append_replay(
+        self,
+        stream: str,
+        event: str,
+        data: Any,
+        limit: int,
+        now: float,
+        *,
+        retain: float = FOREVER,
+    ) -> int | None:
+        call = self.store.append_replay(stream, event, data, limit, now, retain=retain)
+        return await self._replay_call(call)
+
+    async def replay_since(
+        self, stream: str, after_id: int, max_age: float, now: float
+    ) -> list[ReplayedEvent] | None:
+        return await self._replay_call(self.store.replay_since(stream, after_id, max_age, now))
+
+    async def _replay_call(self, awaitable: Awaitable[T]) -> T | None:
+        if not self.shared:
+            return await awaitable
+        try:
+            return await self._call(awaitable, catch=Exception)
+        except StoreError:
+            _log.debug("replay buffer unavailable", exc_info=True)
+            return None
+
+    # -- status and lifecycle ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        if not self.shared:
+            return {"kind": "memory"}
+        return {
+            "kind": type(self.store).__name__,
+            "available": self.health.available,
+            "failures": self.health.failures,
+            "on_store_error": self.on_error.value,
+        }
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        awaitable: Awaitable[T],
+        *,
+        catch: type[BaseException] | tuple[type[BaseException], ...] = (
+            TimeoutError,
+            OSError,
+            ConnectionError,
+        ),
+    ) -> T:
+        """A shared-store call within ``timeout``, told to :attr:`health`; StoreError when
+        it fails or is late."""
+        try:
+            answer = await asyncio.wait_for(awaitable, self.timeout)
+        except StoreError as exc:
+            self.health.failed(exc)
+            raise
+        except catch as exc:
+            self.health.failed(exc)
+            raise StoreError(f"state store did not answer: {exc!r}") from exc
+        self.health.answered()
+        return answer
+
+    async def _answer(
+        self, awaitable: Awaitable[T], fallback: T, store: StateStore | None = None
+    ) -> T:
+        """A call's answer, or ``fallback`` when the shared store fails (memory never does)."""
+        if (store or self.store) is self.local:
+            return await awaitable
+        try:
+            return await self._call(awaitable)
+        except StoreError:
+            return fallback

@@ -1,0 +1,152 @@
+"""The Lua scripts of the Redis store: each one atomic step that Redis runs whole.
+
+Kept apart from :mod:`policy_engine.state.redis_store` because they are another language:
+each script's comment says what its ``KEYS`` and ``ARGV`` hold and what it returns, which is
+the whole contract between the two.
+
+Keys (``prefix`` is ``policy-engine`` unless given; rule names never contain ``:``), by
+rule name and key, never by a rule's parameters, so a hot reload that keeps a rule keeps
+its state::
+
+    {prefix}:rl:{rule}:{key}      rate-limit state (JSON), expires when empty again
+    {prefix}:cb:{rule}            circuit breaker state (JSON)
+    {prefix}:conn:total           connections counted, all processes together
+    {prefix}:conn:user:{user}     connections per user (deleted at zero)
+    {prefix}:conn:ip:{ip}         connections per client address (deleted at zero)
+    {prefix}:auth:{key}           authentication failures: sorted set scored by time
+    {prefix}:replay:{stream}      replay buffer: list of JSON [id, time, event, data]
+    {prefix}:replay-id:{stream}   a stream's last id: outlives its buffer, ids never restart
+    {prefix}:replay-streams       streams scored by their newest event, to drop idle ones
+"""
+
+COMPARE_AND_SET = """
+-- Write every key only if every key still holds what the caller read.
+-- ARGV has four values per key: '1' if the key was present ('0' absent), the value read,
+-- the value to write ('' deletes the key) and a TTL in milliseconds ('0': none).
+-- Returns {1} when written, else {0, the current values...} for the caller's next try.
+local current = {}
+local stale = false
+for i = 1, #KEYS do
+  local at = (i - 1) * 4
+  local value = redis.call('GET', KEYS[i])
+  current[i] = value
+  if ARGV[at + 1] == '1' then
+    if value ~= ARGV[at + 2] then stale = true end
+  elseif value then
+    stale = true
+  end
+end
+if stale then
+  return {0, unpack(current)}
+end
+for i = 1, #KEYS do
+  local at = (i - 1) * 4
+  local value = ARGV[at + 3]
+  if value == '' then
+    redis.call('DEL', KEYS[i])
+  elseif ARGV[at + 4] == '0' then
+    redis.call('SET', KEYS[i], value)
+  else
+    redis.call('SET', KEYS[i], value, 'PX', ARGV[at + 4])
+  end
+end
+return {1}
+"""
+
+OPEN_CONNECTION = """
+-- KEYS: the total, the user's and the address's counters. ARGV: max_total, max_per_user,
+-- max_per_ip ('' for no ceiling) and '1' when the connection has a user.
+-- Returns the ceiling reached, or nil once every counter has counted the connection.
+local function reached(key, ceiling)
+  return ceiling ~= '' and tonumber(redis.call('GET', key) or '0') >= tonumber(ceiling)
+end
+local has_user = ARGV[4] == '1'
+if reached(KEYS[1], ARGV[1]) then return 'max_total' end
+if has_user and reached(KEYS[2], ARGV[2]) then return 'max_per_user' end
+if reached(KEYS[3], ARGV[3]) then return 'max_per_ip' end
+redis.call('INCR', KEYS[1])
+if has_user then redis.call('INCR', KEYS[2]) end
+redis.call('INCR', KEYS[3])
+return false
+"""
+
+CLOSE_CONNECTION = """
+-- KEYS: the total, the user's and the address's counters: one less each, gone at zero.
+for i = 1, #KEYS do
+  if redis.call('DECR', KEYS[i]) <= 0 then redis.call('DEL', KEYS[i]) end
+end
+return 1
+"""
+
+RECORD_AUTH_FAILURE = """
+-- KEYS[1]: the failures. ARGV: now, the window's start (failures at or before it have
+-- left), a unique member, a TTL in ms ('0': none), how many failures are kept.
+-- Returns the failures within the window, this one included.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -1 - tonumber(ARGV[5]))
+if ARGV[4] == '0' then
+  redis.call('PERSIST', KEYS[1])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return redis.call('ZCARD', KEYS[1])
+"""
+
+AUTH_FAILURES = """
+-- KEYS[1]: the failures. ARGV[1]: the window's start. Returns {count, newest time}.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if #newest == 0 then return {0, '0'} end
+return {redis.call('ZCARD', KEYS[1]), newest[2]}
+"""
+
+APPEND_REPLAY = """
+-- KEYS: the buffer, the stream's last id, the index of streams by newest event.
+-- ARGV: the stream, the entry after its id ('time,event,data]'), the buffer's length, now,
+-- the idle horizon ('' keeps every stream), the buffer's TTL and the last id's TTL in ms
+-- ('0': none), the prefix of buffer keys, how many idle buffers to drop at most.
+-- Returns the new event's id.
+local id = redis.call('INCR', KEYS[2])
+local limit = tonumber(ARGV[3])
+if limit > 0 then
+  redis.call('RPUSH', KEYS[1], '[' .. id .. ',' .. ARGV[2])
+  redis.call('LTRIM', KEYS[1], -limit, -1)
+else
+  redis.call('DEL', KEYS[1])
+end
+if ARGV[6] == '0' then
+  redis.call('PERSIST', KEYS[1])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+end
+if ARGV[7] == '0' then
+  redis.call('PERSIST', KEYS[2])
+else
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+end
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+if ARGV[5] ~= '' then
+  -- Streams whose newest event is older than the horizon: nobody can recover from them.
+  local idle = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[5], 'LIMIT', 0, ARGV[9])
+  for _, stream in ipairs(idle) do
+    redis.call('DEL', ARGV[8] .. stream)
+    redis.call('ZREM', KEYS[3], stream)
+  end
+end
+return id
+"""
+
+REPLAY_SINCE = """
+-- KEYS: the buffer, the stream's last id. ARGV[1]: the last id the client has.
+-- Returns {-1} for an unknown stream, {0} when nothing was missed, {-2} when more was
+-- missed than is buffered or the id is after the stream's last, else {1, the missed
+-- entries in order}.
+local last = redis.call('GET', KEYS[2])
+if not last then return {-1} end
+local missed = tonumber(last) - tonumber(ARGV[1])
+if missed < 0 then return {-2} end
+if missed == 0 then return {0} end
+if missed > redis.call('LLEN', KEYS[1]) then return {-2} end
+return {1, redis.call('LRANGE', KEYS[1], -missed, -1)}
+"""
