@@ -9,8 +9,11 @@ import pytest
 from policy_engine.adapter.identity import (
     MASK,
     NO_EVENT_ID,
+    IdentityError,
+    address_key,
     client_claims,
     client_ip,
+    handshake_value,
     identify,
     load_claims,
     query_params,
@@ -70,8 +73,64 @@ def test_headers_are_lower_cased_and_repeats_joined():
     assert scope_headers(raw) == {"x-tag": "a, b", "host": "h"}
 
 
-def test_query_parameters_keep_the_last_value():
-    assert query_params("a=1&b=&a=2") == {"a": "2", "b": ""}
+def test_query_parameters_keep_the_first_value():
+    assert query_params("a=1&b=&a=2") == {"a": "1", "b": ""}
+
+
+def test_an_identifier_given_twice_with_different_values_is_refused():
+    query = "conversation_id=public&conversation_id=secret&latest_event_id=0"
+    with pytest.raises(IdentityError, match="conversation_id"):
+        identify(environ(query), None, SPEC, {})
+    # The application's reader sees no conversation at all, never one of the two.
+    assert handshake_value(environ(query), None, "conversation_id") == ""
+    # The same value twice is not ambiguous.
+    same = environ("conversation_id=c&conversation_id=c")
+    assert identify(same, None, SPEC, {}).conversation_id == "c"
+    assert handshake_value(same, None, "conversation_id") == "c"
+
+
+def test_a_client_chosen_user_id_is_ignored_unless_the_policy_trusts_it():
+    found = identify(environ("user_id=alice"), {"user_id": "alice"}, SPEC, {})
+    assert found.user_id == ""
+    trusting = IdentitySpec(trust_client_user_id=True)
+    assert identify(environ("user_id=alice"), None, trusting, {}).user_id == "alice"
+    assert identify(environ("user_id=alice"), None, trusting, {"sub": "bob"}).user_id == "bob"
+
+
+@pytest.mark.parametrize(
+    ("query", "auth", "headers"),
+    [
+        ("conversation_id=" + "c" * 257, None, {}),
+        ("anything=" + "v" * 257, None, {}),
+        ("", {"conversation_id": "c" * 257}, {}),
+        ("", {"user_id": "u" * 500_000}, {}),
+        ("", None, {"x-tenant": "t" * 257}),
+    ],
+)
+def test_every_client_supplied_identifier_is_bounded(query, auth, headers):
+    with pytest.raises(IdentityError, match="longer than"):
+        identify(environ(query, headers=headers), auth, SPEC, {})
+
+
+def test_a_parameter_named_like_an_argument_is_only_a_parameter():
+    found = identify(environ("limit=1&values=2&spec=3"), None, SPEC, {})
+    assert found.query == {"limit": "1", "values": "2", "spec": "3"}
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "key"),
+    [
+        ("2001:db8:1:2:aaaa::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", 128, "2001:db8:1:2:bbbb::9"),
+        ("2001:db8:1:2:bbbb::9", 48, "2001:db8:1::/48"),
+        ("::ffff:192.0.2.7", 64, "192.0.2.7"),
+        ("192.0.2.7", 64, "192.0.2.7"),
+        ("not-an-address", 64, "not-an-address"),
+    ],
+)
+def test_ipv6_clients_are_keyed_by_their_network(address, prefix, key):
+    assert address_key(address, prefix) == key
 
 
 def test_identifiers_come_from_auth_then_query():
@@ -83,7 +142,7 @@ def test_identifiers_come_from_auth_then_query():
     )
 
     assert found.conversation_id == "auth-conv"
-    assert found.user_id == "q-user"
+    assert found.user_id == ""  # never the client's own word
     assert found.latest_event_id == 12
     assert found.ip == "192.0.2.1"
     assert found.transport == "websocket"

@@ -7,12 +7,15 @@ is skipped and the first untrusted address is the client (a client can prepend a
 likes to the header, but not what the proxies append after it).
 
 Browsers' Socket.IO clients cannot set custom headers, so identifiers are looked for in the
-``auth`` payload first, then the query string, then headers. Claims are what an
-authenticator vouched for: only the application's ``claims_loader`` provides them. Without
-one, a connection has no claims: a client cannot grant itself a role by sending some.
-:func:`client_claims` is a loader that does trust the auth payload's ``claims``, for
-development and tests, and has to be passed on purpose. Secrets (tokens, cookies, keys) are
-masked in the ``headers`` and ``query`` maps that rules and logs see.
+``auth`` payload first, then the query string. A parameter given twice with different
+values is refused rather than read one way here and another way by the application.
+Claims are what an authenticator vouched for (the policy's ``authentication`` providers
+or the application's ``claims_loader``); the user id comes from them alone unless a
+policy trusts client-chosen ids for development. Every client-supplied value that can
+become a key or a log field is bounded in length, and IPv6 clients are keyed by their
+network (``identity.ipv6_prefix``), so a holder of a /64 is one client to per-IP rules.
+Secrets (tokens, cookies, keys) are masked in the ``headers`` and ``query`` maps that
+rules and logs see.
 
 Nothing here does I/O; the only await is the application's own claims loader.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -39,6 +42,14 @@ SENSITIVE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization",
 _SENSITIVE_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "session_key")
 _LATEST_EVENT_ID = "latest_event_id"
 NO_EVENT_ID = -1
+
+
+class IdentityError(ValueError):
+    """A handshake whose identifiers cannot be read safely (too long, ambiguous)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +111,51 @@ def scope_headers(scope: Mapping[str, Any]) -> dict[str, str]:
 
 
 def query_params(query_string: str) -> dict[str, str]:
-    """The last value of each query parameter."""
-    return dict(parse_qsl(query_string, keep_blank_values=True))
+    """The first value of each query parameter (see :func:`repeated_params`)."""
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(query_string, keep_blank_values=True):
+        params.setdefault(name, value)
+    return params
+
+
+def repeated_params(query_string: str, names: Iterable[str]) -> list[str]:
+    """The ``names`` that appear more than once with different values."""
+    wanted = frozenset(names)
+    seen: dict[str, str] = {}
+    repeated: list[str] = []
+    for name, value in parse_qsl(query_string, keep_blank_values=True):
+        if name in wanted:
+            if name in seen and seen[name] != value and name not in repeated:
+                repeated.append(name)
+            seen.setdefault(name, value)
+    return repeated
+
+
+def handshake_value(environ: Mapping[str, Any], auth: Any, name: str) -> str:
+    """One identifier the way the engine reads it: the ``auth`` payload, then the query.
+
+    For the application's own handlers, so that it and the policy never disagree on which
+    conversation a client asked for. A repeated query parameter reads as absent.
+    """
+    query_string = str(environ.get("QUERY_STRING", ""))
+    if repeated_params(query_string, (name,)):
+        return ""
+    return _first(name, auth if isinstance(auth, Mapping) else {}, query_params(query_string))
+
+
+def address_key(address: str, ipv6_prefix: int) -> str:
+    """The address per-IP rules key on: IPv6 as its network (``2001:db8::/64``)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        if ipv6_prefix < 128:
+            return str(ipaddress.ip_network(f"{ip}/{ipv6_prefix}", strict=False))
+    return str(ip)
 
 
 def identify(
@@ -110,17 +164,34 @@ def identify(
     spec: IdentitySpec,
     claims: Mapping[str, Any],
 ) -> Identity:
-    """Read one handshake; ``environ`` is Engine.IO's, holding the ASGI scope."""
+    """Read one handshake; ``environ`` is Engine.IO's, holding the ASGI scope.
+
+    Raises :class:`IdentityError` for a value over ``spec.max_identifier_length`` or an
+    identifier given twice with different values.
+    """
     scope: Mapping[str, Any] = environ.get("asgi.scope") or {}
     headers = scope_headers(scope)
-    query = query_params(str(environ.get("QUERY_STRING", "")))
+    query_string = str(environ.get("QUERY_STRING", ""))
+    names = (spec.user_param, spec.conversation_param, spec.token_param, _LATEST_EVENT_ID)
+    repeated = repeated_params(query_string, names)
+    if repeated:
+        raise IdentityError(f"query parameter {repeated[0]!r} given twice")
+    query = query_params(query_string)
     sources = (auth if isinstance(auth, Mapping) else {}, query)
-    user = _text(claims.get(spec.user_claim)) or _first(spec.user_param, *sources)
+    user = _text(claims.get(spec.user_claim))
+    if not user and spec.trust_client_user_id:
+        user = _first(spec.user_param, *sources)
     token = _first(spec.token_param, *sources) or _bearer(headers.get("authorization", ""))
+    conversation = _first(spec.conversation_param, *sources)
+    limit = spec.max_identifier_length
+    _bound(limit, {"user": user, "conversation": conversation})
+    _bound(limit, query)
+    _bound(limit, {name: value for name, value in headers.items() if name != "cookie"})
+    _bound(limit, _auth_identifiers(sources[0], names))
     return Identity(
-        ip=client_ip(scope, headers, spec.trusted_proxies),
+        ip=address_key(client_ip(scope, headers, spec.trusted_proxies), spec.ipv6_prefix),
         user_id=user,
-        conversation_id=_first(spec.conversation_param, *sources),
+        conversation_id=conversation,
         transport="websocket" if scope.get("type") == "websocket" else "polling",
         origin=headers.get("origin", ""),
         user_agent=headers.get("user-agent", ""),
@@ -164,6 +235,21 @@ def mask_query(query: Mapping[str, str], token_param: str) -> dict[str, str]:
         name: MASK if name == token_param or _sensitive(name) else value
         for name, value in query.items()
     }
+
+
+_TOKEN_LENGTH = 8192
+"""Tokens are bounded by their verifier (``max_token_bytes``); this is only a backstop."""
+
+
+def _bound(limit: int, values: Mapping[str, str]) -> None:
+    for name, value in values.items():
+        cap = _TOKEN_LENGTH if _sensitive(name) or name == "authorization" else limit
+        if len(value) > cap:
+            raise IdentityError(f"{name!r} is longer than {cap} characters")
+
+
+def _auth_identifiers(auth: Mapping[str, Any], names: Iterable[str]) -> dict[str, str]:
+    return {name: text for name in names if (text := _text(auth.get(name)))}
 
 
 def _sensitive(name: str) -> bool:

@@ -3,17 +3,19 @@
 It has the shape of the reference application: a client connects with a
 ``conversation_id`` (query string or ``auth``) and joins that conversation's room; each
 ``oh_user_action`` it sends comes back to everyone in the conversation as an ``oh_event``
-with an increasing integer ``id``. It knows nothing of the policy engine: rate limits,
-shedding, breakers and replay after a reconnect (from ``latest_event_id``) are the
-adapter's work, which is the point of the demo.
+with an increasing integer ``id``. It knows nothing of the policy engine but the one
+parser it shares with it (:func:`~policy_engine.adapter.identity.handshake_value`), so both
+read the same conversation from a handshake: rate limits, shedding, breakers and replay
+after a reconnect (from ``latest_event_id``) are the adapter's work, which is the point.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs
 
 import socketio
+
+from policy_engine.adapter.identity import handshake_value
 
 CONVERSATION_PARAM = "conversation_id"
 REFUSAL_MESSAGE = "Connect with a conversation_id."
@@ -53,14 +55,8 @@ def create_server(**options: Any) -> socketio.AsyncServer:
 
 
 def conversation_of(environ: dict[str, Any], auth: Any) -> str:
-    """The conversation a client asked for: ``auth`` first, then the query string."""
-    if isinstance(auth, dict):
-        value = auth.get(CONVERSATION_PARAM)
-        if isinstance(value, str) and value:
-            return value
-    query: dict[str, list[str]] = parse_qs(str(environ.get("QUERY_STRING", "")))
-    values = query.get(CONVERSATION_PARAM) or [""]
-    return values[0]
+    """The conversation a client asked for, read exactly as the policy engine reads it."""
+    return handshake_value(environ, auth, CONVERSATION_PARAM)
 
 
 sio = create_server()
