@@ -27,9 +27,9 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable
 
+from policy_engine.adapter.asgi import ASGIApp, Receive, Scope, Send
 from policy_engine.adapter.cors import CorsPolicy
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import Engine
@@ -38,12 +38,6 @@ from policy_engine.core.shedding import shed_payload
 from policy_engine.language.contexts import Hook
 from policy_engine.language.model import EvalFailureMode, Mode, ShedAction
 from policy_engine.observe.observer import NullObserver, Observer
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _SESSION_PARAM = re.compile(rb"(?:^|&)sid=")
 

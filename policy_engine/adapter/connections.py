@@ -1,0 +1,236 @@
+"""The connection lifecycle: a handshake judged, accepted or refused, and its release.
+
+Every way a connect can fail (the policy, the claims loader, the application's handler,
+a fault of the policy machinery) ends in one classified ``connect_error``, never in
+python-socketio's bare "Unexpected connection error". These are
+:class:`~policy_engine.adapter.attach.PolicyAdapter`'s methods, kept in their own module;
+being inherited, they cost no extra call per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import socketio
+
+from policy_engine.adapter.connection import ConnectionState
+from policy_engine.adapter.identity import ClaimsLoader, identify, load_claims
+from policy_engine.adapter.outgoing import Outgoing, replayed_up_to
+from policy_engine.adapter.recovery import Recovery
+from policy_engine.core.classify import Classification
+from policy_engine.core.decision import Outcome
+from policy_engine.core.engine import Engine, conn_context
+from policy_engine.core.payload import ClientPayload
+from policy_engine.language.contexts import Hook
+from policy_engine.observe.observer import Observer
+
+# The adapter's one logger, whichever of its modules reports.
+_log = logging.getLogger("policy_engine.adapter.attach")
+
+
+class ConnectionHooks:
+    """The connect and disconnect hooks, over the adapter's table of connections."""
+
+    sio: Any
+    engine: Engine
+    observer: Observer
+    claims_loader: ClaimsLoader | None
+    outgoing: Outgoing
+    recovery: Recovery
+    _states: dict[str, ConnectionState]
+    _trigger: Callable[..., Awaitable[Any]]
+    _report_error: Callable[
+        [BaseException, Hook, ConnectionState, Mapping[str, Any] | None],
+        tuple[Classification, ClientPayload, dict[str, Any]],
+    ]
+
+    async def _on_trigger(self, event: str, namespace: str, *args: Any) -> Any:
+        if event == "connect" and args and args[0] not in self._states:
+            try:
+                return await self._connect(namespace, args)
+            except socketio.exceptions.ConnectionRefusedError:
+                raise
+            except Exception as exc:
+                # Anything else would leave the client waiting for "Unexpected connection
+                # error": even a fault of the policy machinery ends in a classified refusal.
+                raise await self._connect_fault(args[0], exc) from None
+        if event == "disconnect" and args and args[0] in self._states:
+            return await self._disconnect(namespace, args)
+        return await self._trigger(event, namespace, *args)
+
+    # -- connect -----------------------------------------------------------------------------
+
+    async def _connect(self, namespace: str, args: tuple[Any, ...]) -> Any:
+        engine = self.engine
+        sid, environ = args[0], args[1]
+        auth = args[2] if len(args) > 2 else None
+        claims_error: Exception | None = None
+        try:
+            claims = await load_claims(environ, auth, self.claims_loader)
+        except Exception as exc:
+            # Judged after the policy: a throttled client must hear AUTH_THROTTLED.
+            claims, claims_error = {}, exc
+        identity = identify(environ, auth, engine.policy.identity, claims)
+        conn = conn_context(
+            sid=sid,
+            namespace=namespace,
+            ip=identity.ip,
+            user_id=identity.user_id,
+            conversation_id=identity.conversation_id,
+            transport=identity.transport,
+            origin=identity.origin,
+            user_agent=identity.user_agent,
+            headers=dict(identity.headers),
+            query=dict(identity.query),
+        )
+        started = time.perf_counter()
+        decision = await engine.on_connect(conn, claims)
+        self.observer.decision("connect", decision, time.perf_counter() - started, conn)
+        if decision.outcome is Outcome.DELAY:
+            await asyncio.sleep(decision.delay)
+        elif not decision.allowed:
+            raise refusal(decision.payload)
+        now = time.monotonic()
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
+        state = ConnectionState(sid, namespace, eio_sid, conn, claims, now, now)
+        self._track(state)
+        latest = identity.latest_event_id
+        recovering = (
+            latest >= 0 and engine.policy.recovery.enabled and bool(conn["conversation_id"])
+        )
+        link = self.outgoing.links.get(eio_sid) if recovering else None
+        if link is not None:
+            # From here on, live events wait: the replay must reach the client first, even
+            # those the application's own connect handler emits.
+            link.outbox.hold()
+        replayed_to = latest
+        try:
+            result = await self._accept(state, args, claims_error)
+            if recovering:
+                replayed_to = await self.recovery.recover(sid, namespace, conn, latest)
+        finally:
+            if link is not None:
+                link.outbox.release(replayed_up_to(conn["conversation_id"], replayed_to))
+        self.observer.connection("opened", conn)
+        return result
+
+    async def _connect_fault(self, sid: str, exc: Exception) -> Exception:
+        _log.error("connect hook failed", exc_info=exc)
+        state = self._states.get(sid)
+        if state is not None:
+            await self._untrack(state)
+        conn = state.conn if state is not None else None
+        classification, payload, error = self.engine.on_error(exc, Hook.CONNECT, conn)
+        self.observer.error("connect", classification, error, payload, conn)
+        return refusal(payload)
+
+    async def _accept(
+        self, state: ConnectionState, args: tuple[Any, ...], failure: BaseException | None
+    ) -> Any:
+        """Run the application's connect handler; any failure becomes a classified refusal."""
+        result: Any = None
+        if failure is None:
+            try:
+                result = await self._call_connect_handler(state.namespace, args)
+            except Exception as exc:
+                failure = exc
+            else:
+                if result is False:
+                    failure = socketio.exceptions.ConnectionRefusedError()
+        if failure is not None:
+            await self._untrack(state)
+            raise await self._connect_failed(failure, state.conn, state.claims)
+        await self.engine.clear_auth_failures(state.conn)
+        return result
+
+    async def _call_connect_handler(self, namespace: str, args: tuple[Any, ...]) -> Any:
+        """Run the application's handler once, whichever signature it has.
+
+        Without ``auth``, python-socketio tries ``connect(sid, environ, None)`` and, on a
+        ``TypeError``, ``connect(sid, environ)`` (before 5.12, the other way round). Doing
+        that retry here keeps the policy to one evaluation per handshake.
+        """
+        try:
+            return await self._trigger("connect", namespace, *args)
+        except TypeError as first:
+            other: tuple[Any, ...]
+            if len(args) == 2:
+                other = (*args, None)
+            elif len(args) == 3 and args[2] is None:
+                other = args[:2]
+            else:
+                raise
+            try:
+                return await self._trigger("connect", namespace, *other)
+            except TypeError:
+                raise first from None
+
+    async def _connect_failed(
+        self, exc: BaseException, conn: dict[str, Any], claims: Mapping[str, Any]
+    ) -> Exception:
+        """The refusal a failed connect handler becomes: classified, and counted if auth."""
+        engine = self.engine
+        classification, contract, error = engine.on_error(exc, Hook.CONNECT, conn, claims)
+        payload: dict[str, Any] = dict(contract)
+        app_refusal = getattr(exc, "error_args", None)
+        if isinstance(app_refusal, Mapping):
+            # An explicit refusal: its message was written for the client.
+            payload = {**payload, "message": str(app_refusal.get("message", payload["message"]))}
+            if "data" in app_refusal:
+                payload["data"] = app_refusal["data"]
+        self.observer.error("connect", classification, error, payload, conn)
+        if engine.counts_as_auth_failure(classification):
+            await engine.record_auth_failure(conn)
+        return refusal(payload)
+
+    # -- disconnect --------------------------------------------------------------------------
+
+    async def _disconnect(self, namespace: str, args: tuple[Any, ...]) -> Any:
+        state = self._states[args[0]]
+        try:
+            return await self._trigger("disconnect", namespace, *args)
+        except Exception as exc:
+            self._report_error(exc, Hook.DISCONNECT, state, None)
+            return None
+        finally:
+            reason = str(args[1]) if len(args) > 1 else ""
+            await self._untrack(state, reason, closed=True)
+
+    def _track(self, state: ConnectionState) -> None:
+        self._states[state.sid] = state
+        self.outgoing.track(state)
+        conversation = state.conn["conversation_id"]
+        if conversation:
+            self.recovery.index.join(conversation)
+
+    async def _untrack(
+        self, state: ConnectionState, reason: str = "", *, closed: bool = False
+    ) -> None:
+        """Release everything a connection held; ``closed``: it had been accepted."""
+        if self._states.get(state.sid) is state:
+            del self._states[state.sid]
+        self.outgoing.untrack(state)
+        conversation = state.conn["conversation_id"]
+        if conversation:
+            self.recovery.index.leave(conversation, time.monotonic())
+        try:
+            await self.engine.on_disconnect(state.conn)
+        except Exception:
+            _log.exception("releasing connection %s failed", state.sid)
+        if closed:
+            self.observer.connection(
+                state.close_event or "closed", state.conn, state.close_reason or reason
+            )
+
+
+def refusal(payload: Mapping[str, Any] | None) -> Exception:
+    """What python-socketio turns into ``connect_error`` ``{'message': ..., 'data': ...}``."""
+    data = dict(payload or {})
+    refused: Exception = socketio.exceptions.ConnectionRefusedError(
+        str(data.get("message", "Connection refused.")), data
+    )
+    return refused

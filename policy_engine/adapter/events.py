@@ -1,0 +1,215 @@
+"""The incoming-event dispatch: each event judged, its handler run between the breakers'
+permits, and the client answered when the policy refuses or the handler fails.
+
+This is the per-event hot path: the verdict is reached in one plain call whenever the
+state can answer without I/O, and only what must wait is awaited. These are
+:class:`~policy_engine.adapter.attach.PolicyAdapter`'s methods, kept in their own module;
+being inherited, they cost no extra call per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from socketio import packet as sio_packet
+
+from policy_engine.adapter.asgi import INBOUND_SIZE
+from policy_engine.adapter.connection import ConnectionState
+from policy_engine.adapter.outgoing import Outgoing
+from policy_engine.core.classify import Classification
+from policy_engine.core.decision import Decision, Outcome
+from policy_engine.core.engine import NO_GUARD, BreakerGuard, Engine, EventVerdict, PendingEvent
+from policy_engine.core.payload import ClientPayload
+from policy_engine.language.contexts import Hook
+from policy_engine.observe.observer import Observer
+
+# The adapter's one logger, whichever of its modules reports.
+_log = logging.getLogger("policy_engine.adapter.attach")
+
+_ALLOW = Outcome.ALLOW
+_DELAY = Outcome.DELAY
+_monotonic = time.monotonic
+_perf_counter = time.perf_counter
+
+
+class EventDispatch:
+    """The event hook (python-socketio's ``_handle_event_internal``) and its answers."""
+
+    engine: Engine
+    observer: Observer
+    error_event: str
+    outgoing: Outgoing
+    _states: dict[str, ConnectionState]
+    _events_received: int
+    _trigger: Callable[..., Awaitable[Any]]
+    _installed_trigger: Callable[..., Awaitable[Any]]
+    _event_original: Callable[..., Awaitable[Any]]
+    _not_handled: Any
+
+    async def _on_event(  # noqa: PLR0917 (python-socketio's signature)
+        self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: str, ack: Any
+    ) -> None:
+        """python-socketio's ``_handle_event_internal``, with the policy around the handler."""
+        state = self._states.get(sid)
+        if state is None:
+            await self._event_original(server, sid, eio_sid, data, namespace, ack)
+            return
+        engine = self.engine
+        self._events_received += 1
+        now = _monotonic()
+        state.last_activity = now
+        conn = state.conn
+        if engine.policy.reads_connection_age:
+            conn["connected_ms"] = int((now - state.connected_at) * 1000)
+        claims = state.claims
+        size = len(data)
+        event = {
+            "name": data[0],
+            "size_bytes": INBOUND_SIZE.get(),
+            "priority": "",
+            "has_ack": ack is not None,
+            "payload": data[1] if size == 2 else (None if size == 1 else data[1:]),
+        }
+        guard = NO_GUARD
+        try:
+            started = _perf_counter()
+            verdict = engine.judge_event_now(conn, claims, event)
+            waited = 0.0
+            if type(verdict) is EventVerdict and verdict.guard is not None:
+                decision, guard = verdict.decision, verdict.guard
+            else:
+                decision, guard, waited = await self._judge_waiting(conn, claims, event, verdict)
+            outcome = decision.outcome
+            for name, transition in guard.transitions:
+                self.observer.breaker_transition(name, transition)
+            self.observer.decision("event", decision, _perf_counter() - started - waited, conn)
+        except Exception as exc:
+            # A fault in the policy machinery must not take the application down with it.
+            self._report_error(exc, Hook.EVENT, state, event)
+            outcome = _ALLOW
+        if outcome is not _ALLOW and outcome is not _DELAY:
+            await self._answer(
+                server, state, ack, decision.payload, notify=outcome is not Outcome.DROP
+            )
+            return
+        trigger = self._trigger
+        if server._trigger_event is not self._installed_trigger:
+            trigger = server._trigger_event  # something wrapped us (the admin UI): keep it
+        try:
+            result = await trigger(data[0], namespace, sid, *data[1:])
+        except Exception as exc:
+            classification, payload, error = self._report_error(exc, Hook.EVENT, state, event)
+            if guard.permits:
+                await self._after_call(guard, state, event, classification, error)
+            await self._answer(server, state, ack, payload, notify=True)
+            return
+        if guard.permits:
+            await self._after_call(guard, state, event, None, None)
+        if ack is not None and result is not self._not_handled:
+            await server._send_packet(
+                eio_sid,
+                server.packet_class(
+                    sio_packet.ACK, namespace=namespace, id=ack, data=ack_values(result)
+                ),
+            )
+
+    async def _judge_waiting(
+        self,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+        verdict: EventVerdict | PendingEvent,
+    ) -> tuple[Decision, BreakerGuard, float]:
+        """The verdict when reaching it awaits: a store, or a shedding delay before permits.
+
+        ``verdict`` is what :meth:`Engine.judge_event_now` could decide without waiting.
+        Returns the decision, the permits held and the seconds spent delaying, which are
+        not part of the decision's own latency.
+        """
+        engine = self.engine
+        if isinstance(verdict, EventVerdict):
+            decision = verdict.decision
+        else:
+            decision = await engine.settle_event(verdict)
+        waited = 0.0
+        outcome = decision.outcome
+        if outcome is _DELAY:
+            waited = decision.delay
+            await asyncio.sleep(waited)
+        if outcome is not _ALLOW and outcome is not _DELAY:
+            return decision, NO_GUARD, waited
+        permits = await engine.before_call(conn, claims, event)
+        if isinstance(permits, BreakerGuard):
+            return decision, permits, waited
+        return permits, NO_GUARD, waited
+
+    def _report_error(
+        self,
+        exc: BaseException,
+        hook: Hook,
+        state: ConnectionState,
+        event: Mapping[str, Any] | None,
+    ) -> tuple[Classification, ClientPayload, dict[str, Any]]:
+        """Classify an exception and report it with its correlation id."""
+        classification, payload, error = self.engine.on_error(
+            exc, hook, state.conn, state.claims, event
+        )
+        self.observer.error(hook.value, classification, error, payload, state.conn)
+        return classification, payload, error
+
+    async def _after_call(
+        self,
+        guard: BreakerGuard,
+        state: ConnectionState,
+        event: Mapping[str, Any],
+        classification: Classification | None,
+        error: Mapping[str, Any] | None,
+    ) -> None:
+        try:
+            transitions = await self.engine.after_call(
+                guard, state.conn, event, classification, error
+            )
+        except Exception:
+            _log.exception("recording a call outcome failed")
+            return
+        for name, transition in transitions:
+            self.observer.breaker_transition(name, transition)
+
+    async def _answer(
+        self,
+        server: Any,
+        state: ConnectionState,
+        ack: Any,
+        payload: Mapping[str, Any] | None,
+        *,
+        notify: bool,
+    ) -> None:
+        """Give the client the payload: as the ack it asked for, else as ``error_event``."""
+        if payload is None:
+            return
+        if ack is not None:
+            await server._send_packet(
+                state.eio_sid,
+                server.packet_class(
+                    sio_packet.ACK, namespace=state.namespace, id=ack, data=[dict(payload)]
+                ),
+            )
+        elif notify:
+            await self._notify(state.sid, state.namespace, payload)
+
+    async def _notify(self, sid: str, namespace: str, payload: Mapping[str, Any]) -> None:
+        """Send ``error_event`` to one client at critical priority (dropped last, if ever)."""
+        await self.outgoing.notify(self.error_event, sid, namespace, dict(payload))
+
+
+def ack_values(result: Any) -> list[Any]:
+    """A handler's return value as ack arguments, as python-socketio sends them."""
+    if result is None:
+        return []
+    if isinstance(result, tuple):
+        return list(result)
+    return [result]
