@@ -106,3 +106,43 @@ def test_redaction_keeps_engineio_parameters_and_masks_the_rest() -> None:
         '127.0.0.1:5 - "WebSocket /socket.io/?EIO=4&transport=websocket&token=***&x=***" 101'
     )
     assert redact_query("no query here") == "no query here"
+
+
+ENV_KEYED = """\
+version: 1
+authentication:
+  providers:
+    partner:
+      algorithms: [HS256]
+      keys: {{env: {variable}}}
+      from: [{{auth: token}}]
+  default: {{providers: [partner], require: required}}
+"""
+
+
+async def test_a_reload_whose_keys_cannot_be_read_keeps_the_running_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARTNER_SECRET", "s" * 32)
+    path = tmp_path / "policies.yaml"
+    path.write_text(ENV_KEYED.format(variable="PARTNER_SECRET"), encoding="utf-8")
+    server = build_app(create_server(), path, registry=CollectorRegistry())
+    running = server.engine.policy.version
+
+    path.write_text(ENV_KEYED.format(variable="UNSET_PARTNER_SECRET"), encoding="utf-8")
+    assert await server.reloader.reload_async() is False
+    assert server.engine.policy.version == running
+    (failure,) = server.reloader.last_failure
+    assert "UNSET_PARTNER_SECRET is not set" in failure.message
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_serve_refuses_to_start_when_the_keys_cannot_be_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from policy_engine.cli.main import main
+
+    path = tmp_path / "policies.yaml"
+    path.write_text(ENV_KEYED.format(variable="UNSET_PARTNER_SECRET"), encoding="utf-8")
+    assert main(["serve", "--policies", str(path), "--port", "1"]) == 1
+    assert "UNSET_PARTNER_SECRET is not set" in capsys.readouterr().err

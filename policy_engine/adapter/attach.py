@@ -23,6 +23,7 @@ from typing import Any
 import socketio
 
 from policy_engine.adapter.asgi import ASGIApp, Lifespan, measured
+from policy_engine.adapter.authentication import ConnectAuthentication
 from policy_engine.adapter.connection import ConnectionState
 from policy_engine.adapter.connections import ConnectionHooks
 from policy_engine.adapter.cors import CorsPolicy
@@ -62,6 +63,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         self.observer: Observer = observer or NullObserver()
         self.error_event = error_event
         self.claims_loader = claims_loader
+        self.authentication = ConnectAuthentication(claims_loader)
         self._states: dict[str, ConnectionState] = {}
         self._events_received = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -118,6 +120,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
 
     async def start(self) -> None:
         """Start the idle reaper (idempotent); outbound pumps start on demand."""
+        await self.authentication.prefetch(self.engine.policy)
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
@@ -224,5 +227,6 @@ def attach(
     adapter = PolicyAdapter(
         sio, engine, observer=observer, error_event=error_event, claims_loader=claims_loader
     )
+    adapter.authentication.prepare(engine.policy)
     adapter.install()
     return adapter

@@ -17,16 +17,19 @@ from typing import Any
 
 import socketio
 
+from policy_engine.adapter.authentication import ConnectAuthentication
 from policy_engine.adapter.connection import ConnectionState
-from policy_engine.adapter.identity import ClaimsLoader, identify, load_claims
+from policy_engine.adapter.identity import ClaimsLoader, IdentityError, identify
 from policy_engine.adapter.outgoing import Outgoing, replayed_up_to
 from policy_engine.adapter.recovery import Recovery
 from policy_engine.core.classify import Classification
-from policy_engine.core.decision import Outcome
+from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import Engine, conn_context
-from policy_engine.core.payload import ClientPayload
+from policy_engine.core.payload import INVALID_REQUEST, ClientPayload
 from policy_engine.language.contexts import Hook
 from policy_engine.observe.observer import Observer
+
+_NO_CLAIMS: Mapping[str, Any] = {}
 
 # The adapter's one logger, whichever of its modules reports.
 _log = logging.getLogger("policy_engine.adapter.attach")
@@ -39,6 +42,7 @@ class ConnectionHooks:
     engine: Engine
     observer: Observer
     claims_loader: ClaimsLoader | None
+    authentication: ConnectAuthentication
     outgoing: Outgoing
     recovery: Recovery
     _states: dict[str, ConnectionState]
@@ -68,18 +72,24 @@ class ConnectionHooks:
         engine = self.engine
         sid, environ = args[0], args[1]
         auth = args[2] if len(args) > 2 else None
+        policy = engine.policy
+        try:
+            identity = identify(environ, auth, policy.identity, _NO_CLAIMS)
+        except IdentityError as exc:
+            raise self._invalid_handshake(exc) from None
         claims_error: Exception | None = None
         try:
-            claims = await load_claims(environ, auth, self.claims_loader)
+            claims, verified_user = await self.authentication.authenticate(
+                policy, namespace, environ, auth
+            )
         except Exception as exc:
             # Judged after the policy: a throttled client must hear AUTH_THROTTLED.
-            claims, claims_error = {}, exc
-        identity = identify(environ, auth, engine.policy.identity, claims)
+            claims, verified_user, claims_error = {}, "", exc
         conn = conn_context(
             sid=sid,
             namespace=namespace,
             ip=identity.ip,
-            user_id=identity.user_id,
+            user_id=verified_user or identity.user_id,
             conversation_id=identity.conversation_id,
             transport=identity.transport,
             origin=identity.origin,
@@ -109,8 +119,10 @@ class ConnectionHooks:
             link.outbox.hold()
         replayed_to = latest
         try:
-            result = await self._accept(state, args, claims_error)
-            if recovering:
+            result = await self._accept(state, args, claims_error, bool(verified_user))
+            # Only to a socket the application let into the conversation: a client names
+            # the conversation it wants, the application decides whether it belongs there.
+            if recovering and conn["conversation_id"] in self.sio.rooms(sid, namespace):
                 replayed_to = await self.recovery.recover(sid, namespace, conn, latest)
         finally:
             if link is not None:
@@ -128,10 +140,26 @@ class ConnectionHooks:
         self.observer.error("connect", classification, error, payload, conn)
         return refusal(payload)
 
+    def _invalid_handshake(self, exc: IdentityError) -> Exception:
+        """A handshake whose identifiers cannot be trusted: refused before any work."""
+        payload = INVALID_REQUEST.payload("identity", detail=exc.reason)
+        decision = Decision(Outcome.REJECT, "identity", payload)
+        self.observer.decision("connect", decision, 0.0, None)
+        return refusal(payload)
+
     async def _accept(
-        self, state: ConnectionState, args: tuple[Any, ...], failure: BaseException | None
+        self,
+        state: ConnectionState,
+        args: tuple[Any, ...],
+        failure: BaseException | None,
+        verified: bool,
     ) -> Any:
-        """Run the application's connect handler; any failure becomes a classified refusal."""
+        """Run the application's connect handler; any failure becomes a classified refusal.
+
+        Failed sign-ins are forgotten only by a verified sign-in of the same user: never by
+        an anonymous connect, nor for the address (an attacker's own good login between
+        guesses must not reset the count of its guesses).
+        """
         result: Any = None
         if failure is None:
             try:
@@ -144,7 +172,8 @@ class ConnectionHooks:
         if failure is not None:
             await self._untrack(state)
             raise await self._connect_failed(failure, state.conn, state.claims)
-        await self.engine.clear_auth_failures(state.conn)
+        if verified:
+            await self.engine.clear_auth_failures(state.conn)
         return result
 
     async def _call_connect_handler(self, namespace: str, args: tuple[Any, ...]) -> Any:

@@ -243,6 +243,8 @@ _TOKEN_LENGTH = 8192
 
 def _bound(limit: int, values: Mapping[str, str]) -> None:
     for name, value in values.items():
+        if len(name) > limit:
+            raise IdentityError(f"a parameter name is longer than {limit} characters")
         cap = _TOKEN_LENGTH if _sensitive(name) or name == "authorization" else limit
         if len(value) > cap:
             raise IdentityError(f"{name!r} is longer than {cap} characters")

@@ -89,6 +89,7 @@ class RemoteJwks:
         self._keys: KeySet | None = None
         self._fetched_at = 0.0
         self._attempted_at: float | None = None
+        self._kid_refreshed_at: float | None = None
         self._in_flight: asyncio.Task[None] | None = None
         self.fetches = 0
         self.failures = 0
@@ -102,6 +103,18 @@ class RemoteJwks:
         return self._keys
 
     async def refresh_for_unknown_kid(self) -> KeySet:
+        """One refresh per ``min_refresh_interval`` for unknown kids, counted apart from the
+        first fetch and the ``max_age`` refreshes: a key rotated a minute after start-up is
+        found at once, and a flood of made-up kids still costs one fetch per interval. A failing
+        identity provider is not asked again before the interval since its last failure."""
+        now = self._clock()
+        due = self._kid_refreshed_at is None or (
+            now - self._kid_refreshed_at >= self.min_refresh_interval
+        )
+        failing = bool(self.last_error) and not self._may_attempt()
+        if self._in_flight is None and due and not failing:
+            self._kid_refreshed_at = now
+            self._start()
         return await self._refresh()
 
     async def _refresh(self) -> KeySet:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from policy_engine import __version__
-from policy_engine.errors import Diagnostic, PolicyError, Severity
+from policy_engine.errors import Diagnostic, PolicyEngineError, PolicyError, Severity
 from policy_engine.language.contexts import Hook
 
 EXIT_OK = 0
@@ -243,6 +243,9 @@ def _serve(args: argparse.Namespace) -> int:
         for diagnostic in exc.diagnostics:
             sys.stderr.write(f"{diagnostic}\n")
         sys.stderr.write(f"{len(exc.errors)} error(s) in {args.policies}: not serving\n")
+        return EXIT_INVALID
+    except PolicyEngineError as exc:  # valid, but cannot be installed (keys, secrets)
+        sys.stderr.write(f"{args.policies}: {exc}: not serving\n")
         return EXIT_INVALID
     try:
         asyncio.run(

@@ -47,10 +47,11 @@ async def record_auth_failure(
 async def clear_auth_failures(
     policy: PolicySet, state: GuardedStore, conn: Mapping[str, Any]
 ) -> None:
-    if policy.connections.auth_failures is None:
+    """After a verified sign-in: that user's failures only. An address's count is never
+    cleared by a success, which an attacker could make with its own account."""
+    if policy.connections.auth_failures is None or not conn["user_id"]:
         return
-    for key in auth_keys(conn):
-        await state.clear_auth_failures(key)
+    await state.clear_auth_failures(f"user:{conn['user_id']}")
 
 
 async def throttle(

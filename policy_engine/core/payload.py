@@ -115,6 +115,7 @@ PAYLOAD_TOO_LARGE = Notice(
     "PAYLOAD_TOO_LARGE", Category.CLIENT, "The event is larger than {max_bytes} bytes.", False
 )
 INVALID_PAYLOAD = Notice("INVALID_PAYLOAD", Category.CLIENT, "Invalid payload: {detail}", False)
+INVALID_REQUEST = Notice("INVALID_REQUEST", Category.CLIENT, "Invalid handshake: {detail}", False)
 FORBIDDEN = Notice("FORBIDDEN", Category.CONNECTION, "Not allowed.", False)
 AUTH_BLOCKED = Notice(
     "AUTH_BLOCKED",

@@ -351,6 +351,7 @@ def build_app(
         observer,
         backend=cel_backend,
         on_install=[lambda policy: metrics.install_policy(policy, source)],
+        before_install=[adapter.authentication.prepare],
     )
     sampler = LoadSampler(
         engine,

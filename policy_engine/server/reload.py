@@ -54,6 +54,7 @@ class PolicyReloader:
         compiler: Compiler | None = None,
         backend: str | None = None,
         on_install: Iterable[PolicyListener] = (),
+        before_install: Iterable[PolicyListener] = (),
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
@@ -63,6 +64,7 @@ class PolicyReloader:
             compiler if compiler is not None else lambda p: compile_file(p, backend=backend)
         )
         self._listeners = list(on_install)
+        self._preparers = list(before_install)
         self._wall_clock = wall_clock
         self.loaded_at = wall_clock()
         self.succeeded = 0
@@ -99,6 +101,8 @@ class PolicyReloader:
 
     def _finish(self, outcome: CompileResult | tuple[Diagnostic, ...]) -> bool:
         path = str(self.path)
+        if isinstance(outcome, CompileResult):
+            outcome = self._prepare(outcome)
         if not isinstance(outcome, CompileResult):
             self.failed += 1
             self.last_failure = outcome
@@ -115,6 +119,16 @@ class PolicyReloader:
                 _log.exception("policy.listener_failed", path=path, audit=False)
         self.observer.reload(True, outcome.policy.version, path, outcome.warnings)
         return True
+
+    def _prepare(self, result: CompileResult) -> CompileResult | tuple[Diagnostic, ...]:
+        """What must be ready before a policy is in force (its verification keys, read from
+        files and the environment); a preparer that fails rejects the reload."""
+        for prepare in self._preparers:
+            try:
+                prepare(result.policy)
+            except Exception as exc:
+                return (self._diagnostic(f"the policy cannot be installed: {exc}"),)
+        return result
 
     def _diagnostic(self, message: str) -> Diagnostic:
         return Diagnostic(Location(str(self.path)), "reload-failed", message)
