@@ -16,9 +16,9 @@ from policy_engine.algorithms.breaker import Permit, Transition
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.evaluation import matches
-from policy_engine.core.payload import backoff_for, client_payload
+from policy_engine.core.payload import system_refusal
 from policy_engine.core.recorder import Recorder
-from policy_engine.language.model import Category, CircuitBreakerSpec, Mode, PolicySet
+from policy_engine.language.model import CircuitBreakerSpec, Mode, PolicySet
 from policy_engine.state.guarded import ASK, GuardedStore
 
 
@@ -130,17 +130,17 @@ def _hold(  # noqa: PLR0917 (a walk's state, passed along)
 
 
 def _refusal(policy: PolicySet, spec: CircuitBreakerSpec, permit: Permit) -> Decision:
-    payload = client_payload(
+    rule = f"circuit_breakers/{spec.name}"
+    fallback = dict(spec.fallback) if spec.fallback is not None else None
+    payload = system_refusal(
+        policy,
+        rule,
         code=spec.code,
-        category=Category.SYSTEM,
         message=spec.message,
-        retryable=True,
         retry_after=permit.retry_after,
-        backoff=backoff_for(policy),
-        policy=f"circuit_breakers/{spec.name}",
-        fallback=dict(spec.fallback) if spec.fallback is not None else None,
+        fallback=fallback,
     )
-    return Decision(Outcome.REJECT, f"circuit_breakers/{spec.name}", payload)
+    return Decision(Outcome.REJECT, rule, payload)
 
 
 def recorded_failures(  # noqa: PLR0917 (the failed call's whole story)

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from policy_engine.core.evaluation import matches
-from policy_engine.core.payload import CONNECTION_REFUSED, INTERNAL, ClientPayload, client_payload
+from policy_engine.core.payload import (
+    CONNECTION_REFUSED,
+    INTERNAL,
+    ClientPayload,
+    Notice,
+    backoff_for,
+    client_payload,
+)
 from policy_engine.core.recorder import NULL_RECORDER, Recorder
 from policy_engine.language.model import BackoffSpec, Category, ErrorSeverity, PolicySet
 
@@ -100,25 +107,22 @@ def classify(
             )
     if "ConnectionRefusedError" in activation["error"]["types"]:
         # The application refused the handshake on purpose: a refusal, not a server fault.
-        return Classification(
-            rule="refused",
-            category=CONNECTION_REFUSED.category,
-            severity=ErrorSeverity.INFO,
-            code=CONNECTION_REFUSED.code,
-            message=CONNECTION_REFUSED.message,
-            retryable=CONNECTION_REFUSED.retryable,
-            backoff=None,
-            retry_after=None,
-            alert=False,
-        )
+        return _built_in("refused", CONNECTION_REFUSED, ErrorSeverity.INFO, None)
+    return _built_in("default", INTERNAL, ErrorSeverity.ERROR, backoff_for(policy))
+
+
+def _built_in(
+    rule: str, notice: Notice, severity: ErrorSeverity, backoff: BackoffSpec | None
+) -> Classification:
+    """The classification no rule of the policy gave: worded by the engine's own notice."""
     return Classification(
-        rule="default",
-        category=INTERNAL.category,
-        severity=ErrorSeverity.ERROR,
-        code=INTERNAL.code,
-        message=INTERNAL.message,
-        retryable=INTERNAL.retryable,
-        backoff=policy.backoff.get(policy.defaults.backoff),
+        rule=rule,
+        category=notice.category,
+        severity=severity,
+        code=notice.code,
+        message=notice.message,
+        retryable=notice.retryable,
+        backoff=backoff,
         retry_after=None,
         alert=False,
     )

@@ -71,6 +71,29 @@ def backoff_for(policy: PolicySet, name: str | None = None) -> BackoffSpec | Non
     return policy.backoff.get(name or policy.defaults.backoff)
 
 
+def system_refusal(
+    policy: PolicySet,
+    rule: str,
+    *,
+    code: str,
+    message: str,
+    retry_after: float | None,
+    fallback: dict[str, Any] | None = None,
+) -> ClientPayload:
+    """A refusal for the server's sake (a breaker open, load shed): the client is not at
+    fault and may retry, with the policy's default backoff. ``rule``: ``section/name``."""
+    return client_payload(
+        code=code,
+        category=Category.SYSTEM,
+        message=message,
+        retryable=True,
+        retry_after=retry_after,
+        backoff=backoff_for(policy),
+        policy=rule,
+        fallback=fallback,
+    )
+
+
 class Notice(NamedTuple):
     """A refusal the engine words itself; ``message`` may hold ``str.format`` fields."""
 

@@ -13,11 +13,10 @@ from typing import Any
 
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.evaluation import matches
-from policy_engine.core.payload import ClientPayload, backoff_for, client_payload
+from policy_engine.core.payload import ClientPayload, system_refusal
 from policy_engine.core.recorder import Recorder
 from policy_engine.errors import EvaluationError
 from policy_engine.language.model import (
-    Category,
     EvalFailureMode,
     Mode,
     PolicySet,
@@ -159,12 +158,10 @@ class Shedding:
 
 
 def shed_payload(policy: PolicySet, rule: SheddingRuleSpec) -> ClientPayload:
-    return client_payload(
+    return system_refusal(
+        policy,
+        f"shedding/{rule.name}",
         code=rule.code,
-        category=Category.SYSTEM,
         message=rule.message,
-        retryable=True,
         retry_after=rule.retry_after,
-        backoff=backoff_for(policy),
-        policy=f"shedding/{rule.name}",
     )

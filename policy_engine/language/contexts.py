@@ -127,13 +127,7 @@ RAW_ERROR = _message(
 CLASSIFIED_ERROR = _message(
     "ClassifiedError",
     "An exception after classification, as circuit breakers see it.",
-    type="string",
-    types="list<string>",
-    module="string",
-    message="string",
-    status="int",
-    code="string",
-    hook="string",
+    **RAW_ERROR.fields,  # what the classifier saw, then what it concluded
     category="string",
     severity="string",
     retryable="bool",
