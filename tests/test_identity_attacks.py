@@ -329,3 +329,25 @@ async def test_replay_reaches_only_a_socket_the_application_let_into_the_convers
     assert [event["id"] for event in member.of("oh_event")] == [1, 2]
     await eventually(lambda: served.adapter.active_connections() == 3)
     assert outsider.of("oh_event") == []
+
+
+class SessionTable:
+    """An application's own sign-in check, in the loader form ``serve --claims-loader`` takes."""
+
+    async def load(self, handshake: Any) -> dict[str, Any] | None:
+        session = handshake.cookies.get("session")
+        return {"sub": "carol", "plan": "pro"} if session == "valid-session" else None
+
+
+async def test_the_applications_own_loader_is_the_provider_app(serve, clients):
+    served = serve(setup=conversation_app, claims_loader=SessionTable())
+    client, _ = await clients.connect(
+        served.url,
+        query={"conversation_id": "c1"},
+        headers={**fresh_ip(), "Cookie": "session=valid-session"},
+    )
+    anonymous, _ = await clients.connect(
+        served.url, query={"conversation_id": "c1"}, headers=fresh_ip()
+    )
+    assert served.adapter.connections()[client.get_sid()].conn["user_id"] == "carol"
+    assert served.adapter.connections()[anonymous.get_sid()].conn["user_id"] == ""

@@ -23,7 +23,7 @@ from typing import Any
 import socketio
 
 from policy_engine.adapter.asgi import ASGIApp, Lifespan, measured
-from policy_engine.adapter.authentication import ConnectAuthentication
+from policy_engine.adapter.authentication import ConnectAuthentication, environ_loader
 from policy_engine.adapter.connection import ConnectionState
 from policy_engine.adapter.connections import ConnectionHooks
 from policy_engine.adapter.cors import CorsPolicy
@@ -32,6 +32,7 @@ from policy_engine.adapter.gate import HandshakeGate
 from policy_engine.adapter.identity import ClaimsLoader
 from policy_engine.adapter.outgoing import Buffered, Outgoing
 from policy_engine.adapter.recovery import Recovery
+from policy_engine.auth.loader import HandshakeClaimsLoader
 from policy_engine.core.engine import Engine
 from policy_engine.core.payload import IDLE_TIMEOUT, backoff_for
 from policy_engine.language.model import ShedAction
@@ -219,13 +220,20 @@ def attach(
     *,
     observer: Observer | None = None,
     error_event: str = "policy_error",
-    claims_loader: ClaimsLoader | None = None,
+    claims_loader: ClaimsLoader | HandshakeClaimsLoader | None = None,
 ) -> PolicyAdapter:
-    """Install ``engine``'s policy on ``sio``; returns the adapter (one per server)."""
+    """Install ``engine``'s policy on ``sio``; returns the adapter (one per server).
+
+    ``claims_loader`` is the application's own check of who is connecting: a function of
+    ``(environ, auth)`` or an object with ``async def load(handshake)``; it is the provider
+    ``app`` of the policy's ``authentication`` section, or the only source of claims in a
+    policy without one.
+    """
     if getattr(sio, "policy_adapter", None) is not None:
         raise RuntimeError("a policy is already attached to this Socket.IO server")
+    loader = environ_loader(claims_loader) if claims_loader is not None else None
     adapter = PolicyAdapter(
-        sio, engine, observer=observer, error_event=error_event, claims_loader=claims_loader
+        sio, engine, observer=observer, error_event=error_event, claims_loader=loader
     )
     adapter.authentication.prepare(engine.policy)
     adapter.install()

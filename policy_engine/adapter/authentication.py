@@ -15,7 +15,31 @@ from typing import Any
 from policy_engine.adapter.identity import ClaimsLoader, load_claims, query_params, scope_headers
 from policy_engine.auth.build import Authenticators
 from policy_engine.auth.handshake import Handshake
+from policy_engine.auth.loader import HandshakeClaimsLoader
 from policy_engine.language.model import PolicySet
+
+
+def handshake_of(environ: Mapping[str, Any], auth: Any) -> Handshake:
+    """The credential places of an Engine.IO handshake, unmasked, for verifiers only."""
+    scope: Mapping[str, Any] = environ.get("asgi.scope") or {}
+    return Handshake(
+        headers=scope_headers(scope),
+        query=query_params(str(environ.get("QUERY_STRING", ""))),
+        auth=auth if isinstance(auth, Mapping) else {},
+        environ=environ,
+    )
+
+
+def environ_loader(loader: ClaimsLoader | HandshakeClaimsLoader) -> ClaimsLoader:
+    """An application's loader in the adapter's ``(environ, auth)`` form, whichever it has."""
+    if isinstance(loader, HandshakeClaimsLoader):
+        bound = loader
+
+        async def load(environ: Mapping[str, Any], auth: Any) -> Mapping[str, Any] | None:
+            return await bound.load(handshake_of(environ, auth))
+
+        return load
+    return loader
 
 
 class ConnectAuthentication:
@@ -59,12 +83,7 @@ class ConnectAuthentication:
             if isinstance(user, int) and not isinstance(user, bool):
                 user = str(user)
             return claims, user if isinstance(user, str) else ""
-        scope: Mapping[str, Any] = environ.get("asgi.scope") or {}
-        handshake = Handshake(
-            headers=scope_headers(scope),
-            query=query_params(str(environ.get("QUERY_STRING", ""))),
-            auth=auth if isinstance(auth, Mapping) else {},
-            environ=environ,
+        result = await spec.authenticator.authenticate(
+            handshake_of(environ, auth), spec.requirement
         )
-        result = await spec.authenticator.authenticate(handshake, spec.requirement)
         return dict(result.claims), result.user_id

@@ -35,7 +35,7 @@ from policy_engine.observe.logs import MASK
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ClaimsLoader = Callable[
-    [Mapping[str, Any], Any], Mapping[str, Any] | Awaitable[Mapping[str, Any]] | None
+    [Mapping[str, Any], Any], Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None
 ]
 
 SENSITIVE_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})

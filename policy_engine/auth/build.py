@@ -53,7 +53,8 @@ class AppLoader:
         loaded = self._loader(handshake.environ, handshake.auth)
         if inspect.isawaitable(loaded):
             loaded = await loaded
-        return dict(loaded) if isinstance(loaded, Mapping) else None
+        # No claims at all is no credential: anonymous, which the namespace may refuse.
+        return dict(loaded) if isinstance(loaded, Mapping) and loaded else None
 
 
 class Authenticators:

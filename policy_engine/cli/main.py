@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         " only with Authorization: Bearer $POLICY_ENGINE_OPS_TOKEN",
     )
     serve.add_argument(
+        "--claims-loader",
+        metavar="MODULE:ATTR",
+        help="the application's own check of who connects: an object (or class) with"
+        " 'async def load(self, handshake)'; the provider 'app' of the policy's authentication",
+    )
+    serve.add_argument(
         "--ops-host", default="127.0.0.1", help="operations listener address (default 127.0.0.1)"
     )
     token = commands.add_parser(
@@ -214,6 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
     """Exit 1 on an invalid policy (nothing starts), 2 on a bad MODULE:ATTR or store URL."""
     import asyncio
 
+    from policy_engine.auth.loader import import_claims_loader
     from policy_engine.observe.logs import configure_logging
     from policy_engine.server.app import AppImportError, build_app, load_server, open_store, serve
 
@@ -227,6 +234,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         store = open_store(args.store)
+        loader = import_claims_loader(args.claims_loader) if args.claims_loader else None
     except (ValueError, ImportError) as exc:
         sys.stderr.write(f"policy-engine serve: {exc}\n")
         return EXIT_USAGE
@@ -237,6 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
             socketio_path=args.socketio_path,
             cel_backend=args.cel_backend,
             store=store,
+            claims_loader=loader,
             ops_token=os.environ.get("POLICY_ENGINE_OPS_TOKEN") or None,
         )
     except PolicyError as exc:

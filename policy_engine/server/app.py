@@ -46,6 +46,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from policy_engine.adapter.attach import ClaimsLoader, PolicyAdapter, attach
+from policy_engine.auth.loader import HandshakeClaimsLoader
 from policy_engine.compiler.pipeline import compile_file
 from policy_engine.core.classify import Classification
 from policy_engine.core.engine import Engine
@@ -318,7 +319,7 @@ def build_app(
     lag_threshold_ms: int = 100,
     socketio_path: str = "socket.io",
     cel_backend: str | None = None,
-    claims_loader: ClaimsLoader | None = None,
+    claims_loader: ClaimsLoader | HandshakeClaimsLoader | None = None,
     store: StateStore | None = None,
     ops_token: str | None = None,
     public_operations: bool = False,

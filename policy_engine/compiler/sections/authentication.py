@@ -62,7 +62,11 @@ def build_authentication(c: Compilation, raw: Mapping[str, Any] | None) -> Authe
         SessionSpec(name=name, **c.read(body, pointer, _SESSION_FIELDS))
         for name, pointer, body in c.entries(raw.get("sessions"), "/authentication/sessions")
     )
-    known = frozenset({p.name for p in providers} | {s.name for s in sessions} | {APP_LOADER})
+    # Every provider the file defines, built or not: one broken provider is one error, not
+    # one more for each namespace that lists it.
+    written = raw.get("providers")
+    defined = {str(name) for name in written} if isinstance(written, Mapping) else set()
+    known = frozenset(defined | {s.name for s in sessions} | {APP_LOADER})
     namespaces = {
         name: _namespace(c, body, pointer, known)
         for name, pointer, body in c.entries(raw.get("namespaces"), "/authentication/namespaces")
