@@ -212,3 +212,21 @@ async def test_a_rule_applies_to_every_event_its_condition_names_whatever_its_co
     for name in "abc":
         decision = await engine.on_event(conn, {}, event_context(name))
         assert decision.allowed is (name not in refused), name
+
+
+@pytest.mark.parametrize(
+    ("source", "reads"),
+    [
+        ('conn.ip == "x"', False),
+        ("conn . ip != ''", False),
+        ("load.loop_lag_ms > 1", False),
+        ("conn.connected_ms > 5", True),
+        ('conn["connected_ms"] > 1', True),
+        ("has(conn.connected_ms)", True),
+        ("conn[k] > 1", True),  # a computed key may be any field
+        ("[conn].size() > 0", True),  # the whole record used as a value
+        ("conn.ip == 'a' // connected_ms in a comment", False),
+    ],
+)
+def test_a_field_read_is_found_without_misreading_text(source, reads):
+    assert reads_field(source, "conn", "connected_ms") is reads

@@ -10,6 +10,7 @@ gives None (or "may read"), and the expression is simply evaluated.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Set as AbstractSet
 from functools import lru_cache
 
@@ -100,8 +101,21 @@ def reads_field(source: str, variable: str, field: str) -> bool:
     ``has(conn.connected_ms)``), reads ``variable`` in any other way than selecting a
     named field (``conn[key]``, ``[conn]``), or does not parse.
     """
+    if field not in source and not _used_whole(source, variable):
+        # Every use of ``variable`` in the text selects a named field, and none is this
+        # one: the expression cannot read it, so there is nothing to parse.
+        return False
     reads = _reads(source)
     return reads is None or (variable, field) in reads or (variable, None) in reads
+
+
+def _used_whole(source: str, variable: str) -> bool:
+    """Whether ``variable`` appears in the text without a ``.field`` after it.
+
+    Only ever says too much (a name inside a string or a comment counts), never too little,
+    so a False lets :func:`reads_field` skip the parse.
+    """
+    return re.search(rf"\b{re.escape(variable)}\b(?!\s*\.\s*[A-Za-z_])", source) is not None
 
 
 def _tree(source: str) -> Tree[Token] | None:
