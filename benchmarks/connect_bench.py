@@ -199,17 +199,23 @@ def report(modes: list[Mode], runs: Mapping[str, list[list[float]]]) -> None:
     medians = {name: statistics.median(s for run in r for s in run) for name, r in runs.items()}
     print(
         f"{'mode':<8} {'median':>8} {'p99':>8} {'round medians':>17} "
-        f"{'x bare':>7} {'x no-auth':>9} {'+ no-auth':>9}"
+        f"{'x bare':>7} {'x no-auth':>9} {'+ no-auth':>9} {'paired':>7}"
     )
     for mode in modes:
         pooled = [s for run in runs[mode.name] for s in run]
         median, p99 = summary(pooled)
         per_round = [statistics.median(run) for run in runs[mode.name]]
         spread = f"{min(per_round):.0f}-{max(per_round):.0f}"
+        # Each round's median against the no-auth server's in the same round, whose median
+        # is steadier than the ratio of medians when the machine's speed drifts.
+        paired = statistics.median(
+            statistics.median(run) / statistics.median(baseline)
+            for run, baseline in zip(runs[mode.name], runs["no-auth"], strict=True)
+        )
         print(
             f"{mode.name:<8} {median:>8.0f} {p99:>8.0f} {spread:>17} "
             f"{median / medians['bare']:>7.3f} {median / medians['no-auth']:>9.3f} "
-            f"{median - medians['no-auth']:>+9.0f}"
+            f"{median - medians['no-auth']:>+9.0f} {paired:>7.3f}"
         )
 
 
@@ -232,6 +238,7 @@ def main() -> None:
         f"alternating rounds per mode ({args.warmup} warm-up each), microseconds"
     )
     report(modes, runs)
+    print("paired: the median over rounds of a round's median over no-auth's in that round")
 
 
 if __name__ == "__main__":
