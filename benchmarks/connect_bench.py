@@ -7,9 +7,10 @@ RS256 (2048-bit) or ES256 (P-256) token in the auth payload. From core 1, one cl
 time connects over WebSocket and disconnects again; the latency is from ``connect()``
 being called to the namespace being connected, so it holds the handshake, the policy's
 connect hook and the one verification a connection gets. Every connect carries a freshly
-minted token; the two baselines send none. The modes alternate in rounds (ABCDE, EDCBA,
-...), each round on a fresh server after a warm-up, so a drift in the machine's speed
-weighs on all of them alike.
+minted token; the two baselines send none. Each round starts a fresh server per mode and,
+after a warm-up, the modes take turns connect by connect (ABCDE, EDCBA, ...): on a shared
+machine whose speed drifts by more than a verification costs, a mode measured in a block
+of its own would be compared with another moment rather than with the other modes.
 
     python -m benchmarks.connect_bench [--rounds 4] [--cycles 300] [--warmup 30]
 """
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,24 +176,41 @@ def server(args: tuple[str, ...]) -> Iterator[int]:
             process.kill()
 
 
-async def connect_cycles(port: int, mode: Mode, count: int) -> list[float]:
-    """``count`` connect-then-disconnect cycles, one at a time; connect latencies in us."""
-    url = f"http://127.0.0.1:{port}?conversation_id=bench"
-    latencies = []
-    for _ in range(count):
-        client = socketio.AsyncClient(reconnection=False)
-        auth = mode.auth()
-        started = time.perf_counter()
-        await client.connect(url, auth=auth, transports=["websocket"], wait_timeout=10)
-        latencies.append((time.perf_counter() - started) * 1e6)
-        await client.disconnect()
-    return latencies
+async def connect_once(port: int, mode: Mode) -> float:
+    """One connect then disconnect; the connect's latency in microseconds."""
+    client = socketio.AsyncClient(reconnection=False)
+    auth = mode.auth()
+    started = time.perf_counter()
+    await client.connect(
+        f"http://127.0.0.1:{port}?conversation_id=bench",
+        auth=auth,
+        transports=["websocket"],
+        wait_timeout=10,
+    )
+    latency = (time.perf_counter() - started) * 1e6
+    await client.disconnect()
+    return latency
 
 
-def measure(mode: Mode, cycles: int, warmup: int) -> list[float]:
-    with server(mode.server_args) as port:
-        asyncio.run(connect_cycles(port, mode, warmup))
-        return asyncio.run(connect_cycles(port, mode, cycles))
+async def interleave(
+    ports: Mapping[str, int], order: list[Mode], cycles: int, warmup: int
+) -> dict[str, list[float]]:
+    """``cycles`` connects per mode, one mode after another in ``order``, then reversed."""
+    for mode in order:
+        for _ in range(warmup):
+            await connect_once(ports[mode.name], mode)
+    samples: dict[str, list[float]] = {mode.name: [] for mode in order}
+    for cycle in range(cycles):
+        for mode in order if cycle % 2 == 0 else order[::-1]:
+            samples[mode.name].append(await connect_once(ports[mode.name], mode))
+    return samples
+
+
+def measure_round(order: list[Mode], cycles: int, warmup: int) -> dict[str, list[float]]:
+    """One round: a fresh server per mode, all up while their connects take turns."""
+    with ExitStack() as stack:
+        ports = {mode.name: stack.enter_context(server(mode.server_args)) for mode in order}
+        return asyncio.run(interleave(ports, order, cycles, warmup))
 
 
 def report(modes: list[Mode], runs: Mapping[str, list[list[float]]]) -> None:
@@ -231,11 +249,12 @@ def main() -> None:
         modes = build_modes(Path(folder))
         runs: dict[str, list[list[float]]] = {mode.name: [] for mode in modes}
         for round_ in range(args.rounds):
-            for mode in modes if round_ % 2 == 0 else modes[::-1]:
-                runs[mode.name].append(measure(mode, args.cycles, args.warmup))
+            order = modes if round_ % 2 == 0 else modes[::-1]
+            for name, samples in measure_round(order, args.cycles, args.warmup).items():
+                runs[name].append(samples)
     print(
-        f"WebSocket connect latency, {args.cycles} sequential connects x {args.rounds} "
-        f"alternating rounds per mode ({args.warmup} warm-up each), microseconds"
+        f"WebSocket connect latency, {args.cycles} connects per mode in each of "
+        f"{args.rounds} rounds, modes taking turns ({args.warmup} warm-up each), microseconds"
     )
     report(modes, runs)
     print("paired: the median over rounds of a round's median over no-auth's in that round")
