@@ -10,7 +10,9 @@ connect hook and the one verification a connection gets. Every connect carries a
 minted token; the two baselines send none. Each round starts a fresh server per mode and,
 after a warm-up, the modes take turns connect by connect (ABCDE, EDCBA, ...): on a shared
 machine whose speed drifts by more than a verification costs, a mode measured in a block
-of its own would be compared with another moment rather than with the other modes.
+of its own would be compared with another moment rather than with the other modes. Each
+server's CPU time over the measured connects is reported too: latency on a busy machine
+also counts the time a server waits for the core, CPU time only the work it does.
 
     python -m benchmarks.connect_bench [--rounds 4] [--cycles 300] [--warmup 30]
 """
@@ -30,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +152,8 @@ def _token_maker(key: Path, algorithm: str) -> Callable[[], dict[str, str]]:
 
 
 @contextmanager
-def server(args: tuple[str, ...]) -> Iterator[int]:
-    """The echo server on a free port, core 0, until the block ends."""
+def server(args: tuple[str, ...]) -> Iterator[tuple[int, int]]:
+    """The echo server on a free port, core 0, until the block ends: (port, pid)."""
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.echo_server", *args, "--port", str(port)]
     process = subprocess.Popen(pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -167,13 +169,20 @@ def server(args: tuple[str, ...]) -> Iterator[int]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server {args} did not start") from None
                 time.sleep(0.1)
-        yield port
+        yield port, process.pid
     finally:
         process.send_signal(signal.SIGINT)
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds the process's threads have run: finer than the clock ticks of /stat."""
+    return sum(
+        int(path.read_text().split()[0]) for path in Path(f"/proc/{pid}/task").glob("*/schedstat")
+    )
 
 
 async def connect_once(port: int, mode: Mode) -> float:
@@ -192,48 +201,68 @@ async def connect_once(port: int, mode: Mode) -> float:
     return latency
 
 
+@dataclass
+class Samples:
+    """One mode's connect latencies (us) per round, and its server's CPU time (us)."""
+
+    rounds: list[list[float]] = field(default_factory=list)
+    server_cpu: float = 0.0
+
+
 async def interleave(
-    ports: Mapping[str, int], order: list[Mode], cycles: int, warmup: int
-) -> dict[str, list[float]]:
+    servers: Mapping[str, tuple[int, int]],
+    order: list[Mode],
+    cycles: int,
+    warmup: int,
+    results: Mapping[str, Samples],
+) -> None:
     """``cycles`` connects per mode, one mode after another in ``order``, then reversed."""
     for mode in order:
         for _ in range(warmup):
-            await connect_once(ports[mode.name], mode)
-    samples: dict[str, list[float]] = {mode.name: [] for mode in order}
+            await connect_once(servers[mode.name][0], mode)
+    latencies: dict[str, list[float]] = {mode.name: [] for mode in order}
+    cpu_before = {name: cpu_ns(pid) for name, (_, pid) in servers.items()}
     for cycle in range(cycles):
         for mode in order if cycle % 2 == 0 else order[::-1]:
-            samples[mode.name].append(await connect_once(ports[mode.name], mode))
-    return samples
+            latencies[mode.name].append(await connect_once(servers[mode.name][0], mode))
+    for name, (_, pid) in servers.items():
+        results[name].server_cpu += (cpu_ns(pid) - cpu_before[name]) / 1e3
+        results[name].rounds.append(latencies[name])
 
 
-def measure_round(order: list[Mode], cycles: int, warmup: int) -> dict[str, list[float]]:
+def measure_round(
+    order: list[Mode], cycles: int, warmup: int, results: Mapping[str, Samples]
+) -> None:
     """One round: a fresh server per mode, all up while their connects take turns."""
     with ExitStack() as stack:
-        ports = {mode.name: stack.enter_context(server(mode.server_args)) for mode in order}
-        return asyncio.run(interleave(ports, order, cycles, warmup))
+        servers = {mode.name: stack.enter_context(server(mode.server_args)) for mode in order}
+        asyncio.run(interleave(servers, order, cycles, warmup, results))
 
 
-def report(modes: list[Mode], runs: Mapping[str, list[list[float]]]) -> None:
-    medians = {name: statistics.median(s for run in r for s in run) for name, r in runs.items()}
+def report(modes: list[Mode], results: Mapping[str, Samples], connects: int) -> None:
+    pooled = {name: [s for run in r.rounds for s in run] for name, r in results.items()}
+    medians = {name: statistics.median(samples) for name, samples in pooled.items()}
+    cpu = {name: r.server_cpu / connects for name, r in results.items()}
     print(
-        f"{'mode':<8} {'median':>8} {'p99':>8} {'round medians':>17} "
-        f"{'x bare':>7} {'x no-auth':>9} {'+ no-auth':>9} {'paired':>7}"
+        f"{'mode':<8} {'median':>7} {'p99':>7} {'round medians':>13} {'x bare':>7} "
+        f"{'x no-auth':>9} {'paired':>7} {'CPU/conn':>8} {'CPU x no-auth':>13}"
     )
     for mode in modes:
-        pooled = [s for run in runs[mode.name] for s in run]
-        median, p99 = summary(pooled)
-        per_round = [statistics.median(run) for run in runs[mode.name]]
+        median, p99 = summary(pooled[mode.name])
+        per_round = [statistics.median(run) for run in results[mode.name].rounds]
         spread = f"{min(per_round):.0f}-{max(per_round):.0f}"
         # Each round's median against the no-auth server's in the same round, whose median
         # is steadier than the ratio of medians when the machine's speed drifts.
         paired = statistics.median(
             statistics.median(run) / statistics.median(baseline)
-            for run, baseline in zip(runs[mode.name], runs["no-auth"], strict=True)
+            for run, baseline in zip(
+                results[mode.name].rounds, results["no-auth"].rounds, strict=True
+            )
         )
         print(
-            f"{mode.name:<8} {median:>8.0f} {p99:>8.0f} {spread:>17} "
+            f"{mode.name:<8} {median:>7.0f} {p99:>7.0f} {spread:>13} "
             f"{median / medians['bare']:>7.3f} {median / medians['no-auth']:>9.3f} "
-            f"{median - medians['no-auth']:>+9.0f} {paired:>7.3f}"
+            f"{paired:>7.3f} {cpu[mode.name]:>8.0f} {cpu[mode.name] / cpu['no-auth']:>13.3f}"
         )
 
 
@@ -247,17 +276,17 @@ def main() -> None:
         os.sched_setaffinity(0, {1})  # the clients' core; the servers get core 0
     with tempfile.TemporaryDirectory(prefix="connect-bench-") as folder:
         modes = build_modes(Path(folder))
-        runs: dict[str, list[list[float]]] = {mode.name: [] for mode in modes}
+        results = {mode.name: Samples() for mode in modes}
         for round_ in range(args.rounds):
             order = modes if round_ % 2 == 0 else modes[::-1]
-            for name, samples in measure_round(order, args.cycles, args.warmup).items():
-                runs[name].append(samples)
+            measure_round(order, args.cycles, args.warmup, results)
     print(
-        f"WebSocket connect latency, {args.cycles} connects per mode in each of "
-        f"{args.rounds} rounds, modes taking turns ({args.warmup} warm-up each), microseconds"
+        f"WebSocket connect latency (us), {args.cycles} connects per mode in each of "
+        f"{args.rounds} rounds, modes taking turns ({args.warmup} warm-up each)"
     )
-    report(modes, runs)
+    report(modes, results, args.rounds * args.cycles)
     print("paired: the median over rounds of a round's median over no-auth's in that round")
+    print("CPU/conn: the server's CPU time (us) per connect and disconnect, measured cycles")
 
 
 if __name__ == "__main__":
