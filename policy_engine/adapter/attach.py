@@ -92,6 +92,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         sio._trigger_event = self._installed_trigger
         sio._handle_event_internal = self._on_event
         self.outgoing.install()
+        self._watch_sessions()
         sio.packet_class = measured(sio.packet_class)
         sio.policy_adapter = self
 

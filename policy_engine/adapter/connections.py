@@ -2,7 +2,9 @@
 
 Every way a connect can fail (the policy, the claims loader, the application's handler,
 a fault of the policy machinery) ends in one classified ``connect_error``, never in
-python-socketio's bare "Unexpected connection error". These are
+python-socketio's bare "Unexpected connection error"; and every way a connection ends
+(refused, disconnected, or its session gone while it was still connecting) releases what
+it held exactly once. These are
 :class:`~policy_engine.adapter.attach.PolicyAdapter`'s methods, kept in their own module;
 being inherited, they cost no extra call per packet.
 """
@@ -98,21 +100,51 @@ class ConnectionHooks:
             query=dict(identity.query),
         )
         started = time.perf_counter()
-        decision = await engine.on_connect(conn, claims)
+        try:
+            decision = await engine.on_connect(conn, claims)
+        except BaseException:
+            await self._forget(conn)
+            raise
         self.observer.decision("connect", decision, time.perf_counter() - started, conn)
-        if decision.outcome is Outcome.DELAY:
-            await asyncio.sleep(decision.delay)
-        elif not decision.allowed:
+        if not decision.allowed:
+            await self._forget(conn)
             raise refusal(decision.payload)
         now = time.monotonic()
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         state = ConnectionState(sid, namespace, eio_sid, conn, claims, now, now)
+        # Tracked from the moment it is counted, so a session that ends from here on,
+        # whichever way, finds it to release.
         self._track(state)
-        latest = identity.latest_event_id
+        try:
+            if decision.outcome is Outcome.DELAY:
+                await asyncio.sleep(decision.delay)
+            if not self._session_open(state):
+                raise await self._abandoned(state, handler_ran=False)
+            result = await self._accept_and_recover(
+                state, args, claims_error, verified_user, identity.latest_event_id
+            )
+            if not self._session_open(state):
+                raise await self._abandoned(state, handler_ran=True)
+        except BaseException:
+            await self._untrack(state)
+            raise
+        self.observer.connection("opened", conn)
+        return result
+
+    async def _accept_and_recover(
+        self,
+        state: ConnectionState,
+        args: tuple[Any, ...],
+        claims_error: Exception | None,
+        verified_user: str,
+        latest: int,
+    ) -> Any:
+        """The application's handler, then the replay of what a returning client missed."""
+        conn, sid, namespace = state.conn, state.sid, state.namespace
         recovering = (
-            latest >= 0 and engine.policy.recovery.enabled and bool(conn["conversation_id"])
+            latest >= 0 and self.engine.policy.recovery.enabled and bool(conn["conversation_id"])
         )
-        link = self.outgoing.links.get(eio_sid) if recovering else None
+        link = self.outgoing.links.get(state.eio_sid) if recovering else None
         if link is not None:
             # From here on, live events wait: the replay must reach the client first, even
             # those the application's own connect handler emits.
@@ -127,8 +159,31 @@ class ConnectionHooks:
         finally:
             if link is not None:
                 link.outbox.release(replayed_up_to(conn["conversation_id"], replayed_to))
-        self.observer.connection("opened", conn)
         return result
+
+    def _session_open(self, state: ConnectionState) -> bool:
+        """Whether the connection is still tracked and its Engine.IO session still up."""
+        if self._states.get(state.sid) is not state:
+            return False  # released already: its session ended while it connected
+        socket = self.sio.eio.sockets.get(state.eio_sid)
+        return socket is not None and not socket.closing and not socket.closed
+
+    async def _abandoned(self, state: ConnectionState, *, handler_ran: bool) -> Exception:
+        """A connect whose session ended before it was accepted: released, never accepted.
+
+        Refused, so python-socketio forgets the sid too (it would otherwise keep it as
+        connected for good); an application whose connect handler accepted it hears its
+        disconnect, as it would had the session ended a moment later.
+        """
+        await self._untrack(state)
+        if handler_ran:
+            reason = self.sio.reason.TRANSPORT_CLOSE
+            try:
+                await self._trigger("disconnect", state.namespace, state.sid, reason)
+            except Exception as exc:
+                self._report_error(exc, Hook.DISCONNECT, state, None)
+        abandoned: Exception = socketio.exceptions.ConnectionRefusedError()
+        return abandoned
 
     async def _connect_fault(self, sid: str, exc: Exception) -> Exception:
         _log.error("connect hook failed", exc_info=exc)
@@ -239,21 +294,59 @@ class ConnectionHooks:
     async def _untrack(
         self, state: ConnectionState, reason: str = "", *, closed: bool = False
     ) -> None:
-        """Release everything a connection held; ``closed``: it had been accepted."""
-        if self._states.get(state.sid) is state:
-            del self._states[state.sid]
+        """Release everything a connection held, once: whichever path ends it first releases
+        it, and any later call finds nothing left. ``closed``: it had been accepted."""
+        if self._states.get(state.sid) is not state:
+            return
+        del self._states[state.sid]
         self.outgoing.untrack(state)
         conversation = state.conn["conversation_id"]
         if conversation:
             self.recovery.index.leave(conversation, time.monotonic())
-        try:
-            await self.engine.on_disconnect(state.conn)
-        except Exception:
-            _log.exception("releasing connection %s failed", state.sid)
+        await self._forget(state.conn)
         if closed:
             self.observer.connection(
                 state.close_event or "closed", state.conn, state.close_reason or reason
             )
+
+    async def _forget(self, conn: Mapping[str, Any]) -> None:
+        """Free what the engine keeps for a connection: its count and per-connection caches.
+
+        Safe for a connection never counted (a refused one) and for one already forgotten.
+        """
+        try:
+            await self.engine.on_disconnect(conn)
+        except Exception:
+            _log.exception("releasing connection %s failed", conn["sid"])
+
+    # -- sessions that end while connecting --------------------------------------------------
+
+    def _watch_sessions(self) -> None:
+        """Release connections whose Engine.IO session ends while they are connecting.
+
+        python-socketio runs no disconnect for a sid still in its connect handler (its
+        ``_handle_disconnect`` skips a pending sid), so the one hook that sees every session
+        end is Engine.IO's own ``disconnect`` handler: wrapped here, it releases whatever the
+        original left tracked.
+        """
+        eio = self.sio.eio
+        original = eio.handlers["disconnect"]
+
+        async def session_ended(eio_sid: str, *args: Any) -> Any:
+            try:
+                return await original(eio_sid, *args)
+            finally:
+                await self._release_session(eio_sid)
+
+        eio.handlers["disconnect"] = session_ended
+
+    async def _release_session(self, eio_sid: str) -> None:
+        manager = self.sio.manager
+        for namespace in list(manager.get_namespaces()):
+            sid = manager.sid_from_eio_sid(eio_sid, namespace)
+            state = self._states.get(sid) if sid is not None else None
+            if state is not None and state.eio_sid == eio_sid:
+                await self._untrack(state)
 
 
 def refusal(payload: Mapping[str, Any] | None) -> Exception:

@@ -1,0 +1,113 @@
+"""Every connection's accounting is released exactly once, whatever ends it.
+
+Driven through a real server: raw Engine.IO long-polling requests (aiohttp) where a
+python-socketio client cannot produce the sequence (a session closed while the
+application's connect handler still awaits), real clients otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import aiohttp
+import socketio
+from servers import Served, eventually
+
+ONE_PER_IP = """\
+version: 1
+connections:
+  max_per_ip: 1
+"""
+
+
+def holding_app(held: list[str], release: threading.Event) -> Any:
+    """An application whose connect handler awaits until released, for sids asking to."""
+
+    def setup(sio: socketio.AsyncServer) -> None:
+        @sio.event
+        async def connect(sid: str, environ: dict[str, Any], auth: Any) -> None:
+            if "hold=1" in environ["QUERY_STRING"]:
+                held.append(sid)
+                while not release.is_set():
+                    await asyncio.sleep(0.01)
+
+    return setup
+
+
+class Polling:
+    """One Engine.IO session over raw long-polling requests."""
+
+    def __init__(self, http: aiohttp.ClientSession, served: Served, query: str = "") -> None:
+        self.http = http
+        self.base = f"{served.url}/socket.io/?EIO=4&transport=polling{query}"
+        self.sid = ""
+
+    async def open(self) -> None:
+        async with self.http.get(self.base) as response:
+            text = await response.text()
+        self.sid = json.loads(text[1:])["sid"]
+
+    async def post(self, body: str) -> None:
+        async with self.http.post(f"{self.base}&sid={self.sid}", data=body) as response:
+            assert response.status == 200, await response.text()
+
+
+async def test_a_session_closed_while_its_connect_handler_awaits_is_released(serve, clients):
+    held: list[str] = []
+    release = threading.Event()
+    served = serve(ONE_PER_IP, setup=holding_app(held, release))
+    try:
+        async with aiohttp.ClientSession() as http:
+            connects = []
+            for attempt in range(1, 4):
+                session = Polling(http, served, "&hold=1")
+                await session.open()
+                # The connect packet: its POST is answered once the handler returns.
+                connects.append(asyncio.ensure_future(session.post("40")))
+                await eventually(lambda n=attempt: len(held) == n)
+                await session.post("1")  # Engine.IO close, while the handler still awaits
+                await eventually(lambda: served.adapter.active_connections() == 0)
+                assert served.engine.local.connection_counts() == (0, 0, 0)
+
+            # A fresh client from the same address is not refused TOO_MANY_CONNECTIONS.
+            client, _ = await clients.connect(served.url)
+            assert served.engine.local.connection_counts() == (1, 0, 1)
+            release.set()
+            await asyncio.gather(*connects, return_exceptions=True)
+    finally:
+        release.set()
+    # The handlers ended after their sessions: nothing of theirs is counted or kept.
+    assert served.adapter.active_connections() == 1
+    assert served.engine.local.connection_counts() == (1, 0, 1)
+    assert list(served.sio.manager.rooms["/"][None]) == [client.get_sid()]
+
+
+CONNECT_KEYED_PER_CONNECTION = """\
+version: 1
+connections:
+  max_per_ip: 1
+rate_limits:
+  - name: connects
+    hook: connect
+    key: 'conn.ip + "/" + conn.transport'
+    limit: 1000/s
+"""
+
+
+async def test_refused_handshakes_leave_nothing_behind(serve, clients):
+    served = serve(CONNECT_KEYED_PER_CONNECTION)
+    client, _ = await clients.connect(served.url)
+
+    for _ in range(20):
+        error = await clients.refused(served.url)
+        assert error["data"]["code"] == "TOO_MANY_CONNECTIONS"
+
+    # The rate-limit key computed once per connection is kept for the connected one alone.
+    assert list(served.engine._rates._connection_keys) == [client.get_sid()]
+    assert served.engine.local.connection_counts() == (1, 0, 1)
+    await client.disconnect()
+    await eventually(lambda: not served.engine._rates._connection_keys)
+    assert served.engine.local.connection_counts() == (0, 0, 0)
