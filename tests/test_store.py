@@ -450,6 +450,70 @@ async def test_a_shorter_buffer_keeps_the_newest_events(store: StateStore) -> No
     assert [e.data for e in replayed] == [3, 4]
 
 
+KB_TEXT = "x" * 1000  # about 1 KB buffered, whichever store measures it
+
+
+async def test_a_buffer_over_its_bytes_evicts_its_oldest_events(store: StateStore) -> None:
+    for _ in range(4):
+        await store.append_replay("c1", "oh_event", KB_TEXT, 500, 100.0, max_bytes=2500)
+    assert await store.replay_since("c1", 1, 60.0, 100.0) is None  # event 2 was evicted
+    replayed = await store.replay_since("c1", 2, 60.0, 100.0)
+    assert replayed is not None
+    assert [e.event_id for e in replayed] == [3, 4]
+
+
+async def test_all_buffers_over_the_total_evict_the_least_recently_active_first(
+    store: StateStore,
+) -> None:
+    for at, stream in enumerate(["a", "b", "c"]):
+        await store.append_replay(
+            stream, "oh_event", KB_TEXT, 500, 100.0 + at, max_total_bytes=2500
+        )
+    assert await store.replay_since("a", 0, 60.0, 103.0) is None  # missed an evicted event
+    for stream in ("b", "c"):
+        replayed = await store.replay_since(stream, 0, 60.0, 103.0)
+        assert replayed is not None
+        assert [e.data for e in replayed] == [KB_TEXT]
+    # The evicted stream's ids go on, so nobody is handed a replay of different events.
+    assert await store.append_replay("a", "oh_event", "small", 500, 104.0) == 2
+    assert await store.replay_since("a", 0, 60.0, 104.0) is None
+    replayed = await store.replay_since("a", 1, 60.0, 104.0)
+    assert replayed is not None
+    assert [e.data for e in replayed] == ["small"]
+
+
+async def test_an_event_larger_than_the_buffer_is_not_kept_and_cannot_be_replayed(
+    store: StateStore,
+) -> None:
+    await store.append_replay("c1", "oh_event", "small", 500, 100.0, max_bytes=500)
+    assert await store.append_replay("c1", "oh_event", KB_TEXT, 500, 100.0, max_bytes=500) == 2
+    assert await store.replay_since("c1", 1, 60.0, 100.0) is None
+    assert await store.replay_since("c1", 2, 60.0, 100.0) == []
+
+
+async def test_client_named_streams_leave_nothing_once_nobody_can_recover_from_them() -> None:
+    store = MemoryStore()
+    for n in range(1_000):
+        await store.append_replay(f"sprayed-{n}", "oh_event", "x", 500, 100.0, retain=10.0)
+    await store.append_replay("live", "oh_event", "x", 500, 115.0, retain=10.0)
+    assert store.replay_counts()[:2] == (1, 1_000)  # dropped, their last ids kept a while
+    await store.append_replay("live", "oh_event", "x", 500, 121.0, retain=10.0)
+    assert store.replay_counts()[:2] == (1, 0)  # twice retain after their last event
+
+
+async def test_a_dropped_streams_last_id_lives_twice_retain_on_redis(
+    redis_stores: Callable[..., RedisStore], redis_server: RedisServer
+) -> None:
+    store = redis_stores()
+    await store.append_replay("client-named", "oh_event", "x", 500, 100.0, retain=120.0)
+    client = Redis.from_url(redis_server.url)
+    try:
+        ttl_ms = await client.pttl(f"{store.prefix}:replay-id:client-named")
+    finally:
+        await client.aclose()
+    assert 200_000 < ttl_ms <= 240_000
+
+
 PAYLOADS: list[Any] = [
     {"text": "hello", "n": 1, "ratio": 0.1, "ok": True, "none": None, "list": [1, "two"]},
     {"file": b"\x00\x01binary\xff", "nested": [{"chunk": b""}, b"tail"]},

@@ -130,30 +130,41 @@ class Recovery:
         streams = self._streams(target)
         if not streams:
             return data, None, None
-        recovery = self.engine.policy.recovery
-        state = self.engine.state
-        now = self.engine.clock()
-        limit = recovery.buffer_events
-        retain = recovery.max_disconnection
+        limit = self.engine.policy.recovery.buffer_events
         own_id = data.get("id")
         if isinstance(own_id, int) and not isinstance(own_id, bool):
             for stream in streams:
                 last = self.index.last_payload_id(stream)
                 if last is not None and own_id <= last:
                     continue  # already buffered: the application is replaying it itself
-                store_id = await state.append_replay(stream, event, data, limit, now, retain=retain)
+                store_id = await self._append(stream, event, data)
                 if store_id is not None:
                     self.index.record(stream, own_id, store_id, limit)
             return data, streams[0] if len(streams) == 1 else None, own_id
         if len(streams) != 1:
             return data, None, None  # one payload cannot carry two streams' ids
         stamped = dict(data)
-        store_id = await state.append_replay(streams[0], event, stamped, limit, now, retain=retain)
+        store_id = await self._append(streams[0], event, stamped)
         if store_id is None:
             return data, None, None
         stamped["id"] = store_id
         self.index.record(streams[0], store_id, store_id, limit)
         return stamped, streams[0], store_id
+
+    async def _append(self, stream: str, event: str, data: dict[str, Any]) -> int | None:
+        """Buffer one event within the policy's bounds; its id, None when not buffered."""
+        engine = self.engine
+        recovery = engine.policy.recovery
+        return await engine.state.append_replay(
+            stream,
+            event,
+            data,
+            recovery.buffer_events,
+            engine.clock(),
+            retain=recovery.max_disconnection,
+            max_bytes=recovery.max_buffer_bytes,
+            max_total_bytes=recovery.max_total_bytes,
+        )
 
     def _streams(self, target: Any) -> list[str]:
         """The conversations an emit goes to: rooms named after one, or sids that have one.

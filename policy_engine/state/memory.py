@@ -19,6 +19,7 @@ from policy_engine.algorithms.breaker import BreakerState, Permit, Transition
 from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision, RateState
 from policy_engine.language.model import CircuitBreakerSpec, RateLimitSpec
 from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent, StateStore
+from policy_engine.state.replay_buffers import ReplayBuffers
 
 __all__ = ["ConnectionLimits", "MemoryStore", "ReplayedEvent", "StateStore"]
 
@@ -57,11 +58,7 @@ class MemoryStore:
         self._per_user: dict[str, int] = {}
         self._per_ip: dict[str, int] = {}
         self._auth: dict[str, deque[float]] = {}
-        # Streams in order of their last event, so the idle ones are found at the front.
-        self._replay: OrderedDict[str, tuple[int, deque[tuple[int, float, str, Any]]]] = (
-            OrderedDict()
-        )
-        self._replay_ended: dict[str, int] = {}
+        self._replay = ReplayBuffers()
 
     # -- rate limits -----------------------------------------------------------------------
 
@@ -214,55 +211,21 @@ class MemoryStore:
         now: float,
         *,
         retain: float = FOREVER,
+        max_bytes: int | None = None,
+        max_total_bytes: int | None = None,
     ) -> int:
-        replay = self._replay
-        entry = replay.pop(stream, None)
-        if entry is None:
-            entry = (self._replay_ended.pop(stream, 0), deque(maxlen=limit))
-        last_id, buffer = entry
-        if buffer.maxlen != limit:
-            buffer = deque(buffer, maxlen=limit)
-        event_id = last_id + 1
-        buffer.append((event_id, now, event, data))
-        replay[stream] = (event_id, buffer)  # re-inserted last: oldest activity first
-        self._drop_idle_streams(now - retain)
-        return event_id
-
-    def _drop_idle_streams(self, before: float) -> None:
-        """Drop the buffers of streams whose newest event is older than ``before``.
-
-        Only the last id is kept, so that ids never restart and a returning client is
-        told that its events are gone rather than handed a wrong replay.
-        """
-        replay = self._replay
-        while replay:
-            stream, (last_id, buffer) = next(iter(replay.items()))
-            if buffer and buffer[-1][1] >= before:
-                return
-            del replay[stream]
-            self._replay_ended[stream] = last_id
+        return self._replay.append(
+            stream, event, data, limit, now, retain, max_bytes, max_total_bytes
+        )
 
     async def replay_since(
         self, stream: str, after_id: int, max_age: float, now: float
     ) -> list[ReplayedEvent] | None:
-        entry = self._replay.get(stream)
-        if entry is None:
-            ended = self._replay_ended.get(stream)
-            if ended is None:
-                return [] if after_id <= 0 else None
-            entry = (ended, deque())
-        last_id, buffer = entry
-        if after_id > last_id:
-            return None  # an id this stream never had (its ids restarted, or are not ours)
-        if after_id == last_id:
-            return []
-        oldest = buffer[0][0] if buffer else last_id + 1
-        if after_id + 1 < oldest:
-            return None
-        missed = [entry for entry in buffer if entry[0] > after_id]
-        if missed and now - missed[0][1] > max_age:
-            return None
-        return [ReplayedEvent(event_id, event, data) for event_id, _, event, data in missed]
+        return self._replay.since(stream, after_id, max_age, now)
+
+    def replay_counts(self) -> tuple[int, int, int]:
+        """Streams buffered, dropped streams remembered and bytes buffered: for tests."""
+        return self._replay.counts()
 
     async def close(self) -> None:
         return None
