@@ -217,6 +217,26 @@ async def test_a_rule_that_changes_algorithm_starts_over(store: StateStore) -> N
     assert [await admitted(store, bucket, "ip1", 1000.0) for _ in range(3)] == [True, True, False]
 
 
+async def test_keys_of_clients_long_gone_are_evicted_by_age_not_only_by_count() -> None:
+    store = MemoryStore()
+    spec = rate_limit("per-ip 10/minute gcra")
+    for n in range(1_000):
+        assert await admitted(store, spec, f"gone-{n}", 100.0)
+    assert store.rate_keys("per-ip") == 1_000
+    assert await admitted(store, spec, "newcomer", 400.0)  # every other state emptied
+    assert store.rate_keys("per-ip") == 1
+
+
+async def test_the_states_of_a_rule_a_reload_removed_are_evicted_by_age() -> None:
+    store = MemoryStore()
+    removed, kept = rate_limit("removed 10/minute gcra"), rate_limit("kept 10/minute gcra")
+    for n in range(100):
+        assert await admitted(store, removed, f"ip{n}", 100.0)
+    assert await admitted(store, kept, "ip-a", 400.0)  # only this rule is checked now
+    assert store.rate_keys("removed") == 0
+    assert "removed" not in store._rates
+
+
 # -- circuit breakers ----------------------------------------------------------------------------
 
 
