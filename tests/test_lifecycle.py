@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
+import pytest
 import socketio
+from engineio.async_socket import AsyncSocket
 from servers import Served, eventually
 
 ONE_PER_IP = """\
@@ -110,4 +113,74 @@ async def test_refused_handshakes_leave_nothing_behind(serve, clients):
     assert served.engine.local.connection_counts() == (1, 0, 1)
     await client.disconnect()
     await eventually(lambda: not served.engine._rates._connection_keys)
+    assert served.engine.local.connection_counts() == (0, 0, 0)
+
+
+@pytest.fixture
+def admin_ui() -> Iterator[Callable[[socketio.AsyncServer], None]]:
+    """``admin_ui(sio)`` instruments a server for the admin UI, for this test alone.
+
+    ``instrument()`` patches Engine.IO's socket class for the whole process (a second one
+    would recurse): what it replaced is put back after the test.
+    """
+    patched = ("handle_post_request", "_websocket_handler", "_send_ping")
+    saved = {name: AsyncSocket.__dict__[name] for name in patched}
+    yield lambda sio: sio.instrument(auth=False)
+    for name, original in saved.items():
+        setattr(AsyncSocket, name, original)
+
+
+async def test_an_event_named_disconnect_releases_nothing_under_the_admin_ui(
+    serve, clients, admin_ui
+):
+    served = serve(ONE_PER_IP, setup_after=admin_ui)
+    client, _ = await clients.connect(served.url)
+
+    await client.emit("disconnect", {"fake": True})
+    await eventually(lambda: any(e[0] == "event" for e in served.observer.decisions))
+
+    assert served.adapter.active_connections() == 1
+    assert served.engine.local.connection_counts() == (1, 0, 1)
+    error = await clients.refused(served.url)  # the ceiling still holds for the address
+    assert error["data"]["code"] == "TOO_MANY_CONNECTIONS"
+    await client.disconnect()
+    await eventually(lambda: served.engine.local.connection_counts() == (0, 0, 0))
+
+
+async def test_a_closed_session_under_the_admin_ui_is_released_while_connecting(serve, admin_ui):
+    held: list[str] = []
+    release = threading.Event()
+
+    def setup(sio: socketio.AsyncServer) -> None:
+        holding_app(held, release)(sio)
+        admin_ui(sio)
+
+    served = serve(ONE_PER_IP, setup_after=setup)
+    try:
+        async with aiohttp.ClientSession() as http:
+            session = Polling(http, served, "&hold=1")
+            await session.open()
+            connect = asyncio.ensure_future(session.post("40"))
+            await eventually(lambda: len(held) == 1)
+            await session.post("1")
+            await eventually(lambda: served.adapter.active_connections() == 0)
+            assert served.engine.local.connection_counts() == (0, 0, 0)
+            release.set()
+            await asyncio.gather(connect, return_exceptions=True)
+    finally:
+        release.set()
+
+
+async def test_stopping_the_server_releases_the_connections_it_still_tracks(serve, clients):
+    served = serve(ONE_PER_IP)
+    async with aiohttp.ClientSession() as http:
+        session = Polling(http, served)
+        await session.open()
+        await session.post("40")
+        await eventually(lambda: served.adapter.active_connections() == 1)
+        assert served.engine.local.connection_counts() == (1, 0, 1)
+
+        served.live.stop()  # the polling session never said goodbye
+
+    assert served.adapter.active_connections() == 0
     assert served.engine.local.connection_counts() == (0, 0, 0)

@@ -135,6 +135,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.release_all()
 
     async def shed_tick(self) -> int:
         """Disconnect what the policy's ``action: disconnect`` rules pick; returns how many."""

@@ -64,7 +64,14 @@ class ConnectionHooks:
                 # Anything else would leave the client waiting for "Unexpected connection
                 # error": even a fault of the policy machinery ends in a classified refusal.
                 raise await self._connect_fault(args[0], exc) from None
-        if event == "disconnect" and args and args[0] in self._states:
+        if (
+            event == "disconnect"
+            and args
+            and args[0] in self._states
+            and not self.sio.manager.is_connected(args[0], namespace)
+        ):
+            # Only python-socketio's own disconnect (the sid is leaving): an event a client
+            # named "disconnect", reaching here through the admin UI, releases nothing.
             return await self._disconnect(namespace, args)
         return await self._trigger(event, namespace, *args)
 
@@ -329,8 +336,8 @@ class ConnectionHooks:
         end is Engine.IO's own ``disconnect`` handler: wrapped here, it releases whatever the
         original left tracked.
         """
-        eio = self.sio.eio
-        original = eio.handlers["disconnect"]
+        sio = self.sio
+        original = sio._handle_eio_disconnect
 
         async def session_ended(eio_sid: str, *args: Any) -> Any:
             try:
@@ -338,7 +345,20 @@ class ConnectionHooks:
             finally:
                 await self._release_session(eio_sid)
 
-        eio.handlers["disconnect"] = session_ended
+        # The admin UI's own Engine.IO handler calls the server's method: patched on the
+        # instance, it is reached whichever handler Engine.IO calls.
+        sio._handle_eio_disconnect = session_ended
+        if sio.eio.handlers.get("disconnect") == original:
+            sio.eio.handlers["disconnect"] = session_ended
+
+    async def release_all(self) -> None:
+        """Release every connection still tracked: the server is stopping.
+
+        Long-polling sessions outlive their HTTP requests, so no disconnect may ever come
+        for them; on a shared store their counts would outlive this process.
+        """
+        for state in list(self._states.values()):
+            await self._untrack(state, "server shutdown", closed=True)
 
     async def _release_session(self, eio_sid: str) -> None:
         manager = self.sio.manager
