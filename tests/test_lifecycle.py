@@ -17,7 +17,10 @@ import aiohttp
 import pytest
 import socketio
 from engineio.async_socket import AsyncSocket
+from redis.asyncio import Redis
 from servers import Served, eventually
+
+from policy_engine.state.redis_store import RedisStore
 
 ONE_PER_IP = """\
 version: 1
@@ -184,3 +187,29 @@ async def test_stopping_the_server_releases_the_connections_it_still_tracks(serv
 
     assert served.adapter.active_connections() == 0
     assert served.engine.local.connection_counts() == (0, 0, 0)
+
+
+async def test_on_redis_a_session_closed_while_connecting_leaves_no_count(
+    serve, clients, own_redis_server
+):
+    held: list[str] = []
+    release = threading.Event()
+    store = RedisStore(own_redis_server.url, prefix="pending")
+    served = serve(ONE_PER_IP, setup=holding_app(held, release), store=store)
+    redis = Redis.from_url(own_redis_server.url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            session = Polling(http, served, "&hold=1")
+            await session.open()
+            connect = asyncio.ensure_future(session.post("40"))
+            await eventually(lambda: len(held) == 1)
+            assert await redis.get("pending:conn:total") == b"1"
+            await session.post("1")
+            await eventually(lambda: served.adapter.active_connections() == 0)
+            assert await redis.keys("pending:conn:*") == []
+            release.set()
+            await asyncio.gather(connect, return_exceptions=True)
+        await clients.connect(served.url)  # the address is not held at its ceiling
+    finally:
+        release.set()
+        await redis.aclose()
