@@ -19,7 +19,7 @@ from policy_engine.algorithms.breaker import BreakerState, Permit, Transition
 from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision, RateState
 from policy_engine.language.model import CircuitBreakerSpec, RateLimitSpec
 from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent, StateStore
-from policy_engine.state.replay_buffers import ReplayBuffers
+from policy_engine.state.replay_buffers import Bounds, ReplayBuffers
 
 __all__ = ["ConnectionLimits", "MemoryStore", "ReplayedEvent", "StateStore"]
 
@@ -268,9 +268,8 @@ class MemoryStore:
         max_bytes: int | None = None,
         max_total_bytes: int | None = None,
     ) -> int:
-        return self._replay.append(
-            stream, event, data, limit, now, retain, max_bytes, max_total_bytes
-        )
+        bounds = Bounds(limit, retain, max_bytes, max_total_bytes)
+        return self._replay.append(stream, event, data, now, bounds)
 
     async def replay_since(
         self, stream: str, after_id: int, max_age: float, now: float

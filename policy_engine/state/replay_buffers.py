@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, deque
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from policy_engine.state.codec import encode_payload
 from policy_engine.state.protocol import FOREVER, ReplayedEvent
@@ -36,6 +36,15 @@ def replay_size(event: str, data: Any) -> int:
         return len(event) + len(repr(data))
 
 
+class Bounds(NamedTuple):
+    """What every buffer keeps at most, as the policy's ``recovery`` says."""
+
+    events: int
+    retain: float = FOREVER
+    max_bytes: int | None = None
+    max_total_bytes: int | None = None
+
+
 class _Stream:
     __slots__ = ("bytes", "entries", "last_id", "newest")
 
@@ -55,17 +64,8 @@ class ReplayBuffers:
         self._ended: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.total_bytes = 0
 
-    def append(  # noqa: PLR0917 (the StateStore call, as it is made)
-        self,
-        stream: str,
-        event: str,
-        data: Any,
-        limit: int,
-        now: float,
-        retain: float = FOREVER,
-        max_bytes: int | None = None,
-        max_total_bytes: int | None = None,
-    ) -> int:
+    def append(self, stream: str, event: str, data: Any, now: float, bounds: Bounds) -> int:
+        limit, retain, max_bytes, max_total_bytes = bounds
         streams = self._streams
         buffer = streams.pop(stream, None)
         if buffer is None:
