@@ -393,6 +393,15 @@ async def test_auth_failures_keep_the_newest_thousand(store: StateStore) -> None
     assert await store.auth_failures("ip:1", 1e6, 2000.0) == (1000, 1104.0)
 
 
+async def test_failed_sign_ins_of_clients_long_gone_are_forgotten_by_age() -> None:
+    store = MemoryStore()
+    for n in range(1_000):
+        await store.record_auth_failure(f"ip:10.0.{n // 250}.{n % 250}", 60.0, 100.0)
+    assert store.auth_failure_keys() == 1_000
+    assert await store.record_auth_failure("ip:192.0.2.1", 60.0, 200.0) == 1
+    assert store.auth_failure_keys() == 1
+
+
 # -- replay buffers ------------------------------------------------------------------------------
 
 

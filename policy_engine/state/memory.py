@@ -86,7 +86,7 @@ class MemoryStore:
         self._connections_total = 0
         self._per_user: dict[str, int] = {}
         self._per_ip: dict[str, int] = {}
-        self._auth: dict[str, deque[float]] = {}
+        self._auth: OrderedDict[str, deque[float]] = OrderedDict()
         self._replay = ReplayBuffers()
 
     # -- rate limits -----------------------------------------------------------------------
@@ -237,10 +237,23 @@ class MemoryStore:
     # -- authentication failures -----------------------------------------------------------
 
     async def record_auth_failure(self, key: str, window: float, now: float) -> int:
-        failures = self._auth.setdefault(key, deque(maxlen=1000))
+        auth = self._auth
+        failures = auth.pop(key, None) or deque(maxlen=1000)
         _expire(failures, now - window)
         failures.append(now)
+        auth[key] = failures  # re-inserted last: the front has the oldest failures
+        # Keys whose last failure has left the window are dropped by age, not only when
+        # read again: failed sign-ins come from addresses and names of the clients' choice.
+        while auth:
+            oldest = next(iter(auth.values()))
+            if oldest and oldest[-1] > now - window:
+                break
+            auth.popitem(last=False)
         return len(failures)
+
+    def auth_failure_keys(self) -> int:
+        """Keys with failed sign-ins currently remembered: for tests."""
+        return len(self._auth)
 
     async def auth_failures(self, key: str, window: float, now: float) -> tuple[int, float]:
         failures = self._auth.get(key)
