@@ -213,3 +213,4 @@ async def test_on_redis_a_session_closed_while_connecting_leaves_no_count(
     finally:
         release.set()
         await redis.aclose()
+        await served.run(store.close())

@@ -8,6 +8,8 @@ from urllib.parse import parse_qs
 import socketio
 from servers import WAIT, eventually
 
+from policy_engine.state.redis_store import RedisStore
+
 RECOVERY_POLICY = """
 version: 1
 recovery:
@@ -213,3 +215,19 @@ async def test_buffers_are_bounded_in_bytes_and_a_client_that_missed_an_evicted_
     streams, _, buffered = served.engine.local.replay_counts()
     assert streams >= 3
     assert 16_000 < buffered <= 25_000
+
+
+async def test_ids_of_conversations_with_no_client_here_are_forgotten_on_a_shared_store(
+    serve, own_redis_server
+):
+    store = RedisStore(own_redis_server.url, prefix="elsewhere")
+    served = serve(policy().replace("1m", "1s"), setup=conversation_app(), store=store)
+    try:
+        for n in range(50):  # conversations whose clients are on other processes, or nowhere
+            await served.emit("oh_event", {"text": "x"}, room=f"named-by-a-client-{n}")
+        index = served.adapter.recovery.index
+        assert index.last_payload_id("named-by-a-client-0") == 1
+
+        await eventually(lambda: index.last_payload_id("named-by-a-client-49") is None)
+    finally:
+        await served.run(store.close())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -52,6 +53,9 @@ class ReplayIndex:
         self._ids: dict[str, OrderedDict[int, int]] = {}
         self._present: dict[str, int] = {}
         self._left_at: dict[str, float] = {}
+        # When each stream's ids were last recorded, oldest first: on a shared store every
+        # conversation is buffered, also those with no client here to leave it.
+        self._recorded_at: OrderedDict[str, float] = OrderedDict()
 
     def knows(self, conversation: str) -> bool:
         return conversation in self._present or conversation in self._left_at
@@ -77,6 +81,9 @@ class ReplayIndex:
         ids[payload_id] = store_id
         while len(ids) > limit:
             ids.popitem(last=False)
+        recorded = self._recorded_at
+        recorded.pop(stream, None)
+        recorded[stream] = time.monotonic()
 
     def store_id(self, stream: str, payload_id: int) -> int | None:
         """The store's number for a payload id; 0 for "before the first", while buffered."""
@@ -89,11 +96,21 @@ class ReplayIndex:
         return found
 
     def prune(self, now: float, max_age: float) -> None:
-        """Forget conversations nobody has been connected to for longer than ``max_age``."""
+        """Forget conversations nobody has been connected to for longer than ``max_age``,
+        and the ids of streams nobody here joined once nothing was sent to them for as long
+        (a client of theirs coming back here then recovers as from another process)."""
         expired = [c for c, at in self._left_at.items() if now - at > max_age]
         for conversation in expired:
             del self._left_at[conversation]
             self._ids.pop(conversation, None)
+        recorded = self._recorded_at
+        while recorded:
+            stream, at = next(iter(recorded.items()))
+            if now - at <= max_age:
+                return
+            del recorded[stream]
+            if not self.knows(stream):
+                self._ids.pop(stream, None)
 
 
 class Recovery:
