@@ -63,7 +63,7 @@ class ConnectionHooks:
             except Exception as exc:
                 # Anything else would leave the client waiting for "Unexpected connection
                 # error": even a fault of the policy machinery ends in a classified refusal.
-                raise await self._connect_fault(args[0], exc) from None
+                raise await self._connect_fault(exc) from None
         if (
             event == "disconnect"
             and args
@@ -132,6 +132,11 @@ class ConnectionHooks:
             )
             if not self._session_open(state):
                 raise await self._abandoned(state, handler_ran=True)
+        except socketio.exceptions.ConnectionRefusedError:
+            await self._untrack(state)
+            raise
+        except Exception as exc:
+            raise await self._connect_fault(exc, state) from None
         except BaseException:
             await self._untrack(state)
             raise
@@ -192,9 +197,10 @@ class ConnectionHooks:
         abandoned: Exception = socketio.exceptions.ConnectionRefusedError()
         return abandoned
 
-    async def _connect_fault(self, sid: str, exc: Exception) -> Exception:
+    async def _connect_fault(
+        self, exc: Exception, state: ConnectionState | None = None
+    ) -> Exception:
         _log.error("connect hook failed", exc_info=exc)
-        state = self._states.get(sid)
         if state is not None:
             await self._untrack(state)
         conn = state.conn if state is not None else None
