@@ -214,3 +214,37 @@ async def test_on_redis_a_session_closed_while_connecting_leaves_no_count(
         release.set()
         await redis.aclose()
         await served.run(store.close())
+
+
+@pytest.mark.parametrize("always_connect", [False, True])
+async def test_an_application_that_accepted_a_vanished_connect_hears_one_disconnect(
+    serve, always_connect
+):
+    held: list[str] = []
+    release = threading.Event()
+    disconnects: list[str] = []
+
+    def setup(sio: socketio.AsyncServer) -> None:
+        holding_app(held, release)(sio)
+
+        @sio.event
+        async def disconnect(sid: str, reason: str) -> None:
+            disconnects.append(sid)
+
+    served = serve(ONE_PER_IP, setup=setup, always_connect=always_connect)
+    try:
+        async with aiohttp.ClientSession() as http:
+            session = Polling(http, served, "&hold=1")
+            await session.open()
+            connect = asyncio.ensure_future(session.post("40"))
+            await eventually(lambda: len(held) == 1)
+            await session.post("1")
+            await eventually(lambda: served.adapter.active_connections() == 0)
+            release.set()
+            await asyncio.gather(connect, return_exceptions=True)
+    finally:
+        release.set()
+    await eventually(lambda: bool(disconnects))
+    await asyncio.sleep(0.1)  # a second one would come at once
+    assert disconnects == held
+    assert served.sio.manager.rooms.get("/", {}).get(None, {}) == {}

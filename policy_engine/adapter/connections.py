@@ -188,7 +188,8 @@ class ConnectionHooks:
         disconnect, as it would had the session ended a moment later.
         """
         await self._untrack(state)
-        if handler_ran:
+        if handler_ran and not state.disconnect_heard:
+            state.disconnect_heard = True
             reason = self.sio.reason.TRANSPORT_CLOSE
             try:
                 await self._trigger("disconnect", state.namespace, state.sid, reason)
@@ -288,6 +289,7 @@ class ConnectionHooks:
 
     async def _disconnect(self, namespace: str, args: tuple[Any, ...]) -> Any:
         state = self._states[args[0]]
+        state.disconnect_heard = True
         try:
             return await self._trigger("disconnect", namespace, *args)
         except Exception as exc:
