@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -541,6 +542,38 @@ async def test_a_dropped_streams_last_id_lives_twice_retain_on_redis(
     finally:
         await client.aclose()
     assert 200_000 < ttl_ms <= 240_000
+
+
+async def test_the_bytes_redis_counts_are_the_bytes_its_buffers_hold(
+    redis_stores: Callable[..., RedisStore], redis_server: RedisServer
+) -> None:
+    store = redis_stores()
+    rng = random.Random(7)
+    for step in range(300):
+        stream = f"c{rng.randrange(6)}"
+        data = "x" * rng.randrange(10, 900)
+        await store.append_replay(
+            stream,
+            "oh_event",
+            data,
+            8,
+            100.0 + step,
+            retain=40.0,
+            max_bytes=3000,
+            max_total_bytes=9000,
+        )
+    client = Redis.from_url(redis_server.url)
+    try:
+        held = 0
+        for key in await client.keys(f"{store.prefix}:replay:*"):
+            held += sum(len(entry) for entry in await client.lrange(key, 0, -1))
+        total = int(await client.get(f"{store.prefix}:replay-total"))
+        per_stream = await client.hgetall(f"{store.prefix}:replay-bytes")
+    finally:
+        await client.aclose()
+    assert total == held
+    assert sum(int(value) for value in per_stream.values()) == held
+    assert 0 < held <= 9000
 
 
 PAYLOADS: list[Any] = [
