@@ -60,6 +60,18 @@ class Polling:
         async with self.http.post(f"{self.base}&sid={self.sid}", data=body) as response:
             assert response.status == 200, await response.text()
 
+    async def close_while_connecting(self, held: list[str]) -> asyncio.Future[None]:
+        """Open, send the connect packet, and close once the connect handler awaits.
+
+        Returns the connect packet's request: it is answered once the handler returns.
+        """
+        await self.open()
+        connecting = len(held)
+        connect = asyncio.ensure_future(self.post("40"))
+        await eventually(lambda: len(held) > connecting)
+        await self.post("1")  # Engine.IO close, while the handler still awaits
+        return connect
+
 
 async def test_a_session_closed_while_its_connect_handler_awaits_is_released(serve, clients):
     held: list[str] = []
@@ -70,11 +82,8 @@ async def test_a_session_closed_while_its_connect_handler_awaits_is_released(ser
             connects = []
             for attempt in range(1, 4):
                 session = Polling(http, served, "&hold=1")
-                await session.open()
-                # The connect packet: its POST is answered once the handler returns.
-                connects.append(asyncio.ensure_future(session.post("40")))
-                await eventually(lambda n=attempt: len(held) == n)
-                await session.post("1")  # Engine.IO close, while the handler still awaits
+                connects.append(await session.close_while_connecting(held))
+                assert len(held) == attempt
                 await eventually(lambda: served.adapter.active_connections() == 0)
                 assert served.engine.local.connection_counts() == (0, 0, 0)
 
@@ -162,10 +171,7 @@ async def test_a_closed_session_under_the_admin_ui_is_released_while_connecting(
     try:
         async with aiohttp.ClientSession() as http:
             session = Polling(http, served, "&hold=1")
-            await session.open()
-            connect = asyncio.ensure_future(session.post("40"))
-            await eventually(lambda: len(held) == 1)
-            await session.post("1")
+            connect = await session.close_while_connecting(held)
             await eventually(lambda: served.adapter.active_connections() == 0)
             assert served.engine.local.connection_counts() == (0, 0, 0)
             release.set()
@@ -203,7 +209,7 @@ async def test_on_redis_a_session_closed_while_connecting_leaves_no_count(
             await session.open()
             connect = asyncio.ensure_future(session.post("40"))
             await eventually(lambda: len(held) == 1)
-            assert await redis.get("pending:conn:total") == b"1"
+            assert await redis.get("pending:conn:total") == b"1"  # counted while connecting
             await session.post("1")
             await eventually(lambda: served.adapter.active_connections() == 0)
             assert await redis.keys("pending:conn:*") == []
@@ -235,10 +241,7 @@ async def test_an_application_that_accepted_a_vanished_connect_hears_one_disconn
     try:
         async with aiohttp.ClientSession() as http:
             session = Polling(http, served, "&hold=1")
-            await session.open()
-            connect = asyncio.ensure_future(session.post("40"))
-            await eventually(lambda: len(held) == 1)
-            await session.post("1")
+            connect = await session.close_while_connecting(held)
             await eventually(lambda: served.adapter.active_connections() == 0)
             release.set()
             await asyncio.gather(connect, return_exceptions=True)
