@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import socketio
-from servers import CONTRACT_KEYS, EVENT_LIMIT, WAIT, connect_limit, echo_app
+from servers import CONTRACT_KEYS, EVENT_LIMIT, WAIT, connect_limit, echo_app, eventually
 
 from policy_engine.client import (
     DEFAULT_BACKOFF,
@@ -256,3 +256,41 @@ def test_a_payload_is_found_in_connect_error_data_and_bare():
     assert contract_payload(payload) == payload
     assert contract_payload({"message": "m", "data": None}) is None
     assert contract_payload("Connection error") is None
+
+
+ONE_PER_IP = """
+version: 1
+defaults: {backoff: brief}
+backoff:
+  brief: {strategy: constant, base: 10ms, max: 10ms, max_attempts: 3}
+connections:
+  max_per_ip: 1
+  retry_after: 20ms
+"""
+
+
+async def test_a_connection_ceiling_is_retried_and_passes_once_a_place_is_free(serve, clients):
+    served = serve(ONE_PER_IP, setup=echo_app)
+    first, _ = await clients.connect(served.url)
+    client, inbox = clients.new()
+    delays: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        if first.connected:
+            await first.disconnect()  # a place frees up while the client waits
+            await eventually(lambda: served.engine.local.connection_counts()[0] == 0)
+        await asyncio.sleep(seconds)
+
+    await connect_with_policy(
+        client, served.url, sleep=sleep, transports=["websocket"], wait_timeout=WAIT
+    )
+
+    assert client.connected
+    [refusal] = inbox.errors
+    payload = refusal["data"]
+    assert payload["code"] == "TOO_MANY_CONNECTIONS"
+    assert payload["retryable"] is True
+    assert payload["retry_after_ms"] == 20
+    assert payload["backoff"]["max_attempts"] == 3
+    assert delays == [0.02]

@@ -8,6 +8,8 @@ from urllib.parse import parse_qs
 import socketio
 from servers import WAIT, eventually
 
+from policy_engine.state.redis_store import RedisStore
+
 RECOVERY_POLICY = """
 version: 1
 recovery:
@@ -172,3 +174,60 @@ async def test_a_fresh_client_gets_no_replay_and_no_error(serve, clients):
     assert texts(fresh.of("oh_event")) == ["b"]
     assert fresh.of("policy_error") == []
     assert first.connected
+
+
+BYTES_POLICY = """
+version: 1
+recovery:
+  enabled: true
+  max_disconnection: 1m
+  buffer_events: 500
+  max_buffer_bytes: 10KB
+  max_total_bytes: 25KB
+  events: [oh_event]
+"""
+
+
+async def test_buffers_are_bounded_in_bytes_and_a_client_that_missed_an_evicted_event_reloads(
+    serve, clients
+):
+    served = serve(BYTES_POLICY, setup=conversation_app())
+    first, inbox = await clients.connect(served.url, query={"conversation_id": "c1"})
+    await served.emit("oh_event", {"text": "a"}, room="c1")
+    await inbox.until(lambda: len(inbox.of("oh_event")) == 1)
+    await left(served, first)
+    big = "x" * 4_000
+    for _ in range(3):  # 12 KB into a 10 KB buffer: the oldest go first
+        await served.emit("oh_event", {"text": big}, room="c1")
+
+    _, again = await clients.connect(
+        served.url, query={"conversation_id": "c1", "latest_event_id": 1}
+    )
+
+    await again.until(lambda: bool(again.of("policy_error")))
+    assert again.of("policy_error")[0]["code"] == "RECOVERY_UNAVAILABLE"
+    assert again.of("oh_event") == []
+    # Conversations together stay within the total, however little each one holds.
+    for room in ("c2", "c3", "c4"):
+        await clients.connect(served.url, query={"conversation_id": room})
+        for _ in range(2):
+            await served.emit("oh_event", {"text": big}, room=room)
+    streams, _, buffered = served.engine.local.replay_counts()
+    assert streams >= 3
+    assert 16_000 < buffered <= 25_000
+
+
+async def test_ids_of_conversations_with_no_client_here_are_forgotten_on_a_shared_store(
+    serve, own_redis_server
+):
+    store = RedisStore(own_redis_server.url, prefix="elsewhere")
+    served = serve(policy().replace("1m", "1s"), setup=conversation_app(), store=store)
+    try:
+        for n in range(50):  # conversations whose clients are on other processes, or nowhere
+            await served.emit("oh_event", {"text": "x"}, room=f"named-by-a-client-{n}")
+        index = served.adapter.recovery.index
+        assert index.last_payload_id("named-by-a-client-0") == 1
+
+        await eventually(lambda: index.last_payload_id("named-by-a-client-49") is None)
+    finally:
+        await served.run(store.close())

@@ -371,6 +371,9 @@ async def test_connection_ceilings_and_breakers_follow_on_store_error(
     assert (closed.outcome, closed.rule) == (Outcome.REJECT, "connections/store_unavailable")
     assert closed.payload is not None
     assert closed.payload["retry_after_ms"] == 2000
+    # A store that cannot count now may count in a moment: retry, with the advised backoff.
+    assert closed.payload["retryable"] is True
+    assert closed.payload["backoff"] is not None
     assert isinstance(permit, Decision)
     assert permit.rule == "circuit_breakers/agent"
     assert (first.outcome, second.outcome, third.outcome) == (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -217,6 +218,26 @@ async def test_a_rule_that_changes_algorithm_starts_over(store: StateStore) -> N
     assert [await admitted(store, bucket, "ip1", 1000.0) for _ in range(3)] == [True, True, False]
 
 
+async def test_keys_of_clients_long_gone_are_evicted_by_age_not_only_by_count() -> None:
+    store = MemoryStore()
+    spec = rate_limit("per-ip 10/minute gcra")
+    for n in range(1_000):
+        assert await admitted(store, spec, f"gone-{n}", 100.0)
+    assert store.rate_keys("per-ip") == 1_000
+    assert await admitted(store, spec, "newcomer", 400.0)  # every other state emptied
+    assert store.rate_keys("per-ip") == 1
+
+
+async def test_the_states_of_a_rule_a_reload_removed_are_evicted_by_age() -> None:
+    store = MemoryStore()
+    removed, kept = rate_limit("removed 10/minute gcra"), rate_limit("kept 10/minute gcra")
+    for n in range(100):
+        assert await admitted(store, removed, f"ip{n}", 100.0)
+    assert await admitted(store, kept, "ip-a", 400.0)  # only this rule is checked now
+    assert store.rate_keys("removed") == 0
+    assert "removed" not in store._rates
+
+
 # -- circuit breakers ----------------------------------------------------------------------------
 
 
@@ -373,6 +394,15 @@ async def test_auth_failures_keep_the_newest_thousand(store: StateStore) -> None
     assert await store.auth_failures("ip:1", 1e6, 2000.0) == (1000, 1104.0)
 
 
+async def test_failed_sign_ins_of_clients_long_gone_are_forgotten_by_age() -> None:
+    store = MemoryStore()
+    for n in range(1_000):
+        await store.record_auth_failure(f"ip:10.0.{n // 250}.{n % 250}", 60.0, 100.0)
+    assert store.auth_failure_keys() == 1_000
+    assert await store.record_auth_failure("ip:192.0.2.1", 60.0, 200.0) == 1
+    assert store.auth_failure_keys() == 1
+
+
 # -- replay buffers ------------------------------------------------------------------------------
 
 
@@ -448,6 +478,102 @@ async def test_a_shorter_buffer_keeps_the_newest_events(store: StateStore) -> No
     replayed = await store.replay_since("c1", 3, 60.0, 100.0)
     assert replayed is not None
     assert [e.data for e in replayed] == [3, 4]
+
+
+KB_TEXT = "x" * 1000  # about 1 KB buffered, whichever store measures it
+
+
+async def test_a_buffer_over_its_bytes_evicts_its_oldest_events(store: StateStore) -> None:
+    for _ in range(4):
+        await store.append_replay("c1", "oh_event", KB_TEXT, 500, 100.0, max_bytes=2500)
+    assert await store.replay_since("c1", 1, 60.0, 100.0) is None  # event 2 was evicted
+    replayed = await store.replay_since("c1", 2, 60.0, 100.0)
+    assert replayed is not None
+    assert [e.event_id for e in replayed] == [3, 4]
+
+
+async def test_all_buffers_over_the_total_evict_the_least_recently_active_first(
+    store: StateStore,
+) -> None:
+    for at, stream in enumerate(["a", "b", "c"]):
+        await store.append_replay(
+            stream, "oh_event", KB_TEXT, 500, 100.0 + at, max_total_bytes=2500
+        )
+    assert await store.replay_since("a", 0, 60.0, 103.0) is None  # missed an evicted event
+    for stream in ("b", "c"):
+        replayed = await store.replay_since(stream, 0, 60.0, 103.0)
+        assert replayed is not None
+        assert [e.data for e in replayed] == [KB_TEXT]
+    # The evicted stream's ids go on, so nobody is handed a replay of different events.
+    assert await store.append_replay("a", "oh_event", "small", 500, 104.0) == 2
+    assert await store.replay_since("a", 0, 60.0, 104.0) is None
+    replayed = await store.replay_since("a", 1, 60.0, 104.0)
+    assert replayed is not None
+    assert [e.data for e in replayed] == ["small"]
+
+
+async def test_an_event_larger_than_the_buffer_is_not_kept_and_cannot_be_replayed(
+    store: StateStore,
+) -> None:
+    await store.append_replay("c1", "oh_event", "small", 500, 100.0, max_bytes=500)
+    assert await store.append_replay("c1", "oh_event", KB_TEXT, 500, 100.0, max_bytes=500) == 2
+    assert await store.replay_since("c1", 1, 60.0, 100.0) is None
+    assert await store.replay_since("c1", 2, 60.0, 100.0) == []
+
+
+async def test_client_named_streams_leave_nothing_once_nobody_can_recover_from_them() -> None:
+    store = MemoryStore()
+    for n in range(1_000):
+        await store.append_replay(f"sprayed-{n}", "oh_event", "x", 500, 100.0, retain=10.0)
+    await store.append_replay("live", "oh_event", "x", 500, 115.0, retain=10.0)
+    assert store.replay_counts()[:2] == (1, 1_000)  # dropped, their last ids kept a while
+    await store.append_replay("live", "oh_event", "x", 500, 121.0, retain=10.0)
+    assert store.replay_counts()[:2] == (1, 0)  # twice retain after their last event
+
+
+async def test_a_dropped_streams_last_id_lives_twice_retain_on_redis(
+    redis_stores: Callable[..., RedisStore], redis_server: RedisServer
+) -> None:
+    store = redis_stores()
+    await store.append_replay("client-named", "oh_event", "x", 500, 100.0, retain=120.0)
+    client = Redis.from_url(redis_server.url)
+    try:
+        ttl_ms = await client.pttl(f"{store.prefix}:replay-id:client-named")
+    finally:
+        await client.aclose()
+    assert 200_000 < ttl_ms <= 240_000
+
+
+async def test_the_bytes_redis_counts_are_the_bytes_its_buffers_hold(
+    redis_stores: Callable[..., RedisStore], redis_server: RedisServer
+) -> None:
+    store = redis_stores()
+    rng = random.Random(7)
+    for step in range(300):
+        stream = f"c{rng.randrange(6)}"
+        data = "x" * rng.randrange(10, 900)
+        await store.append_replay(
+            stream,
+            "oh_event",
+            data,
+            8,
+            100.0 + step,
+            retain=40.0,
+            max_bytes=3000,
+            max_total_bytes=9000,
+        )
+    client = Redis.from_url(redis_server.url)
+    try:
+        held = 0
+        for key in await client.keys(f"{store.prefix}:replay:*"):
+            held += sum(len(entry) for entry in await client.lrange(key, 0, -1))
+        total = int(await client.get(f"{store.prefix}:replay-total"))
+        per_stream = await client.hgetall(f"{store.prefix}:replay-bytes")
+    finally:
+        await client.aclose()
+    assert total == held
+    assert sum(int(value) for value in per_stream.values()) == held
+    assert 0 < held <= 9000
 
 
 PAYLOADS: list[Any] = [

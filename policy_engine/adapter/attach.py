@@ -92,6 +92,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         sio._trigger_event = self._installed_trigger
         sio._handle_event_internal = self._on_event
         self.outgoing.install()
+        self._watch_sessions()
         sio.packet_class = measured(sio.packet_class)
         sio.policy_adapter = self
 
@@ -134,6 +135,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.release_all()
 
     async def shed_tick(self) -> int:
         """Disconnect what the policy's ``action: disconnect`` rules pick; returns how many."""

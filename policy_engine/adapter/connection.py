@@ -12,7 +12,8 @@ class ConnectionState:
     """One Socket.IO connection (a sid in a namespace) as the policy sees it.
 
     ``conn`` is the context its rules read (built once, at connect); ``close_event`` and
-    ``close_reason`` say why the policy closed it, for the disconnect's report.
+    ``close_reason`` say why the policy closed it, for the disconnect's report;
+    ``disconnect_heard`` that the application's disconnect handler was called for it.
     """
 
     sid: str
@@ -24,3 +25,4 @@ class ConnectionState:
     last_activity: float
     close_event: str = ""
     close_reason: str = ""
+    disconnect_heard: bool = False

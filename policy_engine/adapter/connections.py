@@ -2,7 +2,9 @@
 
 Every way a connect can fail (the policy, the claims loader, the application's handler,
 a fault of the policy machinery) ends in one classified ``connect_error``, never in
-python-socketio's bare "Unexpected connection error". These are
+python-socketio's bare "Unexpected connection error"; and every way a connection ends
+(refused, disconnected, or its session gone while it was still connecting) releases what
+it held exactly once. These are
 :class:`~policy_engine.adapter.attach.PolicyAdapter`'s methods, kept in their own module;
 being inherited, they cost no extra call per packet.
 """
@@ -61,8 +63,15 @@ class ConnectionHooks:
             except Exception as exc:
                 # Anything else would leave the client waiting for "Unexpected connection
                 # error": even a fault of the policy machinery ends in a classified refusal.
-                raise await self._connect_fault(args[0], exc) from None
-        if event == "disconnect" and args and args[0] in self._states:
+                raise await self._connect_fault(exc) from None
+        if (
+            event == "disconnect"
+            and args
+            and args[0] in self._states
+            and not self.sio.manager.is_connected(args[0], namespace)
+        ):
+            # Only python-socketio's own disconnect (the sid is leaving): an event a client
+            # named "disconnect", reaching here through the admin UI, releases nothing.
             return await self._disconnect(namespace, args)
         return await self._trigger(event, namespace, *args)
 
@@ -98,21 +107,56 @@ class ConnectionHooks:
             query=dict(identity.query),
         )
         started = time.perf_counter()
-        decision = await engine.on_connect(conn, claims)
+        try:
+            decision = await engine.on_connect(conn, claims)
+        except BaseException:
+            await self._forget(conn)
+            raise
         self.observer.decision("connect", decision, time.perf_counter() - started, conn)
-        if decision.outcome is Outcome.DELAY:
-            await asyncio.sleep(decision.delay)
-        elif not decision.allowed:
+        if not decision.allowed:
+            await self._forget(conn)
             raise refusal(decision.payload)
         now = time.monotonic()
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         state = ConnectionState(sid, namespace, eio_sid, conn, claims, now, now)
+        # Tracked from the moment it is counted, so a session that ends from here on,
+        # whichever way, finds it to release.
         self._track(state)
-        latest = identity.latest_event_id
+        try:
+            if decision.outcome is Outcome.DELAY:
+                await asyncio.sleep(decision.delay)
+            if not self._session_open(state):
+                raise await self._abandoned(state, handler_ran=False)
+            result = await self._accept_and_recover(
+                state, args, claims_error, verified_user, identity.latest_event_id
+            )
+            if not self._session_open(state):
+                raise await self._abandoned(state, handler_ran=True)
+        except socketio.exceptions.ConnectionRefusedError:
+            await self._untrack(state)
+            raise
+        except Exception as exc:
+            raise await self._connect_fault(exc, state) from None
+        except BaseException:
+            await self._untrack(state)
+            raise
+        self.observer.connection("opened", conn)
+        return result
+
+    async def _accept_and_recover(
+        self,
+        state: ConnectionState,
+        args: tuple[Any, ...],
+        claims_error: Exception | None,
+        verified_user: str,
+        latest: int,
+    ) -> Any:
+        """The application's handler, then the replay of what a returning client missed."""
+        conn, sid, namespace = state.conn, state.sid, state.namespace
         recovering = (
-            latest >= 0 and engine.policy.recovery.enabled and bool(conn["conversation_id"])
+            latest >= 0 and self.engine.policy.recovery.enabled and bool(conn["conversation_id"])
         )
-        link = self.outgoing.links.get(eio_sid) if recovering else None
+        link = self.outgoing.links.get(state.eio_sid) if recovering else None
         if link is not None:
             # From here on, live events wait: the replay must reach the client first, even
             # those the application's own connect handler emits.
@@ -127,12 +171,37 @@ class ConnectionHooks:
         finally:
             if link is not None:
                 link.outbox.release(replayed_up_to(conn["conversation_id"], replayed_to))
-        self.observer.connection("opened", conn)
         return result
 
-    async def _connect_fault(self, sid: str, exc: Exception) -> Exception:
+    def _session_open(self, state: ConnectionState) -> bool:
+        """Whether the connection is still tracked and its Engine.IO session still up."""
+        if self._states.get(state.sid) is not state:
+            return False  # released already: its session ended while it connected
+        socket = self.sio.eio.sockets.get(state.eio_sid)
+        return socket is not None and not socket.closing and not socket.closed
+
+    async def _abandoned(self, state: ConnectionState, *, handler_ran: bool) -> Exception:
+        """A connect whose session ended before it was accepted: released, never accepted.
+
+        Refused, so python-socketio forgets the sid too (it would otherwise keep it as
+        connected for good); an application whose connect handler accepted it hears its
+        disconnect, as it would had the session ended a moment later.
+        """
+        await self._untrack(state)
+        if handler_ran and not state.disconnect_heard:
+            state.disconnect_heard = True
+            reason = self.sio.reason.TRANSPORT_CLOSE
+            try:
+                await self._trigger("disconnect", state.namespace, state.sid, reason)
+            except Exception as exc:
+                self._report_error(exc, Hook.DISCONNECT, state, None)
+        abandoned: Exception = socketio.exceptions.ConnectionRefusedError()
+        return abandoned
+
+    async def _connect_fault(
+        self, exc: Exception, state: ConnectionState | None = None
+    ) -> Exception:
         _log.error("connect hook failed", exc_info=exc)
-        state = self._states.get(sid)
         if state is not None:
             await self._untrack(state)
         conn = state.conn if state is not None else None
@@ -220,6 +289,7 @@ class ConnectionHooks:
 
     async def _disconnect(self, namespace: str, args: tuple[Any, ...]) -> Any:
         state = self._states[args[0]]
+        state.disconnect_heard = True
         try:
             return await self._trigger("disconnect", namespace, *args)
         except Exception as exc:
@@ -239,21 +309,72 @@ class ConnectionHooks:
     async def _untrack(
         self, state: ConnectionState, reason: str = "", *, closed: bool = False
     ) -> None:
-        """Release everything a connection held; ``closed``: it had been accepted."""
-        if self._states.get(state.sid) is state:
-            del self._states[state.sid]
+        """Release everything a connection held, once: whichever path ends it first releases
+        it, and any later call finds nothing left. ``closed``: it had been accepted."""
+        if self._states.get(state.sid) is not state:
+            return
+        del self._states[state.sid]
         self.outgoing.untrack(state)
         conversation = state.conn["conversation_id"]
         if conversation:
             self.recovery.index.leave(conversation, time.monotonic())
-        try:
-            await self.engine.on_disconnect(state.conn)
-        except Exception:
-            _log.exception("releasing connection %s failed", state.sid)
+        await self._forget(state.conn)
         if closed:
             self.observer.connection(
                 state.close_event or "closed", state.conn, state.close_reason or reason
             )
+
+    async def _forget(self, conn: Mapping[str, Any]) -> None:
+        """Free what the engine keeps for a connection: its count and per-connection caches.
+
+        Safe for a connection never counted (a refused one) and for one already forgotten.
+        """
+        try:
+            await self.engine.on_disconnect(conn)
+        except Exception:
+            _log.exception("releasing connection %s failed", conn["sid"])
+
+    # -- sessions that end while connecting --------------------------------------------------
+
+    def _watch_sessions(self) -> None:
+        """Release connections whose Engine.IO session ends while they are connecting.
+
+        python-socketio runs no disconnect for a sid still in its connect handler (its
+        ``_handle_disconnect`` skips a pending sid), so the one hook that sees every session
+        end is Engine.IO's own ``disconnect`` handler: wrapped here, it releases whatever the
+        original left tracked.
+        """
+        sio = self.sio
+        original = sio._handle_eio_disconnect
+
+        async def session_ended(eio_sid: str, *args: Any) -> Any:
+            try:
+                return await original(eio_sid, *args)
+            finally:
+                await self._release_session(eio_sid)
+
+        # The admin UI's own Engine.IO handler calls the server's method: patched on the
+        # instance, it is reached whichever handler Engine.IO calls.
+        sio._handle_eio_disconnect = session_ended
+        if sio.eio.handlers.get("disconnect") == original:
+            sio.eio.handlers["disconnect"] = session_ended
+
+    async def release_all(self) -> None:
+        """Release every connection still tracked: the server is stopping.
+
+        Long-polling sessions outlive their HTTP requests, so no disconnect may ever come
+        for them; on a shared store their counts would outlive this process.
+        """
+        for state in list(self._states.values()):
+            await self._untrack(state, "server shutdown", closed=True)
+
+    async def _release_session(self, eio_sid: str) -> None:
+        manager = self.sio.manager
+        for namespace in list(manager.get_namespaces()):
+            sid = manager.sid_from_eio_sid(eio_sid, namespace)
+            state = self._states.get(sid) if sid is not None else None
+            if state is not None and state.eio_sid == eio_sid:
+                await self._untrack(state)
 
 
 def refusal(payload: Mapping[str, Any] | None) -> Exception:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -52,6 +53,9 @@ class ReplayIndex:
         self._ids: dict[str, OrderedDict[int, int]] = {}
         self._present: dict[str, int] = {}
         self._left_at: dict[str, float] = {}
+        # When each stream's ids were last recorded, oldest first: on a shared store every
+        # conversation is buffered, also those with no client here to leave it.
+        self._recorded_at: OrderedDict[str, float] = OrderedDict()
 
     def knows(self, conversation: str) -> bool:
         return conversation in self._present or conversation in self._left_at
@@ -77,6 +81,9 @@ class ReplayIndex:
         ids[payload_id] = store_id
         while len(ids) > limit:
             ids.popitem(last=False)
+        recorded = self._recorded_at
+        recorded.pop(stream, None)
+        recorded[stream] = time.monotonic()
 
     def store_id(self, stream: str, payload_id: int) -> int | None:
         """The store's number for a payload id; 0 for "before the first", while buffered."""
@@ -89,11 +96,21 @@ class ReplayIndex:
         return found
 
     def prune(self, now: float, max_age: float) -> None:
-        """Forget conversations nobody has been connected to for longer than ``max_age``."""
+        """Forget conversations nobody has been connected to for longer than ``max_age``,
+        and the ids of streams nobody here joined once nothing was sent to them for as long
+        (a client of theirs coming back here then recovers as from another process)."""
         expired = [c for c, at in self._left_at.items() if now - at > max_age]
         for conversation in expired:
             del self._left_at[conversation]
             self._ids.pop(conversation, None)
+        recorded = self._recorded_at
+        while recorded:
+            stream, at = next(iter(recorded.items()))
+            if now - at <= max_age:
+                return
+            del recorded[stream]
+            if not self.knows(stream):
+                self._ids.pop(stream, None)
 
 
 class Recovery:
@@ -130,30 +147,41 @@ class Recovery:
         streams = self._streams(target)
         if not streams:
             return data, None, None
-        recovery = self.engine.policy.recovery
-        state = self.engine.state
-        now = self.engine.clock()
-        limit = recovery.buffer_events
-        retain = recovery.max_disconnection
+        limit = self.engine.policy.recovery.buffer_events
         own_id = data.get("id")
         if isinstance(own_id, int) and not isinstance(own_id, bool):
             for stream in streams:
                 last = self.index.last_payload_id(stream)
                 if last is not None and own_id <= last:
                     continue  # already buffered: the application is replaying it itself
-                store_id = await state.append_replay(stream, event, data, limit, now, retain=retain)
+                store_id = await self._append(stream, event, data)
                 if store_id is not None:
                     self.index.record(stream, own_id, store_id, limit)
             return data, streams[0] if len(streams) == 1 else None, own_id
         if len(streams) != 1:
             return data, None, None  # one payload cannot carry two streams' ids
         stamped = dict(data)
-        store_id = await state.append_replay(streams[0], event, stamped, limit, now, retain=retain)
+        store_id = await self._append(streams[0], event, stamped)
         if store_id is None:
             return data, None, None
         stamped["id"] = store_id
         self.index.record(streams[0], store_id, store_id, limit)
         return stamped, streams[0], store_id
+
+    async def _append(self, stream: str, event: str, data: dict[str, Any]) -> int | None:
+        """Buffer one event within the policy's bounds; its id, None when not buffered."""
+        engine = self.engine
+        recovery = engine.policy.recovery
+        return await engine.state.append_replay(
+            stream,
+            event,
+            data,
+            recovery.buffer_events,
+            engine.clock(),
+            retain=recovery.max_disconnection,
+            max_bytes=recovery.max_buffer_bytes,
+            max_total_bytes=recovery.max_total_bytes,
+        )
 
     def _streams(self, target: Any) -> list[str]:
         """The conversations an emit goes to: rooms named after one, or sids that have one.

@@ -13,7 +13,7 @@ from typing import Any
 
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.evaluation import evaluate_value
-from policy_engine.core.payload import CONNECTIONS_UNCHECKED, TOO_MANY_CONNECTIONS
+from policy_engine.core.payload import CONNECTIONS_UNCHECKED, TOO_MANY_CONNECTIONS, backoff_for
 from policy_engine.core.recorder import Recorder
 from policy_engine.errors import EvaluationError
 from policy_engine.language.model import PolicySet
@@ -24,7 +24,11 @@ from policy_engine.state.protocol import ConnectionLimits
 async def count_connection(
     policy: PolicySet, state: GuardedStore, conn: Mapping[str, Any], recorder: Recorder
 ) -> Decision | None:
-    """Count a new connection; the refusal when a ceiling is reached (it is not counted)."""
+    """Count a new connection; the refusal when a ceiling is reached (it is not counted).
+
+    The refusal is retryable, with the policy's ``retry_after`` and default backoff: a
+    ceiling reached now (or a count that cannot be made now) may well pass later.
+    """
     limits = policy.connections
     if not (limits.max_total or limits.max_per_user or limits.max_per_ip):
         return None
@@ -37,11 +41,14 @@ async def count_connection(
     if ceiling is None:
         return None
     rule = f"connections/{ceiling}"
+    backoff = backoff_for(policy)
     if ceiling == STORE_UNAVAILABLE:
-        payload = CONNECTIONS_UNCHECKED.payload(rule, retry_after=limits.retry_after)
+        payload = CONNECTIONS_UNCHECKED.payload(
+            rule, retry_after=limits.retry_after, backoff=backoff
+        )
     else:
         payload = TOO_MANY_CONNECTIONS.payload(
-            rule, retry_after=limits.retry_after, ceiling=ceiling.replace("_", " ")
+            rule, retry_after=limits.retry_after, backoff=backoff, ceiling=ceiling.replace("_", " ")
         )
     return Decision(Outcome.REJECT, rule, payload)
 

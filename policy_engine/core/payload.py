@@ -125,14 +125,16 @@ class Notice(NamedTuple):
 MAX_NOTICE_CHARS = 300
 """A notice quoting client input (a schema error) is cut here: it goes back over the wire."""
 
+# A ceiling on connections is temporary (others disconnect, the store comes back): the
+# client is told when and how to retry, not to give up.
 TOO_MANY_CONNECTIONS = Notice(
-    "TOO_MANY_CONNECTIONS", Category.CONNECTION, "Connection limit reached ({ceiling}).", False
+    "TOO_MANY_CONNECTIONS", Category.CONNECTION, "Connection limit reached ({ceiling}).", True
 )
 CONNECTIONS_UNCHECKED = Notice(
     "TOO_MANY_CONNECTIONS",
     Category.CONNECTION,
     "Connection limits cannot be checked right now; retry shortly.",
-    False,
+    True,
 )
 PAYLOAD_TOO_LARGE = Notice(
     "PAYLOAD_TOO_LARGE", Category.CLIENT, "The event is larger than {max_bytes} bytes.", False

@@ -313,11 +313,18 @@ class ConnectionsSpec:
 
 @dataclass(frozen=True, slots=True)
 class RecoverySpec:
-    """``events`` names what is buffered for replay; a policy that names none replays none."""
+    """``events`` names what is buffered for replay; a policy that names none replays none.
+
+    A conversation's buffer keeps its newest ``buffer_events`` within ``max_buffer_bytes``;
+    all buffers together keep within ``max_total_bytes`` (per process in memory, for every
+    process on a shared store).
+    """
 
     enabled: bool = True
     max_disconnection: float = 120.0
     buffer_events: int = 500
+    max_buffer_bytes: int = 4_000_000
+    max_total_bytes: int = 64_000_000
     events: tuple[str, ...] = ()
 
 

@@ -240,8 +240,19 @@ class GuardedStore:
         now: float,
         *,
         retain: float = FOREVER,
+        max_bytes: int | None = None,
+        max_total_bytes: int | None = None,
     ) -> int | None:
-        call = self.store.append_replay(stream, event, data, limit, now, retain=retain)
+        call = self.store.append_replay(
+            stream,
+            event,
+            data,
+            limit,
+            now,
+            retain=retain,
+            max_bytes=max_bytes,
+            max_total_bytes=max_total_bytes,
+        )
         return await self._replay_call(call)
 
     async def replay_since(

@@ -19,32 +19,61 @@ from policy_engine.algorithms.breaker import BreakerState, Permit, Transition
 from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision, RateState
 from policy_engine.language.model import CircuitBreakerSpec, RateLimitSpec
 from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent, StateStore
+from policy_engine.state.replay_buffers import Bounds, ReplayBuffers
 
 __all__ = ["ConnectionLimits", "MemoryStore", "ReplayedEvent", "StateStore"]
 
 
+_EXPIRED_PER_INSERT = 2
+"""Emptied states dropped each time a new key is stored: age-based eviction as it goes."""
+
+_SWEEP_INTERVAL = 10.0
+"""Seconds between sweeps of every rule's table, made when a new key is stored."""
+
+
 class _KeyedStates:
-    """Per-rule states with LRU eviction, so a key-spraying client cannot grow memory."""
+    """One rule's states by key, least recently written first.
 
-    __slots__ = ("limit", "states")
+    Bounded twice, so that neither a key-spraying client nor clients long gone can hold
+    memory: by count (``max_keys``, the least recently written dropped) and by age (a
+    state that has emptied again is dropped, as Redis drops it by its TTL). ``spec`` is the
+    rule as last used, which says when a state empties even after a reload removed it.
+    """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    __slots__ = ("limit", "spec", "states")
+
+    def __init__(self, spec: RateLimitSpec) -> None:
+        self.spec = spec
+        self.limit = spec.max_keys
         self.states: OrderedDict[str, Any] = OrderedDict()
 
     def get(self, key: str) -> Any:
         return self.states.get(key)
 
-    def put(self, key: str, state: Any) -> None:
-        """Store and mark as most recently used (only writes count as use)."""
+    def put(self, key: str, state: Any, now: float) -> bool:
+        """Store and mark as most recently used (only writes count as use); True for a new key."""
         states = self.states
         if key in states:
             states[key] = state
             states.move_to_end(key)
-            return
+            return False
         states[key] = state
         if len(states) > self.limit:
             states.popitem(last=False)
+        else:
+            self.expire(now, _EXPIRED_PER_INSERT)
+        return True
+
+    def expire(self, now: float, at_most: int | None = None) -> None:
+        """Drop emptied states from the front (the least recently written)."""
+        states, spec = self.states, self.spec
+        dropped = 0
+        while states and (at_most is None or dropped < at_most):
+            key = next(iter(states))
+            if ratelimit.expires_at(spec, states[key]) > now:
+                return
+            del states[key]
+            dropped += 1
 
 
 class MemoryStore:
@@ -52,16 +81,13 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._rates: dict[str, _KeyedStates] = {}
+        self._next_sweep = -FOREVER
         self._breakers: dict[str, BreakerState] = {}
         self._connections_total = 0
         self._per_user: dict[str, int] = {}
         self._per_ip: dict[str, int] = {}
-        self._auth: dict[str, deque[float]] = {}
-        # Streams in order of their last event, so the idle ones are found at the front.
-        self._replay: OrderedDict[str, tuple[int, deque[tuple[int, float, str, Any]]]] = (
-            OrderedDict()
-        )
-        self._replay_ended: dict[str, int] = {}
+        self._auth: OrderedDict[str, deque[float]] = OrderedDict()
+        self._replay = ReplayBuffers()
 
     # -- rate limits -----------------------------------------------------------------------
 
@@ -75,8 +101,8 @@ class MemoryStore:
         tables: list[_KeyedStates] = []
         for spec, key in checks:
             table = self._rates.get(spec.name)
-            if table is None or table.limit != spec.max_keys:
-                table = self._rates[spec.name] = _resize(table, spec.max_keys)
+            if table is None or table.spec is not spec:
+                table = self._table(spec)
             state = table.get(key)
             if state is not None and ratelimit.expires_at(spec, state) <= now:
                 state = None
@@ -84,9 +110,12 @@ class MemoryStore:
             tables.append(table)
         combined, states = ratelimit.check_all(prior, now)
         if combined.allowed:
+            inserted = False
             for (_, key), table, state in zip(checks, tables, states, strict=True):
                 if state is not None:
-                    table.put(key, state)
+                    inserted = table.put(key, state, now) or inserted
+            if inserted and now >= self._next_sweep:
+                self.sweep(now)
         return combined
 
     def check_rate_limit_now(self, spec: RateLimitSpec, key: str, now: float) -> RateDecision:
@@ -96,14 +125,36 @@ class MemoryStore:
         need not wrap it in a :class:`CombinedDecision`.
         """
         table = self._rates.get(spec.name)
-        if table is None or table.limit != spec.max_keys:
-            table = self._rates[spec.name] = _resize(table, spec.max_keys)
+        if table is None or table.spec is not spec:
+            table = self._table(spec)
         # An expired state behaves exactly like none (each algorithm guarantees it), so
         # there is no need to ask expires_at on the hot path.
         decision, new_state = ratelimit.check(spec, table.states.get(key), now)
-        if decision.allowed:
-            table.put(key, new_state)
+        if decision.allowed and table.put(key, new_state, now) and now >= self._next_sweep:
+            self.sweep(now)
         return decision
+
+    def _table(self, spec: RateLimitSpec) -> _KeyedStates:
+        """The rule's table under ``spec``: created, or carried over a reload (resized)."""
+        old = self._rates.get(spec.name)
+        if old is not None and old.limit == spec.max_keys:
+            old.spec = spec
+            return old
+        table = _KeyedStates(spec)
+        if old is not None:
+            for key, state in list(old.states.items())[-spec.max_keys :]:
+                table.states[key] = state
+        self._rates[spec.name] = table
+        return table
+
+    def sweep(self, now: float) -> None:
+        """Evict by age: every rule's emptied states, and the tables left empty (among them
+        those of rules a reload removed, which nothing else would visit again)."""
+        self._next_sweep = now + _SWEEP_INTERVAL
+        for name, table in list(self._rates.items()):
+            table.expire(now)
+            if not table.states:
+                del self._rates[name]
 
     def _check_one(self, spec: RateLimitSpec, key: str, now: float) -> CombinedDecision:
         decision = self.check_rate_limit_now(spec, key, now)
@@ -186,10 +237,23 @@ class MemoryStore:
     # -- authentication failures -----------------------------------------------------------
 
     async def record_auth_failure(self, key: str, window: float, now: float) -> int:
-        failures = self._auth.setdefault(key, deque(maxlen=1000))
+        auth = self._auth
+        failures = auth.pop(key, None) or deque(maxlen=1000)
         _expire(failures, now - window)
         failures.append(now)
+        auth[key] = failures  # re-inserted last: the front has the oldest failures
+        # Keys whose last failure has left the window are dropped by age, not only when
+        # read again: failed sign-ins come from addresses and names of the clients' choice.
+        while auth:
+            oldest = next(iter(auth.values()))
+            if oldest and oldest[-1] > now - window:
+                break
+            auth.popitem(last=False)
         return len(failures)
+
+    def auth_failure_keys(self) -> int:
+        """Keys with failed sign-ins currently remembered: for tests."""
+        return len(self._auth)
 
     async def auth_failures(self, key: str, window: float, now: float) -> tuple[int, float]:
         failures = self._auth.get(key)
@@ -214,55 +278,20 @@ class MemoryStore:
         now: float,
         *,
         retain: float = FOREVER,
+        max_bytes: int | None = None,
+        max_total_bytes: int | None = None,
     ) -> int:
-        replay = self._replay
-        entry = replay.pop(stream, None)
-        if entry is None:
-            entry = (self._replay_ended.pop(stream, 0), deque(maxlen=limit))
-        last_id, buffer = entry
-        if buffer.maxlen != limit:
-            buffer = deque(buffer, maxlen=limit)
-        event_id = last_id + 1
-        buffer.append((event_id, now, event, data))
-        replay[stream] = (event_id, buffer)  # re-inserted last: oldest activity first
-        self._drop_idle_streams(now - retain)
-        return event_id
-
-    def _drop_idle_streams(self, before: float) -> None:
-        """Drop the buffers of streams whose newest event is older than ``before``.
-
-        Only the last id is kept, so that ids never restart and a returning client is
-        told that its events are gone rather than handed a wrong replay.
-        """
-        replay = self._replay
-        while replay:
-            stream, (last_id, buffer) = next(iter(replay.items()))
-            if buffer and buffer[-1][1] >= before:
-                return
-            del replay[stream]
-            self._replay_ended[stream] = last_id
+        bounds = Bounds(limit, retain, max_bytes, max_total_bytes)
+        return self._replay.append(stream, event, data, now, bounds)
 
     async def replay_since(
         self, stream: str, after_id: int, max_age: float, now: float
     ) -> list[ReplayedEvent] | None:
-        entry = self._replay.get(stream)
-        if entry is None:
-            ended = self._replay_ended.get(stream)
-            if ended is None:
-                return [] if after_id <= 0 else None
-            entry = (ended, deque())
-        last_id, buffer = entry
-        if after_id > last_id:
-            return None  # an id this stream never had (its ids restarted, or are not ours)
-        if after_id == last_id:
-            return []
-        oldest = buffer[0][0] if buffer else last_id + 1
-        if after_id + 1 < oldest:
-            return None
-        missed = [entry for entry in buffer if entry[0] > after_id]
-        if missed and now - missed[0][1] > max_age:
-            return None
-        return [ReplayedEvent(event_id, event, data) for event_id, _, event, data in missed]
+        return self._replay.since(stream, after_id, max_age, now)
+
+    def replay_counts(self) -> tuple[int, int, int]:
+        """Streams buffered, dropped streams remembered and bytes buffered: for tests."""
+        return self._replay.counts()
 
     async def close(self) -> None:
         return None
@@ -270,14 +299,6 @@ class MemoryStore:
 
 _CLOSED = BreakerState()
 """The state of a breaker never used: closed, with an empty window (it is immutable)."""
-
-
-def _resize(table: _KeyedStates | None, limit: int) -> _KeyedStates:
-    resized = _KeyedStates(limit)
-    if table is not None:
-        for key, state in list(table.states.items())[-limit:]:
-            resized.states[key] = state
-    return resized
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:

@@ -81,11 +81,16 @@ class StateStore(Protocol):
         now: float,
         *,
         retain: float = FOREVER,
+        max_bytes: int | None = None,
+        max_total_bytes: int | None = None,
     ) -> int:
         """Buffer an outgoing event for replay; returns its id (increasing per stream).
 
-        Streams with no event for ``retain`` seconds may be dropped: nobody can still
-        recover from them. Their ids keep counting where they stopped.
+        A stream's buffer keeps its newest ``limit`` events within ``max_bytes``; all the
+        buffers together keep within ``max_total_bytes``, the oldest entries of the least
+        recently active streams evicted first. Streams with no event for ``retain`` seconds
+        may be dropped: nobody can still recover from them. Their ids keep counting where
+        they stopped for twice ``retain``.
         """
         ...
 

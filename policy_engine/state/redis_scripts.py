@@ -15,8 +15,10 @@ its state::
     {prefix}:conn:ip:{ip}         connections per client address (deleted at zero)
     {prefix}:auth:{key}           authentication failures: sorted set scored by time
     {prefix}:replay:{stream}      replay buffer: list of JSON [id, time, event, data]
-    {prefix}:replay-id:{stream}   a stream's last id: outlives its buffer, ids never restart
+    {prefix}:replay-id:{stream}   a stream's last id: outlives its buffer for twice its TTL
     {prefix}:replay-streams       streams scored by their newest event, to drop idle ones
+    {prefix}:replay-bytes         bytes buffered per stream (a hash)
+    {prefix}:replay-total         bytes buffered in all streams
 """
 
 COMPARE_AND_SET = """
@@ -102,19 +104,40 @@ return {redis.call('ZCARD', KEYS[1]), newest[2]}
 """
 
 APPEND_REPLAY = """
--- KEYS: the buffer, the stream's last id, the index of streams by newest event.
+-- KEYS: the buffer, the stream's last id, the index of streams by newest event, the bytes
+-- buffered per stream (a hash), the bytes buffered in all.
 -- ARGV: the stream, the entry after its id ('time,event,data]'), the buffer's length, now,
 -- the idle horizon ('' keeps every stream), the buffer's TTL and the last id's TTL in ms
--- ('0': none), the prefix of buffer keys, how many idle buffers to drop at most.
+-- ('0': none), the prefix of buffer keys, how many buffers or entries to drop at most,
+-- the stream's bytes at most and all streams' bytes at most ('': no bound).
 -- Returns the new event's id.
-local id = redis.call('INCR', KEYS[2])
-local limit = tonumber(ARGV[3])
-if limit > 0 then
-  redis.call('RPUSH', KEYS[1], '[' .. id .. ',' .. ARGV[2])
-  redis.call('LTRIM', KEYS[1], -limit, -1)
-else
-  redis.call('DEL', KEYS[1])
+local function drop_stream(stream)
+  local bytes = tonumber(redis.call('HGET', KEYS[4], stream) or '0')
+  redis.call('DEL', ARGV[8] .. stream)
+  redis.call('ZREM', KEYS[3], stream)
+  redis.call('HDEL', KEYS[4], stream)
+  return bytes
 end
+local total = tonumber(redis.call('GET', KEYS[5]) or '0')
+local bytes = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  total = total - bytes  -- its buffer expired: nothing of it is buffered any more
+  bytes = 0
+end
+local id = redis.call('INCR', KEYS[2])
+local entry = '[' .. id .. ',' .. ARGV[2]
+local length = redis.call('RPUSH', KEYS[1], entry)
+bytes = bytes + #entry
+total = total + #entry
+local limit = tonumber(ARGV[3])
+local max_bytes = tonumber(ARGV[10])
+while length > 0 and (length > limit or (max_bytes and bytes > max_bytes)) do
+  local dropped = redis.call('LPOP', KEYS[1])
+  bytes = bytes - #dropped
+  total = total - #dropped
+  length = length - 1
+end
+redis.call('HSET', KEYS[4], ARGV[1], bytes)
 if ARGV[6] == '0' then
   redis.call('PERSIST', KEYS[1])
 else
@@ -130,10 +153,26 @@ if ARGV[5] ~= '' then
   -- Streams whose newest event is older than the horizon: nobody can recover from them.
   local idle = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[5], 'LIMIT', 0, ARGV[9])
   for _, stream in ipairs(idle) do
-    redis.call('DEL', ARGV[8] .. stream)
-    redis.call('ZREM', KEYS[3], stream)
+    total = total - drop_stream(stream)
   end
 end
+local max_total = tonumber(ARGV[11])
+local rounds = tonumber(ARGV[9])
+while max_total and total > max_total and rounds > 0 do
+  -- The oldest entry of the least recently active stream goes first.
+  local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if not oldest then break end
+  local dropped = redis.call('LPOP', ARGV[8] .. oldest)
+  if dropped then
+    total = total - #dropped
+    redis.call('HINCRBY', KEYS[4], oldest, -#dropped)
+  else
+    total = total - drop_stream(oldest)
+  end
+  rounds = rounds - 1
+end
+if total < 0 then total = 0 end
+redis.call('SET', KEYS[5], total)
 return id
 """
 

@@ -68,11 +68,12 @@ _CLOSED = BreakerState()
 _AUTH_FAILURES_KEPT = 1000
 """The newest failures kept per key, as many as the memory store keeps."""
 
-_ID_RETENTION = 7 * 24 * 3600.0
-"""How long a stream's last id outlives its last event (or twice ``retain``, if longer).
+_ID_RETENTION_FACTOR = 2.0
+"""A stream's last id outlives its last event by this many times ``retain``.
 
-Far beyond any reconnection window: a client that could still name an old id is told to
-reload, never handed events of a stream whose ids restarted.
+Beyond the reconnection window, so a client that can still recover finds the ids going
+on; bounded by it, since stream names are the clients' to choose. As in the memory store
+(:data:`policy_engine.state.replay_buffers.ID_RETENTION_FACTOR`).
 """
 
 _SWEEP_LIMIT = 256
@@ -331,11 +332,16 @@ class RedisStore:
         now: float,
         *,
         retain: float = FOREVER,
+        max_bytes: int | None = None,
+        max_total_bytes: int | None = None,
     ) -> int:
         """Buffer an outgoing event for replay; returns its id (increasing per stream).
 
         Streams with no event for ``retain`` seconds are dropped, as in the memory store,
         by the next append (to any stream) whose ``now`` is past that, and by their TTL.
+        Bytes are counted as stored (the JSON of each entry); the total is shared by every
+        process using this Redis, and one append evicts at most ``_SWEEP_LIMIT`` entries
+        of other streams.
         """
         try:
             rest = json.dumps([now, event, encode_payload(data)], separators=(",", ":"))[1:]
@@ -349,11 +355,19 @@ class RedisStore:
             _number(now),
             _number(now - retain) if finite else "",
             _ttl_ms(retain),
-            _ttl_ms(max(_ID_RETENTION, 2 * retain)),
+            _ttl_ms(_ID_RETENTION_FACTOR * retain),
             f"{self.prefix}:replay:",
             _SWEEP_LIMIT,
+            _ceiling(max_bytes),
+            _ceiling(max_total_bytes),
         ]
-        keys = [self._replay_key(stream), self._replay_id_key(stream), self._replay_index_key()]
+        keys = [
+            self._replay_key(stream),
+            self._replay_id_key(stream),
+            self._replay_index_key(),
+            f"{self.prefix}:replay-bytes",
+            f"{self.prefix}:replay-total",
+        ]
         with _answering("append_replay"):
             return int(await self._append_replay(keys=keys, args=args))
 

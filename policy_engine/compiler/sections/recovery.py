@@ -1,4 +1,4 @@
-"""``recovery``: which events are buffered for replay, how many, and for how long."""
+"""``recovery``: which events are buffered for replay, how many, how large, how long."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from typing import Any
 
 from policy_engine.compiler.compilation import Compilation, Convert
 from policy_engine.language.model import RecoverySpec
-from policy_engine.language.units import parse_duration
+from policy_engine.language.units import parse_duration, parse_size
 
 _FIELDS: Mapping[str, Convert] = {
     "enabled": bool,
     "max_disconnection": parse_duration,
     "buffer_events": int,
+    "max_buffer_bytes": parse_size,
+    "max_total_bytes": parse_size,
     "events": tuple,
 }
 
