@@ -428,3 +428,7 @@ def _as_github(diagnostic: Diagnostic) -> str:
         f"::{level} file={file},line={location.line},col={location.column},"
         f"title={diagnostic.code}::{message}"
     )
+
+
+if __name__ == "__main__":
+    entry()
