@@ -84,7 +84,7 @@ def take_permits(  # noqa: PLR0917 (the call, and where a resumed walk stands)
             if activation is None:
                 conn, claims, event, load = variables
                 activation = {"conn": conn, "claims": claims, "event": event, "load": load}
-            if not matches(spec.match, activation, policy.defaults.on_eval_error):
+            if not matches(spec.match, activation, spec.on_eval_error):
                 continue
         permit = state.permit_now(spec, now)
         if permit is ASK:
@@ -144,7 +144,6 @@ def _refusal(policy: PolicySet, spec: CircuitBreakerSpec, permit: Permit) -> Dec
 
 
 def recorded_failures(  # noqa: PLR0917 (the failed call's whole story)
-    policy: PolicySet,
     guard: BreakerGuard,
     duration: float,
     conn: Mapping[str, Any],
@@ -162,8 +161,7 @@ def recorded_failures(  # noqa: PLR0917 (the failed call's whole story)
     call = {"duration_ms": int(duration * 1000), "failed": True, "event": event["name"]}
     error_var = classification.as_context(error or {})
     activation = {"conn": conn, "event": event, "error": error_var, "call": call}
-    on_eval_error = policy.defaults.on_eval_error
     return tuple(
-        spec.record_when is None or matches(spec.record_when, activation, on_eval_error)
+        spec.record_when is None or matches(spec.record_when, activation, spec.on_eval_error)
         for spec in guard.permits
     )

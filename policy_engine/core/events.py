@@ -258,9 +258,7 @@ class EventHooks:
         failed = (
             ()
             if classification is None
-            else breakers.recorded_failures(
-                self.policy, guard, duration, conn, event, classification, error
-            )
+            else breakers.recorded_failures(guard, duration, conn, event, classification, error)
         )
         state = self.state
         transitions: list[tuple[str, Any]] = []
