@@ -19,7 +19,7 @@ import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from policy_engine.cel.checks import (
     BAD_REGEX,
@@ -94,6 +94,7 @@ class _FastProgram(CompiledProgram):
     """
 
     evaluator: Callable[[Mapping[str, Any]], Any] = field(repr=False, compare=False)
+    converts: ClassVar[bool] = False  # Python closures over the plain values
 
     def evaluate(self, activation: Mapping[str, Any]) -> Any:
         return self.evaluator(activation)

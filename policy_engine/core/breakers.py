@@ -130,15 +130,17 @@ def _hold(  # noqa: PLR0917 (a walk's state, passed along)
 
 
 def _refusal(policy: PolicySet, spec: CircuitBreakerSpec, permit: Permit) -> Decision:
+    """The breaker's refusal; with a ``fallback``, that fallback is the answer instead.
+
+    A fallback is what the caller gets back in place of the handler's result, so it is the
+    decision's payload under ``drop``: the adapter sends it as the ack the client asked
+    for, and nothing to a client that asked for none (there is no error to tell it of).
+    """
     rule = f"circuit_breakers/{spec.name}"
-    fallback = dict(spec.fallback) if spec.fallback is not None else None
+    if spec.fallback is not None:
+        return Decision(Outcome.DROP, rule, dict(spec.fallback))
     payload = system_refusal(
-        policy,
-        rule,
-        code=spec.code,
-        message=spec.message,
-        retry_after=permit.retry_after,
-        fallback=fallback,
+        policy, rule, code=spec.code, message=spec.message, retry_after=permit.retry_after
     )
     return Decision(Outcome.REJECT, rule, payload)
 
@@ -150,11 +152,14 @@ def recorded_failures(  # noqa: PLR0917 (the failed call's whole story)
     event: Mapping[str, Any],
     classification: Classification,
     error: Mapping[str, Any] | None,
-) -> tuple[bool, ...]:
-    """For a call that raised: whether each breaker held counts it as a failure.
+) -> tuple[bool | None, ...]:
+    """For a call that raised: whether each breaker held counts it as a failure (True) or
+    ignores it (None: neither a failure nor a success, its permit handed back).
 
     As in Resilience4j, ``record_when`` judges exceptions only: a return is a success, and
-    slow calls are counted through the breaker's ``slow_call`` settings.
+    slow calls are counted through the breaker's ``slow_call`` settings. An exception
+    outside ``record_when`` is ignored: counted as a success, a cheap client error could
+    close a breaker by winning its half-open probes.
     """
     if not any(spec.record_when for spec in guard.permits):
         return (True,) * len(guard.permits)
@@ -162,6 +167,8 @@ def recorded_failures(  # noqa: PLR0917 (the failed call's whole story)
     error_var = classification.as_context(error or {})
     activation = {"conn": conn, "event": event, "error": error_var, "call": call}
     return tuple(
-        spec.record_when is None or matches(spec.record_when, activation, spec.on_eval_error)
+        True
+        if spec.record_when is None or matches(spec.record_when, activation, spec.on_eval_error)
+        else None
         for spec in guard.permits
     )

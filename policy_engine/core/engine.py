@@ -30,6 +30,7 @@ from policy_engine.core.contexts import conn_context, event_context
 from policy_engine.core.decision import ALLOW, Decision
 from policy_engine.core.events import EventHooks, EventVerdict, PendingEvent, finish
 from policy_engine.core.payload import ClientPayload
+from policy_engine.core.payload_view import views_for
 from policy_engine.core.rate_limits import RateLimits
 from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
@@ -91,6 +92,7 @@ class Engine(EventHooks):
         self.policy = policy
         self.state.configure(policy.defaults.store_timeout, policy.defaults.on_store_error)
         self._shedding.keep_clocks_of(policy)
+        self._payload_views = views_for(policy)
 
     # -- connect -----------------------------------------------------------------------------
 

@@ -18,12 +18,13 @@ from policy_engine.core.authorization import authorize
 from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, Waiting, take_permits
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import ALLOW, Decision, Outcome
-from policy_engine.core.payload_checks import check_payload
+from policy_engine.core.payload_checks import check_schema, check_size
+from policy_engine.core.payload_view import PayloadView, cel_event
 from policy_engine.core.rate_limits import RateCheck, RateLimits
 from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
 from policy_engine.language.contexts import Hook
-from policy_engine.language.model import EventPlan, PolicySet, RateLimitSpec
+from policy_engine.language.model import EventPlan, EventSpec, PolicySet, RateLimitSpec
 from policy_engine.state.guarded import ASK, GuardedStore
 
 
@@ -35,12 +36,16 @@ class EventVerdict(NamedTuple):
 
 
 class PendingEvent(NamedTuple):
-    """An event judged up to its rate limits, which the shared store must answer."""
+    """An event judged up to its rate limits, which the shared store must answer; its
+    schema and authorization are judged once they did."""
 
     rates: RateCheck
     refusal: Decision | None  # a delay decided before the rate limits
     shadowed: list[str]
     recorder: Recorder
+    plan: EventPlan
+    event: dict[str, Any]
+    activation: dict[str, Any]
 
 
 _ALLOWED = EventVerdict(ALLOW, NO_GUARD)
@@ -56,6 +61,7 @@ class EventHooks:
     clock: Callable[[], float]
     _shedding: Shedding
     _rates: RateLimits
+    _payload_views: dict[str, PayloadView | None]
 
     # -- events ------------------------------------------------------------------------------
 
@@ -113,7 +119,14 @@ class EventHooks:
         """Finish a judgement that waited for the shared store's rate-limit answers."""
         await pending.rates.answer(self.state)
         refusal = pending.rates.conclude(self.policy, pending.recorder, pending.shadowed)
-        return finish(refusal or pending.refusal or ALLOW, pending.shadowed, pending.recorder)
+        return self._checks(
+            pending.plan,
+            pending.event,
+            pending.activation,
+            refusal or pending.refusal,
+            pending.shadowed,
+            pending.recorder,
+        )
 
     def _decide_event(
         self,
@@ -123,7 +136,12 @@ class EventHooks:
         event: dict[str, Any],
         recorder: Recorder,
     ) -> Decision | PendingEvent:
-        """Payload, shedding, authorization and rate limits, as far as needs no I/O."""
+        """Size, shedding and rate limits, then the checks that cost in proportion to the
+        payload (schema, authorization), as far as needs no I/O.
+
+        A client over its limit is refused before its payload is validated or read by any
+        condition; a payload a condition must not read is refused before that condition.
+        """
         event["priority"] = plan.priority
         if plan.plain and not plan.rate_limits and not recorder.enabled:
             # The common case, answered without building a context: only the size and the
@@ -137,35 +155,77 @@ class EventHooks:
                 return ALLOW
         policy = self.policy
         spec = plan.spec
-        refusal = check_payload(spec, event, recorder)
+        refusal = check_size(spec, event, recorder)
         if refusal is not None:
             return finish(refusal, [], recorder)
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
-        refusal = (
-            self._shedding.shed(
+        view = self._payload_views.get(event["name"], self._payload_views[""])
+        if plan.shedding:
+            if view is not None and view.sheds:
+                refusal = self._cel_event(view, spec, activation, recorder)
+                if refusal is not None:
+                    return finish(refusal, [], recorder)
+            refusal = self._shedding.shed(
                 policy, plan.shedding, activation, spec.priority, self.clock, recorder, shadowed
             )
-            if plan.shedding
-            else None
-        )
-        if refusal is None or refusal.outcome is _DELAY:
-            # A delay only postpones the event: what would refuse it still does.
-            refusal = (
-                authorize(policy, plan.authorization, Hook.EVENT, activation, recorder, shadowed)
-                or refusal
-            )
         if plan.rate_limits and (refusal is None or refusal.outcome is _DELAY):
+            # A delay only postpones the event: what would refuse it still does.
+            if view is not None and view.limits and activation["event"] is event:
+                invalid = self._cel_event(view, spec, activation, recorder)
+                if invalid is not None:
+                    return finish(invalid, shadowed, recorder)
             judged = self._rates.judge(
                 policy, plan.rate_limits, activation, self.clock(), self.state, recorder, shadowed
             )
-            if judged is not None:
-                if isinstance(judged, RateCheck):
-                    return PendingEvent(judged, refusal, shadowed, recorder)
-                refusal = judged
+            if isinstance(judged, RateCheck):
+                return PendingEvent(judged, refusal, shadowed, recorder, plan, event, activation)
+            refusal = judged or refusal
+        return self._checks(plan, event, activation, refusal, shadowed, recorder)
+
+    def _checks(  # noqa: PLR0917 (a judgement's state, passed along)
+        self,
+        plan: EventPlan,
+        event: dict[str, Any],
+        activation: dict[str, Any],
+        refusal: Decision | None,
+        shadowed: list[str],
+        recorder: Recorder,
+    ) -> Decision:
+        """The payload's schema and the authorization rules, unless already refused."""
+        if refusal is not None and refusal.outcome is not _DELAY:
+            return finish(refusal, shadowed, recorder)
+        spec = plan.spec
+        if spec.validate is not None:
+            invalid = check_schema(spec, event, recorder)
+            if invalid is not None:
+                return finish(invalid, shadowed, recorder)
+        if plan.authorization:
+            view = self._payload_views.get(event["name"], self._payload_views[""])
+            if view is not None and activation["event"] is event:
+                invalid = self._cel_event(view, spec, activation, recorder)
+                if invalid is not None:
+                    return finish(invalid, shadowed, recorder)
+            refusal = (
+                authorize(
+                    self.policy, plan.authorization, Hook.EVENT, activation, recorder, shadowed
+                )
+                or refusal
+            )
         if refusal is None and not shadowed and not recorder.enabled:
             return ALLOW
         return finish(refusal or ALLOW, shadowed, recorder)
+
+    @staticmethod
+    def _cel_event(
+        view: PayloadView, spec: EventSpec, activation: dict[str, Any], recorder: Recorder
+    ) -> Decision | None:
+        """Hand the conditions the checked event; the refusal when it cannot be."""
+        seen = cel_event(view, spec, activation["event"], recorder)
+        if isinstance(seen, Decision):
+            return seen
+        activation["event"] = seen
+        return None
 
     async def on_emit(
         self,
@@ -264,6 +324,10 @@ class EventHooks:
         transitions: list[tuple[str, Any]] = []
         for at, spec in enumerate(guard.permits):
             failure = failed[at] if failed else False
+            if failure is None:  # an exception this breaker ignores
+                if state.release_now(spec) is ASK:
+                    await state.release(spec)
+                continue
             transition = state.record_now(spec, now, failed=failure, duration=duration)
             if transition is ASK:
                 transition = await state.record(spec, now, failed=failure, duration=duration)
