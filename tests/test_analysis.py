@@ -241,7 +241,5 @@ def test_comprehensions_over_finds_the_client_lists_iterated() -> None:
         'event.payload.tags.exists(t, t == "a") || [1, 2].all(n, n > 0)'
         ' || event.payload.all(k, k != "")'
     )
-    assert [key for key, _ in analysis.comprehensions_over(source, "event", "payload")] == [
-        "tags",
-        "",
-    ]
+    found = analysis.comprehensions_over(source, "event", "payload")
+    assert [(key, macro) for key, macro, _ in found] == [("tags", "exists"), ("", "all")]

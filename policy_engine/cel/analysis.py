@@ -271,16 +271,17 @@ def fields_read_under(source: str, variable: str, field: str) -> frozenset[str] 
     return frozenset(found)
 
 
-def comprehensions_over(source: str, variable: str, field: str) -> list[tuple[str, int]]:
+def comprehensions_over(source: str, variable: str, field: str) -> list[tuple[str, str, int]]:
     """The comprehensions (``exists``, ``all``, ``filter``, ...) whose range is a key of
-    ``variable.field`` or the map itself: the key (``""`` for the map) and the macro's offset.
+    ``variable.field`` or the map itself: the key (``""`` for the map), the macro and its
+    offset, in source order.
 
     The iterations such a comprehension costs are chosen by whoever sends the data.
     """
     tree = _tree(source)
     if tree is None:
         return []
-    found: list[tuple[str, int]] = []
+    found: list[tuple[str, str, int]] = []
     for node in tree.iter_subtrees():
         if node.data != "member_dot_arg" or node.children[1] not in MACROS:
             continue
@@ -288,14 +289,14 @@ def comprehensions_over(source: str, variable: str, field: str) -> list[tuple[st
         name = node.children[1]
         offset = name.start_pos if isinstance(name, Token) and name.start_pos is not None else 0
         if _selects(receiver, variable, field, frozenset()):
-            found.append(("", offset))
+            found.append(("", str(name), offset))
         elif isinstance(receiver, Tree) and receiver.data in ("member_dot", "member_index"):
             key = _selected(receiver)
             if key is not None and _selects(
                 unwrap(receiver.children[0]), variable, field, frozenset()
             ):
-                found.append((key, offset))
-    return sorted(found, key=lambda item: item[1])
+                found.append((key, str(name), offset))
+    return sorted(found, key=lambda item: item[2])
 
 
 def _selects(branch: Branch[Token], variable: str, field: str, scope: frozenset[str]) -> bool:

@@ -36,7 +36,7 @@ def warn_unbounded_comprehensions(c: Compilation, sections: Sections) -> None:
             if names is not None
             else [*events.values(), default_event]
         )
-        for key, _ in found:
+        for key in dict.fromkeys(key for key, _, _ in found):
             unbounded = sorted({s.name for s in specs if not _bounded(s.schema, key)})
             if not unbounded:
                 continue

@@ -11,9 +11,13 @@ of which runs in that engine, the payload is walked once, before any condition s
   walked and handed to CEL; a condition that reads the payload as a whole gets all of it;
 * such a value is refused as ``INVALID_PAYLOAD`` (not retryable: resending cannot help),
   never mapped to something else the application would not see;
-* the walk stops after :data:`VALUE_BUDGET` values with ``PAYLOAD_TOO_COMPLEX``: what a
-  condition may be made to convert and iterate over is bounded by the engine, not by
-  whoever sends the event (a schema ``maxItems`` bounds it tighter, per event).
+* the event's cost is bounded, in values: each value walked (and later converted) is one,
+  each element a comprehension (``exists``, ``all``, ...) iterates over a payload key is
+  one more, and ``filter`` or ``map`` over n elements, which copy their result at every
+  step, cost ``n * n / QUADRATIC_SHARE``. Beyond :data:`VALUE_BUDGET` the event is refused
+  ``PAYLOAD_TOO_COMPLEX`` before any condition runs: what conditions may be made to do is
+  bounded by the engine, not by whoever sends the event (a schema ``maxItems`` bounds it
+  tighter, per event, and ``validate`` warns where none does).
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
-from policy_engine.cel.analysis import fields_read_under
+from policy_engine.cel.analysis import comprehensions_over, fields_read_under
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.payload import INVALID_PAYLOAD, PAYLOAD_TOO_COMPLEX
 from policy_engine.core.recorder import Recorder
 from policy_engine.language.model import EventPlan, EventSpec, Expression, PolicySet
 
-VALUE_BUDGET: Final = 2_000
-"""The most values (strings, numbers, list items, map entries) of one event's payload
-that its conditions may be made to read; a heavier event is refused before any is read."""
+VALUE_BUDGET: Final = 1_000
+"""The most an event's conditions may be made to read and iterate, in values (strings,
+numbers, list items, map entries); a heavier event is refused before any is read."""
+QUADRATIC_SHARE: Final = 6
+"""``filter``/``map`` over n elements take about as long as walking ``n * n / 6`` values."""
 
 _INT_MIN: Final = -(2**63)  # int64's least
 _INT_MAX: Final = 2**64 - 1  # uint64's greatest
@@ -42,6 +48,9 @@ class PayloadView(NamedTuple):
     keys: frozenset[str] | None  # None: the payload as a whole
     sheds: bool  # a shedding condition converts the event
     limits: bool  # a rate limit's condition or key does
+    # The payload keys comprehensions iterate ("": the payload itself), and whether by
+    # filter or map.
+    iterated: tuple[tuple[str, bool], ...] = ()
 
 
 def views_for(policy: PolicySet) -> dict[str, PayloadView | None]:
@@ -62,11 +71,31 @@ def view_of(plan: EventPlan) -> PayloadView | None:
         return None
     reads = [fields_read_under(e.source, "event", "payload") for e in everything]
     keys = None if None in reads else frozenset().union(*(r for r in reads if r is not None))
+    iterated = {
+        (key, macro in _COPYING)
+        for e in everything
+        for key, macro, _ in comprehensions_over(e.source, "event", "payload")
+    }
     return PayloadView(
         keys,
         sheds=any(_converts_event(e) for e in shedding),
         limits=any(_converts_event(e) for e in limits),
+        iterated=tuple(sorted(iterated)),
     )
+
+
+_COPYING: Final = frozenset({"filter", "map"})
+
+
+def iteration_cost(view: PayloadView, payload: Any) -> int:
+    """What the comprehensions over this payload's keys cost, in values."""
+    cost = 0
+    for key, copying in view.iterated:
+        items = payload if not key else payload.get(key) if type(payload) is dict else None
+        if type(items) is list or type(items) is dict:
+            size = len(items)
+            cost += size * size // QUADRATIC_SHARE if copying else size
+    return cost
 
 
 def cel_event(
@@ -81,7 +110,8 @@ def cel_event(
     keys = view.keys
     if keys is not None and type(payload) is dict:
         payload = {key: payload[key] for key in keys if key in payload}
-    problem = payload_problem([event["name"], payload], VALUE_BUDGET)
+    budget = VALUE_BUDGET - iteration_cost(view, payload) if view.iterated else VALUE_BUDGET
+    problem = payload_problem([event["name"], payload], budget)
     if problem is None:
         seen = dict(event)
         seen["payload"] = payload
@@ -107,6 +137,8 @@ def payload_problem(values: list[Any], budget: int) -> str | None:
     """
     pending = values
     seen = len(pending)
+    if seen > budget:
+        return _OVER_BUDGET
     while pending:
         value = pending.pop()
         kind = type(value)

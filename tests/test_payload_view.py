@@ -1,0 +1,84 @@
+"""The checked payload conditions read: what is refused, what is kept, what it may cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from policy_engine.compiler.pipeline import compile_text
+from policy_engine.core.engine import Engine, conn_context, event_context
+from policy_engine.core.payload_view import VALUE_BUDGET, payload_problem, views_for
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (2**64, "64-bit"),
+        (-(2**63) - 1, "64-bit"),
+        ("\ud800", "surrogate"),
+        ({"\udfff": 1}, "surrogate"),
+        ("a\x00b", "NUL"),
+        ((1, 2), "tuple"),
+    ],
+)
+def test_values_cel_cannot_take_as_they_are_are_named(value: Any, problem: str) -> None:
+    found = payload_problem([{"deep": [[value]]}], VALUE_BUDGET)
+    assert found is not None
+    assert problem in found
+
+
+@pytest.mark.parametrize("value", [2**64 - 1, -(2**63), "é ✓ 😀", 1.5, None, True, b"raw"])
+def test_values_cel_takes_pass(value: Any) -> None:
+    assert payload_problem([{"deep": [[value]]}], VALUE_BUDGET) is None
+
+
+def test_the_walk_stops_at_the_budget() -> None:
+    assert payload_problem([[0] * 10], 11) is None
+    assert payload_problem([[0] * 10], 10) is not None
+    assert payload_problem([[[[[0]]]]], 4) is not None  # nesting counts, one per level
+
+
+def engine_for(rules: str) -> Engine:
+    return Engine(compile_text("version: 1\n" + rules).policy, clock=lambda: 100.0)
+
+
+FILTER_RULE = """
+authorization:
+  rules:
+    - name: no-sudo
+      hook: event
+      when: 'event.payload.tags.filter(t, t == "sudo").size() > 0'
+      effect: deny
+"""
+
+
+async def test_a_filter_over_a_client_list_costs_the_square_of_its_length() -> None:
+    engine = engine_for(FILTER_RULE)
+    conn = conn_context(sid="s1", ip="192.0.2.1")
+    short = await engine.on_event(conn, {}, event_context("x", {"tags": ["a"] * 50}))
+    long = await engine.on_event(conn, {}, event_context("x", {"tags": ["a"] * 100}))
+    assert short.allowed
+    assert long.payload is not None
+    assert long.payload["code"] == "PAYLOAD_TOO_COMPLEX"
+
+
+def test_only_the_keys_conditions_select_are_kept() -> None:
+    policy = compile_text(
+        "version: 1\n"
+        "authorization:\n  rules:\n"
+        "    - {name: a, hook: event, when: 'event.payload.cmd.matches(\"rm\")', effect: deny}\n"
+        "    - {name: b, hook: event, when: 'has(event.payload.user)', effect: deny}\n"
+    ).policy
+    view = views_for(policy)[""]
+    assert view is not None
+    assert view.keys == {"cmd", "user"}
+
+
+def test_an_event_no_converting_condition_reads_is_not_walked() -> None:
+    policy = compile_text(
+        "version: 1\n"
+        "authorization:\n  rules:\n"
+        "    - {name: a, hook: event, when: 'event.payload.cmd == \"rm\"', effect: deny}\n"
+    ).policy
+    assert views_for(policy)[""] is None
