@@ -6,9 +6,11 @@ from typing import Any
 
 import pytest
 
+from policy_engine.cel import SharedContext, get_backend
 from policy_engine.compiler.pipeline import compile_text
 from policy_engine.core.engine import Engine, conn_context, event_context
 from policy_engine.core.payload_view import VALUE_BUDGET, payload_problem, views_for
+from policy_engine.language.contexts import HOOK_VARIABLES, Hook
 
 
 @pytest.mark.parametrize(
@@ -82,3 +84,20 @@ def test_an_event_no_converting_condition_reads_is_not_walked() -> None:
         "    - {name: a, hook: event, when: 'event.payload.cmd == \"rm\"', effect: deny}\n"
     ).policy
     assert views_for(policy)[""] is None
+
+
+def test_a_shared_context_is_converted_once_for_every_program_reading_it() -> None:
+    backend = get_backend("cel-expr-python")
+    variables = HOOK_VARIABLES[Hook.EVENT]
+    first = backend.compile('event.payload.cmd.matches("rm")', variables)
+    second = backend.compile('event.payload.tags.exists(t, t == "admin")', variables)
+    context = SharedContext(
+        {"conn": {}, "claims": {}, "load": {}, "event": {"payload": {"cmd": "rm", "tags": []}}}
+    )
+    assert first.evaluate(context) is True
+    converted = context.converted
+    assert converted is not None
+    assert second.evaluate(context) is False
+    assert context.converted is converted
+    context["event"] = {"payload": {"cmd": "ls", "tags": ["admin"]}}  # a new event: anew
+    assert (first.evaluate(context), second.evaluate(context)) == (False, True)

@@ -52,6 +52,25 @@ class CompiledProgram(ABC):
         )
 
 
+class SharedContext(dict[str, Any]):
+    """An activation several programs evaluate in turn, such as one event's.
+
+    An engine that converts the context into its own values keeps that conversion in
+    ``converted`` and reuses it, so the event is converted once, however many conditions
+    read it; any assignment drops it. Reads are a plain dict's.
+    """
+
+    __slots__ = ("converted",)
+
+    def __init__(self, variables: Mapping[str, Any]) -> None:
+        super().__init__(variables)
+        self.converted: Any = None
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, value)
+        self.converted = None
+
+
 class CelBackend(Protocol):
     """One CEL engine: compiles a source against the variables a place in the policy offers."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from policy_engine.cel import SharedContext
 from policy_engine.core import breakers
 from policy_engine.core.authorization import authorize
 from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, Waiting, take_permits
@@ -159,7 +160,9 @@ class EventHooks:
         if refusal is not None:
             return finish(refusal, [], recorder)
         shadowed: list[str] = []
-        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
+        activation = SharedContext(
+            {"conn": conn, "claims": claims, "event": event, "load": self.load}
+        )
         view = self._payload_views.get(event["name"], self._payload_views[""])
         if plan.shedding:
             if view is not None and view.sheds:
