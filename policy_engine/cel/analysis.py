@@ -205,14 +205,25 @@ def _reads_of(tree: Tree[Token]) -> frozenset[_Read]:
             if owner is not None and field is not None:
                 found.add((owner, field))
                 children = []
-        elif node.data == "member_dot_arg" and node.children[1] in MACROS:
-            args = arguments(node, 2)
-            variable = unwrap(args[0]) if args else None
-            if len(args) in (2, 3) and isinstance(variable, Tree) and variable.data == "ident":
-                inner = scope | {str(variable.children[0])}
-                children = [(node.children[0], scope), *((body, inner) for body in args[1:])]
+        elif (scoped := _comprehension_children(node, scope)) is not None:
+            children = scoped
         pending.extend((child, s) for child, s in children if isinstance(child, Tree))
     return frozenset(found)
+
+
+def _comprehension_children(
+    node: Tree[Token], scope: frozenset[str]
+) -> list[tuple[Branch[Token], frozenset[str]]] | None:
+    """A comprehension's range in ``scope`` and its bodies with its variable bound too;
+    None when ``node`` is not a well-formed comprehension."""
+    if node.data != "member_dot_arg" or node.children[1] not in MACROS:
+        return None
+    args = arguments(node, 2)
+    bound = unwrap(args[0]) if args else None
+    if not (len(args) in (2, 3) and isinstance(bound, Tree) and bound.data == "ident"):
+        return None
+    inner = scope | {str(bound.children[0])}
+    return [(node.children[0], scope), *((body, inner) for body in args[1:])]
 
 
 def _free_name(branch: Branch[Token], scope: frozenset[str]) -> str | None:
@@ -261,12 +272,8 @@ def fields_read_under(source: str, variable: str, field: str) -> frozenset[str] 
                 if _selected(node) in (None, field):
                     return None
                 children = []
-        elif node.data == "member_dot_arg" and node.children[1] in MACROS:
-            args = arguments(node, 2)
-            bound = unwrap(args[0]) if args else None
-            if len(args) in (2, 3) and isinstance(bound, Tree) and bound.data == "ident":
-                inner = scope | {str(bound.children[0])}
-                children = [(node.children[0], scope), *((body, inner) for body in args[1:])]
+        elif (scoped := _comprehension_children(node, scope)) is not None:
+            children = scoped
         pending.extend((child, s) for child, s in children if isinstance(child, Tree))
     return frozenset(found)
 
