@@ -166,3 +166,26 @@ async def test_a_client_over_its_limit_costs_no_validation_and_no_condition(
 
     assert [a.get("code") for a in answers] == [None, None] + ["RATE_LIMITED"] * 4
     assert (validations.calls, conditions.calls) == (2, 2)
+
+
+HANDSHAKE_POLICY = """
+version: 1
+authorization:
+  rules:
+    - name: no-tools
+      hook: connect
+      when: has(conn.query.tool) && conn.query.tool.matches("(rm|sudo)")
+      effect: deny
+      code: NO_TOOLS
+"""
+
+
+async def test_a_nul_byte_in_the_handshake_cannot_hide_from_a_connect_rule(serve, clients):
+    served = serve(HANDSHAKE_POLICY, setup=app)
+
+    plain = await clients.refused(served.url, query={"tool": "sudo"})
+    hidden = await clients.refused(served.url, query={"tool": "ls\u0000sudo"})
+
+    assert plain["data"]["code"] == "NO_TOOLS"
+    assert hidden["data"]["code"] == "INVALID_REQUEST"
+    assert "NUL" in hidden["data"]["message"]

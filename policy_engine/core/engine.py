@@ -30,7 +30,7 @@ from policy_engine.core.contexts import conn_context, event_context
 from policy_engine.core.decision import ALLOW, Decision
 from policy_engine.core.events import EventHooks, EventVerdict, PendingEvent, finish
 from policy_engine.core.payload import ClientPayload
-from policy_engine.core.payload_view import views_for
+from policy_engine.core.payload_view import handshake_checked, handshake_refusal, views_for
 from policy_engine.core.rate_limits import RateLimits
 from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
@@ -93,6 +93,7 @@ class Engine(EventHooks):
         self.state.configure(policy.defaults.store_timeout, policy.defaults.on_store_error)
         self._shedding.keep_clocks_of(policy)
         self._payload_views = views_for(policy)
+        self._handshake_checked = handshake_checked(policy)
 
     # -- connect -----------------------------------------------------------------------------
 
@@ -110,6 +111,10 @@ class Engine(EventHooks):
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "load": self.load}
         index = policy.by_hook
+        if self._handshake_checked:
+            invalid = handshake_refusal(conn, claims)
+            if invalid is not None:
+                return finish(invalid, shadowed, recorder)
         refusal = (
             self._shedding.shed(
                 policy,

@@ -27,8 +27,9 @@ from typing import Any, Final, NamedTuple
 
 from policy_engine.cel.analysis import comprehensions_over, fields_read_under
 from policy_engine.core.decision import Decision, Outcome
-from policy_engine.core.payload import INVALID_PAYLOAD, PAYLOAD_TOO_COMPLEX
+from policy_engine.core.payload import INVALID_PAYLOAD, INVALID_REQUEST, PAYLOAD_TOO_COMPLEX
 from policy_engine.core.recorder import Recorder
+from policy_engine.language.contexts import Hook
 from policy_engine.language.model import EventPlan, EventSpec, Expression, PolicySet
 
 VALUE_BUDGET: Final = 1_000
@@ -180,6 +181,12 @@ def _clean(text: str) -> bool:
 
 def _converts_event(expression: Expression) -> bool:
     """Whether evaluating ``expression`` hands ``event`` to a converting engine."""
+    return _converts(expression, "event")
+
+
+def _converts(expression: Expression, variable: str | None = None) -> bool:
+    """Whether evaluating ``expression`` hands ``variable`` (any, for None) to a
+    converting engine."""
     if expression.event_names is not None:
         if expression.is_name_test:
             return False
@@ -188,6 +195,29 @@ def _converts_event(expression: Expression) -> bool:
         program = expression.program
     if expression.path is not None:
         return False  # a plain field, read as a dict lookup (a rate-limit key)
-    return getattr(program, "converts", True) and "event" in getattr(
-        program, "variables", {"event"}
-    )
+    if not getattr(program, "converts", True):
+        return False
+    return variable is None or variable in getattr(program, "variables", {variable})
+
+
+def handshake_checked(policy: PolicySet) -> bool:
+    """Whether a connect condition runs in a converting engine: then the handshake's
+    ``conn`` and ``claims`` are checked as a payload is, before any condition reads them
+    (a query value may carry a NUL, a client's ``auth`` any JSON)."""
+    index = policy.by_hook
+    rules = [
+        *(rule.when for rule in index.shedding[Hook.CONNECT]),
+        *(rule.when for rule in index.authorization[Hook.CONNECT]),
+        *(e for rule in index.rate_limits[Hook.CONNECT] for e in (rule.when, rule.key) if e),
+    ]
+    return any(_converts(expression) for expression in rules)
+
+
+def handshake_refusal(conn: Mapping[str, Any], claims: Mapping[str, Any]) -> Decision | None:
+    """The refusal of a handshake whose values CEL cannot read as they are."""
+    problem = payload_problem([conn, claims], VALUE_BUDGET)
+    if problem is None:
+        return None
+    if problem is _OVER_BUDGET:
+        problem = f"more than {VALUE_BUDGET} values to check"
+    return Decision(Outcome.REJECT, "identity", INVALID_REQUEST.payload("identity", detail=problem))
