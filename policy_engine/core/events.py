@@ -199,7 +199,7 @@ class EventHooks:
         if refusal is not None and refusal.outcome is not _DELAY:
             return finish(refusal, shadowed, recorder)
         spec = plan.spec
-        if spec.validate is not None:
+        if spec.validate is not None or recorder.enabled:
             invalid = check_schema(spec, event, recorder)
             if invalid is not None:
                 return finish(invalid, shadowed, recorder)
