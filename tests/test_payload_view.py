@@ -102,3 +102,16 @@ def test_a_shared_context_is_converted_once_for_every_program_reading_it() -> No
     assert context.converted is converted
     context["event"] = {"payload": {"cmd": "ls", "tags": ["admin"]}}  # a new event: anew
     assert (first.evaluate(context), second.evaluate(context)) == (False, True)
+
+
+async def test_a_breaker_condition_reads_the_checked_payload() -> None:
+    engine = engine_for(
+        "circuit_breakers:\n  - {name: b, match: 'event.payload.cmd.matches(\"rm\")'}\n"
+    )
+    conn = conn_context(sid="s1", ip="192.0.2.1")
+    padded = event_context("x", {"cmd": "rm", "pad": 2**64})
+    hidden = event_context("x", {"cmd": "ls\x00rm"})
+    guard = await engine.before_call(conn, {}, padded)
+    refused = await engine.before_call(conn, {}, hidden)
+    assert [spec.name for spec in guard.permits] == ["b"]  # type: ignore[union-attr]
+    assert refused.payload["code"] == "INVALID_PAYLOAD"  # type: ignore[union-attr]

@@ -86,7 +86,10 @@ class EventHooks:
             return EventVerdict(decided, None)
         if not decided.allowed or not plan.breakers:
             return EventVerdict(decided, NO_GUARD)
-        variables = (conn, claims, event, self.load)
+        seen = self._guarded_event(plan, event, NULL_RECORDER)
+        if isinstance(seen, Decision):
+            return EventVerdict(seen, NO_GUARD)
+        variables = (conn, claims, seen, self.load)
         permits = take_permits(
             self.policy, self.state, plan.breakers, variables, self.clock(), NULL_RECORDER
         )
@@ -219,6 +222,16 @@ class EventHooks:
             return ALLOW
         return finish(refusal or ALLOW, shadowed, recorder)
 
+    def _guarded_event(
+        self, plan: EventPlan, event: Mapping[str, Any], recorder: Recorder
+    ) -> Mapping[str, Any] | Decision:
+        """The event as breaker conditions see it: checked when one runs in a converting
+        engine (the rules before them may have read none of it)."""
+        view = self._payload_views.get(event["name"], self._payload_views[""])
+        if view is None or not view.guards:
+            return event
+        return cel_event(view, plan.spec, event, recorder)
+
     @staticmethod
     def _cel_event(
         view: PayloadView, spec: EventSpec, activation: dict[str, Any], recorder: Recorder
@@ -287,11 +300,15 @@ class EventHooks:
     ) -> BreakerGuard | Decision:
         """Ask every breaker guarding this event for a permit; refuse at once if one is open."""
         policy = self.policy
-        specs = policy.event_plans[event["name"]].breakers
+        plan = policy.event_plans[event["name"]]
+        specs = plan.breakers
         if not specs:
             return NO_GUARD
+        seen = self._guarded_event(plan, event, recorder or NULL_RECORDER)
+        if isinstance(seen, Decision):
+            return seen
         state, now = self.state, self.clock()
-        variables = (conn, claims, event, self.load)
+        variables = (conn, claims, seen, self.load)
         permits = take_permits(policy, state, specs, variables, now, recorder or NULL_RECORDER)
         if type(permits) is BreakerGuard:
             return permits

@@ -49,6 +49,7 @@ class PayloadView(NamedTuple):
     keys: frozenset[str] | None  # None: the payload as a whole
     sheds: bool  # a shedding condition converts the event
     limits: bool  # a rate limit's condition or key does
+    guards: bool  # a circuit breaker's match does
     # The payload keys comprehensions iterate ("": the payload itself), and whether by
     # filter or map.
     iterated: tuple[tuple[str, bool], ...] = ()
@@ -81,6 +82,7 @@ def view_of(plan: EventPlan) -> PayloadView | None:
         keys,
         sheds=any(_converts_event(e) for e in shedding),
         limits=any(_converts_event(e) for e in limits),
+        guards=any(_converts_event(b.match) for b in plan.breakers),
         iterated=tuple(sorted(iterated)),
     )
 
