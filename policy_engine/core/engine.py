@@ -2,10 +2,14 @@
 
 The engine knows nothing of Socket.IO. The adapter hands it plain-dict contexts (``conn``,
 ``claims``, ``event``, ``load``) and turns its :class:`Decision` into protocol actions.
-Rules are judged in an order that refuses cheaply first: shedding (the server is
-overloaded: do as little as possible), then payload checks, authorization, rate limits,
-and finally the counters that a successful connect increments. Each rule group lives in
-its own module; this class holds the per-process state they share and walks them.
+Rules are judged in an order that refuses cheaply first. An event: its size, shedding (the
+server is overloaded: do as little as possible), rate limits, then what costs in
+proportion to the payload (its schema, authorization), so a client over its limit pays
+for nothing else. A connect: shedding, authentication throttling, authorization, rate
+limits, and finally the counters a successful connect increments. Whatever a condition in
+a converting CEL engine reads of the client's data is checked first
+(:mod:`policy_engine.core.payload_view`). Each rule group lives in its own module; this
+class holds the per-process state they share and walks them.
 
 A rule in shadow mode is judged exactly like an enforced one, but only named in
 ``Decision.shadowed``: it refuses nothing. Every method takes an optional
