@@ -60,11 +60,7 @@ class SharedContext(dict[str, Any]):
     read it; any assignment drops it. Reads are a plain dict's.
     """
 
-    __slots__ = ("converted",)
-
-    def __init__(self, variables: Mapping[str, Any]) -> None:
-        super().__init__(variables)
-        self.converted: Any = None
+    converted: Any = None  # set on the instance once converted; built by dict's own init
 
     def __setitem__(self, name: str, value: Any) -> None:
         super().__setitem__(name, value)

@@ -163,10 +163,15 @@ class EventHooks:
         if refusal is not None:
             return finish(refusal, [], recorder)
         shadowed: list[str] = []
-        activation = SharedContext(
-            {"conn": conn, "claims": claims, "event": event, "load": self.load}
-        )
+        activation: dict[str, Any] = {
+            "conn": conn,
+            "claims": claims,
+            "event": event,
+            "load": self.load,
+        }
         view = self._payload_views.get(event["name"], self._payload_views[""])
+        if view is not None:  # conditions that convert the event: convert it once
+            activation = SharedContext(activation)
         if plan.shedding:
             if view is not None and view.sheds:
                 refusal = self._cel_event(view, spec, activation, recorder)
