@@ -86,9 +86,12 @@ class EventHooks:
             return EventVerdict(decided, None)
         if not decided.allowed or not plan.breakers:
             return EventVerdict(decided, NO_GUARD)
-        seen = self._guarded_event(plan, event, NULL_RECORDER)
-        if isinstance(seen, Decision):
-            return EventVerdict(seen, NO_GUARD)
+        seen: Mapping[str, Any] = event
+        if self._payload_views:
+            guarded = self._guarded_event(plan, event, NULL_RECORDER)
+            if isinstance(guarded, Decision):
+                return EventVerdict(guarded, NO_GUARD)
+            seen = guarded
         variables = (conn, claims, seen, self.load)
         permits = take_permits(
             self.policy, self.state, plan.breakers, variables, self.clock(), NULL_RECORDER
@@ -159,9 +162,10 @@ class EventHooks:
                 return ALLOW
         policy = self.policy
         spec = plan.spec
-        refusal = check_size(spec, event, recorder)
-        if refusal is not None:
-            return finish(refusal, [], recorder)
+        max_bytes = spec.max_bytes
+        if max_bytes is not None and event["size_bytes"] > max_bytes:
+            return finish(check_size(spec, event, recorder) or ALLOW, [], recorder)
+        refusal: Decision | None = None
         shadowed: list[str] = []
         activation: dict[str, Any] = {
             "conn": conn,
@@ -169,7 +173,8 @@ class EventHooks:
             "event": event,
             "load": self.load,
         }
-        view = self._payload_views.get(event["name"], self._payload_views[""])
+        views = self._payload_views
+        view = views.get(event["name"], views[""]) if views else None
         if view is not None:  # conditions that convert the event: convert it once
             activation = SharedContext(activation)
         if plan.shedding:
@@ -212,9 +217,13 @@ class EventHooks:
             if invalid is not None:
                 return finish(invalid, shadowed, recorder)
         if plan.authorization:
-            view = self._payload_views.get(event["name"], self._payload_views[""])
-            if view is not None and activation["event"] is event:
-                invalid = self._cel_event(view, spec, activation, recorder)
+            # A shared context means some condition converts the event: check it first.
+            if type(activation) is SharedContext and activation["event"] is event:
+                views = self._payload_views
+                view = views.get(event["name"], views[""])
+                invalid = (
+                    None if view is None else self._cel_event(view, spec, activation, recorder)
+                )
                 if invalid is not None:
                     return finish(invalid, shadowed, recorder)
             refusal = (
@@ -231,8 +240,10 @@ class EventHooks:
         self, plan: EventPlan, event: Mapping[str, Any], recorder: Recorder
     ) -> Mapping[str, Any] | Decision:
         """The event as breaker conditions see it: checked when one runs in a converting
-        engine (the rules before them may have read none of it)."""
-        view = self._payload_views.get(event["name"], self._payload_views[""])
+        engine (the rules before them may have read none of it). Asked only when some
+        condition of the policy converts an event."""
+        views = self._payload_views
+        view = views.get(event["name"], views[""])
         if view is None or not view.guards:
             return event
         return cel_event(view, plan.spec, event, recorder)
@@ -309,9 +320,12 @@ class EventHooks:
         specs = plan.breakers
         if not specs:
             return NO_GUARD
-        seen = self._guarded_event(plan, event, recorder or NULL_RECORDER)
-        if isinstance(seen, Decision):
-            return seen
+        seen: Mapping[str, Any] = event
+        if self._payload_views:
+            guarded = self._guarded_event(plan, event, recorder or NULL_RECORDER)
+            if isinstance(guarded, Decision):
+                return guarded
+            seen = guarded
         state, now = self.state, self.clock()
         variables = (conn, claims, seen, self.load)
         permits = take_permits(policy, state, specs, variables, now, recorder or NULL_RECORDER)

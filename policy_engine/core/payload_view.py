@@ -57,11 +57,11 @@ class PayloadView(NamedTuple):
 
 def views_for(policy: PolicySet) -> dict[str, PayloadView | None]:
     """Per event name the policy names, and ``""`` for all others: None when no condition
-    of that event runs in a converting engine (nothing to check)."""
+    of that event runs in a converting engine (nothing to check); empty when none does."""
     plans = policy.event_plans
     views = {name: view_of(plan) for name, plan in plans.named.items()}
     views[""] = view_of(plans.other)
-    return views
+    return views if any(view is not None for view in views.values()) else {}
 
 
 def view_of(plan: EventPlan) -> PayloadView | None:
