@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from policy_engine.cel import SharedContext, get_backend
 from policy_engine.compiler.pipeline import compile_text
-from policy_engine.core.engine import Engine, conn_context, event_context
+from policy_engine.core.engine import Engine, PendingEvent, conn_context, event_context
 from policy_engine.core.payload_view import VALUE_BUDGET, payload_problem, views_for
 from policy_engine.language.contexts import HOOK_VARIABLES, Hook
+from policy_engine.state.memory import MemoryStore
+
+
+class RemoteStore:
+    """A shared store: a memory store reached only through the protocol."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 @pytest.mark.parametrize(
@@ -115,3 +127,35 @@ async def test_a_breaker_condition_reads_the_checked_payload() -> None:
     refused = await engine.before_call(conn, {}, hidden)
     assert [spec.name for spec in guard.permits] == ["b"]  # type: ignore[union-attr]
     assert refused.payload["code"] == "INVALID_PAYLOAD"  # type: ignore[union-attr]
+
+
+async def test_on_a_shared_store_a_client_over_its_limit_costs_no_validation(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "run.json").write_text('{"type": "object", "required": ["cmd"]}')
+    policy = compile_text(
+        "version: 1\n"
+        "events:\n  run: {schema: run.json}\n"
+        "rate_limits:\n  - {name: l, hook: event, key: conn.sid, limit: 1/minute}\n",
+        base_dir=tmp_path,
+    ).policy
+    spec = policy.events["run"]
+    validations: list[Any] = []
+    validate = spec.validate
+
+    def counting(payload: Any) -> Any:
+        validations.append(payload)
+        return validate(payload)
+
+    object.__setattr__(spec, "validate", counting)
+    engine = Engine(policy, RemoteStore(), clock=lambda: 100.0)
+    conn = conn_context(sid="s1", ip="192.0.2.1")
+    verdict = engine.judge_event_now(conn, {}, event_context("run", {"cmd": "ls"}))
+    assert isinstance(verdict, PendingEvent)  # the limit is the shared store's to answer
+    first = await engine.settle_event(verdict)
+
+    over = [await engine.on_event(conn, {}, event_context("run", {"cmd": "ls"})) for _ in "ab"]
+
+    assert first.allowed
+    assert [d.rule for d in over] == ["rate_limits/l", "rate_limits/l"]
+    assert len(validations) == 1  # the first event's, once its limit was answered
