@@ -406,9 +406,7 @@ async def test_an_open_breaker_answers_with_its_fallback_without_calling_the_han
 
     assert calls == [0, 1]
     assert [f["code"] for f in failures] == ["INTERNAL", "INTERNAL"]
-    assert refused["code"] == "FLAKY_DOWN"
-    assert refused["fallback"] == {"cached": True}
-    assert refused["retry_after_ms"] > 0
+    assert refused == {"cached": True}  # the answer itself, as if the handler returned it
     assert [name for name, _ in served.observer.transitions] == ["flaky"]
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from policy_engine.cel import analysis
 from policy_engine.cel.analysis import (
     conjuncts,
     event_name_filter,
@@ -230,3 +231,33 @@ async def test_a_rule_applies_to_every_event_its_condition_names_whatever_its_co
 )
 def test_a_field_read_is_found_without_misreading_text(source, reads):
     assert reads_field(source, "conn", "connected_ms") is reads
+
+
+@pytest.mark.parametrize(
+    ("source", "keys"),
+    [
+        ('event.payload.cmd.matches("rm")', {"cmd"}),
+        ('has(event.payload.x) && event.payload["y"] == 1', {"x", "y"}),
+        ('event.payload.tags.exists(t, t == "admin")', {"tags"}),
+        ("event.payload.a.b.c == 1", {"a"}),
+        ('event.name == "x"', set()),
+        ("size(event.payload) > 1", None),
+        ('event.payload.exists(k, k == "a")', None),
+        ("event.payload[event.name] == 1", None),
+        ("event == {}", None),
+    ],
+)
+def test_fields_read_under_names_the_payload_keys_selected(
+    source: str, keys: set[str] | None
+) -> None:
+    found = analysis.fields_read_under(source, "event", "payload")
+    assert found == (None if keys is None else frozenset(keys))
+
+
+def test_comprehensions_over_finds_the_client_lists_iterated() -> None:
+    source = (
+        'event.payload.tags.exists(t, t == "a") || [1, 2].all(n, n > 0)'
+        ' || event.payload.all(k, k != "")'
+    )
+    found = analysis.comprehensions_over(source, "event", "payload")
+    assert [(key, macro) for key, macro, _ in found] == [("tags", "exists"), ("", "all")]

@@ -115,7 +115,9 @@ def test_explain_prints_the_deciding_rule_and_trace() -> None:
     assert report["rule"] == "authorization/read-only-viewers"
     assert report["payload"]["code"] == "READ_ONLY"
     matched = [(t["section"], t["rule"]) for t in report["trace"] if t["matched"]]
-    assert matched == [("authorization", "read-only-viewers")]
+    # Rate limits are judged before authorization: an over-limit client costs no more.
+    assert matched[-1] == ("authorization", "read-only-viewers")
+    assert {section for section, _ in matched[:-1]} == {"rate_limits"}
 
 
 def test_explain_refuses_an_unknown_context_field() -> None:

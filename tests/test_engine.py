@@ -261,8 +261,9 @@ circuit_breakers:
         await engine.after_call(guard, conn(), event, classification, {})  # type: ignore[arg-type]
     refused = await engine.before_call(conn(), {}, event)
     assert not hasattr(refused, "permits")
-    assert refused.payload["fallback"] == {"results": []}  # type: ignore[union-attr]
-    assert refused.payload["retry_after_ms"] == 10_000  # type: ignore[union-attr]
+    # The fallback is the answer itself, not a refusal carrying it.
+    assert refused.outcome is Outcome.DROP  # type: ignore[union-attr]
+    assert refused.payload == {"results": []}  # type: ignore[union-attr]
     other = await engine.before_call(conn(), {}, event_context("chat"))
     assert hasattr(other, "permits")
 

@@ -14,7 +14,13 @@ from policy_engine.cel.checks import (
     CelCompileError,
 )
 from policy_engine.cel.cpp import checked_fast_program
-from policy_engine.cel.program import CEL_EXPR_PYTHON, CEL_PYTHON, CelBackend, CompiledProgram
+from policy_engine.cel.program import (
+    CEL_EXPR_PYTHON,
+    CEL_PYTHON,
+    CelBackend,
+    CompiledProgram,
+    SharedContext,
+)
 
 __all__ = [
     "BACKEND_ENV_VAR",
@@ -27,6 +33,7 @@ __all__ = [
     "CelBackend",
     "CelCompileError",
     "CompiledProgram",
+    "SharedContext",
     "available_backends",
     "checked_fast_program",
     "get_backend",

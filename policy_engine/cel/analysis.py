@@ -219,14 +219,25 @@ def _reads_of(tree: Tree[Token]) -> frozenset[_Read]:
             if owner is not None and field is not None:
                 found.add((owner, field))
                 children = []
-        elif node.data == "member_dot_arg" and node.children[1] in MACROS:
-            args = arguments(node, 2)
-            variable = unwrap(args[0]) if args else None
-            if len(args) in (2, 3) and isinstance(variable, Tree) and variable.data == "ident":
-                inner = scope | {str(variable.children[0])}
-                children = [(node.children[0], scope), *((body, inner) for body in args[1:])]
+        elif (scoped := _comprehension_children(node, scope)) is not None:
+            children = scoped
         pending.extend((child, s) for child, s in children if isinstance(child, Tree))
     return frozenset(found)
+
+
+def _comprehension_children(
+    node: Tree[Token], scope: frozenset[str]
+) -> list[tuple[Branch[Token], frozenset[str]]] | None:
+    """A comprehension's range in ``scope`` and its bodies with its variable bound too;
+    None when ``node`` is not a well-formed comprehension."""
+    if node.data != "member_dot_arg" or node.children[1] not in MACROS:
+        return None
+    args = arguments(node, 2)
+    bound = unwrap(args[0]) if args else None
+    if not (len(args) in (2, 3) and isinstance(bound, Tree) and bound.data == "ident"):
+        return None
+    inner = scope | {str(bound.children[0])}
+    return [(node.children[0], scope), *((body, inner) for body in args[1:])]
 
 
 def _free_name(branch: Branch[Token], scope: frozenset[str]) -> str | None:
@@ -243,3 +254,74 @@ def _selected(node: Tree[Token]) -> str | None:
     if node.data == "member_dot":
         return str(node.children[1])
     return _string(node.children[1])
+
+
+def fields_read_under(source: str, variable: str, field: str) -> frozenset[str] | None:
+    """The keys the expression selects on ``variable.field`` (``event.payload.cmd``, its
+    ``["cmd"]`` and ``has()`` forms): ``{"cmd"}``.
+
+    None when it may read ``variable.field`` as a whole: a computed key, the map passed to a
+    function, a comprehension or ``in``, ``variable`` read bare, or a source that does not
+    parse. The runtime converts only the keys named, so a conservative None means "all".
+    """
+    tree = _tree(source)
+    if tree is None:
+        return None
+    found: set[str] = set()
+    pending: list[tuple[Tree[Token], frozenset[str]]] = [(tree, frozenset())]
+    while pending:
+        node, scope = pending.pop()
+        children: list[tuple[Branch[Token], frozenset[str]]] = [(c, scope) for c in node.children]
+        if node.data in ("ident", "dot_ident") and _free_name(node, scope) == variable:
+            return None
+        if node.data in ("member_dot", "member_index"):
+            receiver = unwrap(node.children[0])
+            if _selects(receiver, variable, field, scope):
+                key = _selected(node)
+                if key is None:
+                    return None
+                found.add(key)
+                children = children[1:] if node.data == "member_index" else []
+            elif _free_name(receiver, scope) == variable:
+                if _selected(node) in (None, field):
+                    return None
+                children = []
+        elif (scoped := _comprehension_children(node, scope)) is not None:
+            children = scoped
+        pending.extend((child, s) for child, s in children if isinstance(child, Tree))
+    return frozenset(found)
+
+
+def comprehensions_over(source: str, variable: str, field: str) -> list[tuple[str, str, int]]:
+    """The comprehensions (``exists``, ``all``, ``filter``, ...) whose range is a key of
+    ``variable.field`` or the map itself: the key (``""`` for the map), the macro and its
+    offset, in source order.
+
+    The iterations such a comprehension costs are chosen by whoever sends the data.
+    """
+    tree = _tree(source)
+    if tree is None:
+        return []
+    found: list[tuple[str, str, int]] = []
+    for node in tree.iter_subtrees():
+        if node.data != "member_dot_arg" or node.children[1] not in MACROS:
+            continue
+        receiver = unwrap(node.children[0])
+        name = node.children[1]
+        offset = name.start_pos if isinstance(name, Token) and name.start_pos is not None else 0
+        if _selects(receiver, variable, field, frozenset()):
+            found.append(("", str(name), offset))
+        elif isinstance(receiver, Tree) and receiver.data in ("member_dot", "member_index"):
+            key = _selected(receiver)
+            if key is not None and _selects(
+                unwrap(receiver.children[0]), variable, field, frozenset()
+            ):
+                found.append((key, str(name), offset))
+    return sorted(found, key=lambda item: item[2])
+
+
+def _selects(branch: Branch[Token], variable: str, field: str, scope: frozenset[str]) -> bool:
+    """Whether ``branch`` is exactly ``variable.field`` (or ``variable["field"]``)."""
+    if not (isinstance(branch, Tree) and branch.data in ("member_dot", "member_index")):
+        return False
+    return _free_name(branch.children[0], scope) == variable and _selected(branch) == field

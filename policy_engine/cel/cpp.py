@@ -19,7 +19,7 @@ import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from policy_engine.cel.checks import (
     BAD_REGEX,
@@ -41,7 +41,12 @@ from policy_engine.cel.checks import (
 )
 from policy_engine.cel.descriptors import PACKAGE, descriptor_pool_for, scalar
 from policy_engine.cel.fastpath import compile_fast
-from policy_engine.cel.program import CEL_EXPR_PYTHON, CelBackend, CompiledProgram
+from policy_engine.cel.program import (
+    CEL_EXPR_PYTHON,
+    CelBackend,
+    CompiledProgram,
+    SharedContext,
+)
 from policy_engine.cel.walker import analyse
 from policy_engine.errors import EvaluationError
 from policy_engine.language.contexts import MessageType, Variable
@@ -59,10 +64,18 @@ class _CelExprProgram(CompiledProgram):
     # value is its message, never a bool or an int, so the result's type need not be asked.
     # A proven result is never null.
     proven_type: type | None = field(repr=False, compare=False)
+    environment: Any = field(repr=False, compare=False)
 
     def evaluate(self, activation: Mapping[str, Any]) -> Any:
         try:
-            result = self.expression.eval(data=activation)
+            if type(activation) is SharedContext:
+                converted = activation.converted
+                if converted is None:
+                    # Converted lazily, map by map, as programs read it; then kept.
+                    converted = activation.converted = self.environment.Activation(data=activation)
+                result = self.expression.eval(activation=converted)
+            else:
+                result = self.expression.eval(data=activation)
         except Exception as exc:  # the iteration budget and refused inputs are exceptions
             raise EvaluationError(_engine_message(str(exc))) from exc
         if self.proven_type is not None:
@@ -94,6 +107,7 @@ class _FastProgram(CompiledProgram):
     """
 
     evaluator: Callable[[Mapping[str, Any]], Any] = field(repr=False, compare=False)
+    converts: ClassVar[bool] = False  # Python closures over the plain values
 
     def evaluate(self, activation: Mapping[str, Any]) -> Any:
         return self.evaluator(activation)
@@ -175,6 +189,7 @@ class CelExprBackend:
             error_type=self._cel.Type.ERROR,
             null_type=self._cel.Type.NULL,
             proven_type=RESULT_TYPES[expect] if proven else None,
+            environment=untyped,
         )
 
     def _environments_for(self, variables: Mapping[str, Variable]) -> tuple[Any, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from policy_engine.cel.checks import article, label
 from policy_engine.errors import EvaluationError
@@ -37,6 +37,10 @@ class CompiledProgram(ABC):
     variables: frozenset[str]
     expect: str
     result_type: type | None = field(repr=False, compare=False)
+    # Whether evaluating hands the context to an engine that converts it into its own
+    # values: such a conversion refuses some JSON values (integers beyond 64 bits, lone
+    # surrogates) and reads strings only up to a NUL, so what it reads is checked first.
+    converts: ClassVar[bool] = True
 
     @abstractmethod
     def evaluate(self, activation: Mapping[str, Any]) -> Any:
@@ -46,6 +50,21 @@ class CompiledProgram(ABC):
         return EvaluationError(
             f"the expression returned {article(label(value))}, not {article(self.expect)}"
         )
+
+
+class SharedContext(dict[str, Any]):
+    """An activation several programs evaluate in turn, such as one event's.
+
+    An engine that converts the context into its own values keeps that conversion in
+    ``converted`` and reuses it, so the event is converted once, however many conditions
+    read it; any assignment drops it. Reads are a plain dict's.
+    """
+
+    converted: Any = None  # set on the instance once converted; built by dict's own init
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, value)
+        self.converted = None
 
 
 class CelBackend(Protocol):

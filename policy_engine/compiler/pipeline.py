@@ -19,6 +19,7 @@ from typing import Any
 
 from policy_engine import cel
 from policy_engine.compiler.compilation import Compilation
+from policy_engine.compiler.comprehensions import warn_unbounded_comprehensions
 from policy_engine.compiler.planner import plan
 from policy_engine.compiler.sections import build_sections
 from policy_engine.errors import Diagnostic, PolicyError
@@ -60,6 +61,7 @@ def compile_document(
         document, base_dir, cel.get_backend(backend), schema, list(schema.diagnostics)
     )
     sections = build_sections(compilation)
+    warn_unbounded_comprehensions(compilation, sections)
     diagnostics = compilation.report()
     if compilation.failed:
         raise PolicyError(diagnostics)

@@ -25,9 +25,8 @@ def authorize(  # noqa: PLR0917 (every caller passes all six)
     recorder: Recorder,
     shadowed: list[str],
 ) -> Decision | None:
-    failure = policy.defaults.on_eval_error
     for rule in rules:
-        hit = matches(rule.when, activation, failure)
+        hit = matches(rule.when, activation, rule.on_eval_error)
         if recorder.enabled:
             recorder.note("authorization", rule.name, hit, rule.effect.value if hit else "skip")
         if not hit:

@@ -84,7 +84,7 @@ def take_permits(  # noqa: PLR0917 (the call, and where a resumed walk stands)
             if activation is None:
                 conn, claims, event, load = variables
                 activation = {"conn": conn, "claims": claims, "event": event, "load": load}
-            if not matches(spec.match, activation, policy.defaults.on_eval_error):
+            if not matches(spec.match, activation, spec.on_eval_error):
                 continue
         permit = state.permit_now(spec, now)
         if permit is ASK:
@@ -130,40 +130,45 @@ def _hold(  # noqa: PLR0917 (a walk's state, passed along)
 
 
 def _refusal(policy: PolicySet, spec: CircuitBreakerSpec, permit: Permit) -> Decision:
+    """The breaker's refusal; with a ``fallback``, that fallback is the answer instead.
+
+    A fallback is what the caller gets back in place of the handler's result, so it is the
+    decision's payload under ``drop``: the adapter sends it as the ack the client asked
+    for, and nothing to a client that asked for none (there is no error to tell it of).
+    """
     rule = f"circuit_breakers/{spec.name}"
-    fallback = dict(spec.fallback) if spec.fallback is not None else None
+    if spec.fallback is not None:
+        return Decision(Outcome.DROP, rule, dict(spec.fallback))
     payload = system_refusal(
-        policy,
-        rule,
-        code=spec.code,
-        message=spec.message,
-        retry_after=permit.retry_after,
-        fallback=fallback,
+        policy, rule, code=spec.code, message=spec.message, retry_after=permit.retry_after
     )
     return Decision(Outcome.REJECT, rule, payload)
 
 
 def recorded_failures(  # noqa: PLR0917 (the failed call's whole story)
-    policy: PolicySet,
     guard: BreakerGuard,
     duration: float,
     conn: Mapping[str, Any],
     event: Mapping[str, Any],
     classification: Classification,
     error: Mapping[str, Any] | None,
-) -> tuple[bool, ...]:
-    """For a call that raised: whether each breaker held counts it as a failure.
+) -> tuple[bool | None, ...]:
+    """For a call that raised: whether each breaker held counts it as a failure (True) or
+    ignores it (None: neither a failure nor a success, its permit handed back).
 
     As in Resilience4j, ``record_when`` judges exceptions only: a return is a success, and
-    slow calls are counted through the breaker's ``slow_call`` settings.
+    slow calls are counted through the breaker's ``slow_call`` settings. An exception
+    outside ``record_when`` is ignored: counted as a success, a cheap client error could
+    close a breaker by winning its half-open probes.
     """
     if not any(spec.record_when for spec in guard.permits):
         return (True,) * len(guard.permits)
     call = {"duration_ms": int(duration * 1000), "failed": True, "event": event["name"]}
     error_var = classification.as_context(error or {})
     activation = {"conn": conn, "event": event, "error": error_var, "call": call}
-    on_eval_error = policy.defaults.on_eval_error
     return tuple(
-        spec.record_when is None or matches(spec.record_when, activation, on_eval_error)
+        True
+        if spec.record_when is None or matches(spec.record_when, activation, spec.on_eval_error)
+        else None
         for spec in guard.permits
     )

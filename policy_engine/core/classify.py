@@ -24,7 +24,13 @@ from policy_engine.core.payload import (
     client_payload,
 )
 from policy_engine.core.recorder import NULL_RECORDER, Recorder
-from policy_engine.language.model import BackoffSpec, Category, ErrorSeverity, PolicySet
+from policy_engine.language.model import (
+    BackoffSpec,
+    Category,
+    ErrorSeverity,
+    EvalFailureMode,
+    PolicySet,
+)
 
 MAX_MESSAGE_CHARS = 1024
 _STATUS_ATTRIBUTES = ("status_code", "status", "http_status", "code", "errno")
@@ -90,8 +96,10 @@ def classify(
     policy: PolicySet, activation: Mapping[str, Any], recorder: Recorder = NULL_RECORDER
 ) -> Classification:
     """The first matching rule's classification; ``activation`` holds the hook's context."""
+    # An error rule that cannot be evaluated does not apply: the next rule classifies.
+    failure = policy.defaults.on_eval_error or EvalFailureMode.FAIL_OPEN
     for rule in policy.errors:
-        hit = matches(rule.when, activation, policy.defaults.on_eval_error)
+        hit = matches(rule.when, activation, failure)
         recorder.note("errors", rule.name, hit, rule.code if hit else "skip")
         if hit:
             return Classification(

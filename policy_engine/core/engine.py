@@ -2,10 +2,14 @@
 
 The engine knows nothing of Socket.IO. The adapter hands it plain-dict contexts (``conn``,
 ``claims``, ``event``, ``load``) and turns its :class:`Decision` into protocol actions.
-Rules are judged in an order that refuses cheaply first: shedding (the server is
-overloaded: do as little as possible), then payload checks, authorization, rate limits,
-and finally the counters that a successful connect increments. Each rule group lives in
-its own module; this class holds the per-process state they share and walks them.
+Rules are judged in an order that refuses cheaply first. An event: its size, shedding (the
+server is overloaded: do as little as possible), rate limits, then what costs in
+proportion to the payload (its schema, authorization), so a client over its limit pays
+for nothing else. A connect: shedding, authentication throttling, authorization, rate
+limits, and finally the counters a successful connect increments. Whatever a condition in
+a converting CEL engine reads of the client's data is checked first
+(:mod:`policy_engine.core.payload_view`). Each rule group lives in its own module; this
+class holds the per-process state they share and walks them.
 
 A rule in shadow mode is judged exactly like an enforced one, but only named in
 ``Decision.shadowed``: it refuses nothing. Every method takes an optional
@@ -30,6 +34,7 @@ from policy_engine.core.contexts import conn_context, event_context
 from policy_engine.core.decision import ALLOW, Decision
 from policy_engine.core.events import EventHooks, EventVerdict, PendingEvent, finish
 from policy_engine.core.payload import ClientPayload
+from policy_engine.core.payload_view import handshake_checked, handshake_refusal, views_for
 from policy_engine.core.rate_limits import RateLimits
 from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
@@ -91,6 +96,8 @@ class Engine(EventHooks):
         self.policy = policy
         self.state.configure(policy.defaults.store_timeout, policy.defaults.on_store_error)
         self._shedding.keep_clocks_of(policy)
+        self._payload_views = views_for(policy)
+        self._handshake_checked = handshake_checked(policy)
 
     # -- connect -----------------------------------------------------------------------------
 
@@ -108,6 +115,10 @@ class Engine(EventHooks):
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "load": self.load}
         index = policy.by_hook
+        if self._handshake_checked:
+            invalid = handshake_refusal(conn, claims)
+            if invalid is not None:
+                return finish(invalid, shadowed, recorder)
         refusal = (
             self._shedding.shed(
                 policy,

@@ -13,17 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from policy_engine.cel import SharedContext
 from policy_engine.core import breakers
 from policy_engine.core.authorization import authorize
 from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, Waiting, take_permits
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import ALLOW, Decision, Outcome
-from policy_engine.core.payload_checks import check_payload
+from policy_engine.core.payload_checks import check_schema, check_size
+from policy_engine.core.payload_view import PayloadView, cel_event
 from policy_engine.core.rate_limits import RateCheck, RateLimits
 from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
 from policy_engine.language.contexts import Hook
-from policy_engine.language.model import EventPlan, PolicySet, RateLimitSpec
+from policy_engine.language.model import EventPlan, EventSpec, PolicySet, RateLimitSpec
 from policy_engine.state.guarded import ASK, GuardedStore
 
 
@@ -35,12 +37,16 @@ class EventVerdict(NamedTuple):
 
 
 class PendingEvent(NamedTuple):
-    """An event judged up to its rate limits, which the shared store must answer."""
+    """An event judged up to its rate limits, which the shared store must answer; its
+    schema and authorization are judged once they did."""
 
     rates: RateCheck
     refusal: Decision | None  # a delay decided before the rate limits
     shadowed: list[str]
     recorder: Recorder
+    plan: EventPlan
+    event: dict[str, Any]
+    activation: dict[str, Any]
 
 
 _ALLOWED = EventVerdict(ALLOW, NO_GUARD)
@@ -56,6 +62,7 @@ class EventHooks:
     clock: Callable[[], float]
     _shedding: Shedding
     _rates: RateLimits
+    _payload_views: dict[str, PayloadView | None]
 
     # -- events ------------------------------------------------------------------------------
 
@@ -79,7 +86,13 @@ class EventHooks:
             return EventVerdict(decided, None)
         if not decided.allowed or not plan.breakers:
             return EventVerdict(decided, NO_GUARD)
-        variables = (conn, claims, event, self.load)
+        seen: Mapping[str, Any] = event
+        if self._payload_views:
+            guarded = self._guarded_event(plan, event, NULL_RECORDER)
+            if isinstance(guarded, Decision):
+                return EventVerdict(guarded, NO_GUARD)
+            seen = guarded
+        variables = (conn, claims, seen, self.load)
         permits = take_permits(
             self.policy, self.state, plan.breakers, variables, self.clock(), NULL_RECORDER
         )
@@ -113,7 +126,14 @@ class EventHooks:
         """Finish a judgement that waited for the shared store's rate-limit answers."""
         await pending.rates.answer(self.state)
         refusal = pending.rates.conclude(self.policy, pending.recorder, pending.shadowed)
-        return finish(refusal or pending.refusal or ALLOW, pending.shadowed, pending.recorder)
+        return self._checks(
+            pending.plan,
+            pending.event,
+            pending.activation,
+            refusal or pending.refusal,
+            pending.shadowed,
+            pending.recorder,
+        )
 
     def _decide_event(
         self,
@@ -123,7 +143,12 @@ class EventHooks:
         event: dict[str, Any],
         recorder: Recorder,
     ) -> Decision | PendingEvent:
-        """Payload, shedding, authorization and rate limits, as far as needs no I/O."""
+        """Size, shedding and rate limits, then the checks that cost in proportion to the
+        payload (schema, authorization), as far as needs no I/O.
+
+        A client over its limit is refused before its payload is validated or read by any
+        condition; a payload a condition must not read is refused before that condition.
+        """
         event["priority"] = plan.priority
         if plan.plain and not plan.rate_limits and not recorder.enabled:
             # The common case, answered without building a context: only the size and the
@@ -137,35 +162,102 @@ class EventHooks:
                 return ALLOW
         policy = self.policy
         spec = plan.spec
-        refusal = check_payload(spec, event, recorder)
-        if refusal is not None:
-            return finish(refusal, [], recorder)
+        max_bytes = spec.max_bytes
+        if max_bytes is not None and event["size_bytes"] > max_bytes:
+            return finish(check_size(spec, event, recorder) or ALLOW, [], recorder)
+        refusal: Decision | None = None
         shadowed: list[str] = []
-        activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
-        refusal = (
-            self._shedding.shed(
+        activation: dict[str, Any] = {
+            "conn": conn,
+            "claims": claims,
+            "event": event,
+            "load": self.load,
+        }
+        views = self._payload_views
+        view = views.get(event["name"], views[""]) if views else None
+        if view is not None:  # conditions that convert the event: convert it once
+            activation = SharedContext(activation)
+        if plan.shedding:
+            if view is not None and view.sheds:
+                refusal = self._cel_event(view, spec, activation, recorder)
+                if refusal is not None:
+                    return finish(refusal, [], recorder)
+            refusal = self._shedding.shed(
                 policy, plan.shedding, activation, spec.priority, self.clock, recorder, shadowed
             )
-            if plan.shedding
-            else None
-        )
-        if refusal is None or refusal.outcome is _DELAY:
-            # A delay only postpones the event: what would refuse it still does.
-            refusal = (
-                authorize(policy, plan.authorization, Hook.EVENT, activation, recorder, shadowed)
-                or refusal
-            )
         if plan.rate_limits and (refusal is None or refusal.outcome is _DELAY):
+            # A delay only postpones the event: what would refuse it still does.
+            if view is not None and view.limits and activation["event"] is event:
+                invalid = self._cel_event(view, spec, activation, recorder)
+                if invalid is not None:
+                    return finish(invalid, shadowed, recorder)
             judged = self._rates.judge(
                 policy, plan.rate_limits, activation, self.clock(), self.state, recorder, shadowed
             )
-            if judged is not None:
-                if isinstance(judged, RateCheck):
-                    return PendingEvent(judged, refusal, shadowed, recorder)
-                refusal = judged
+            if isinstance(judged, RateCheck):
+                return PendingEvent(judged, refusal, shadowed, recorder, plan, event, activation)
+            refusal = judged or refusal
+        return self._checks(plan, event, activation, refusal, shadowed, recorder)
+
+    def _checks(  # noqa: PLR0917 (a judgement's state, passed along)
+        self,
+        plan: EventPlan,
+        event: dict[str, Any],
+        activation: dict[str, Any],
+        refusal: Decision | None,
+        shadowed: list[str],
+        recorder: Recorder,
+    ) -> Decision:
+        """The payload's schema and the authorization rules, unless already refused."""
+        if refusal is not None and refusal.outcome is not _DELAY:
+            return finish(refusal, shadowed, recorder)
+        spec = plan.spec
+        if spec.validate is not None or recorder.enabled:
+            invalid = check_schema(spec, event, recorder)
+            if invalid is not None:
+                return finish(invalid, shadowed, recorder)
+        if plan.authorization:
+            # A shared context means some condition converts the event: check it first.
+            if type(activation) is SharedContext and activation["event"] is event:
+                views = self._payload_views
+                view = views.get(event["name"], views[""])
+                invalid = (
+                    None if view is None else self._cel_event(view, spec, activation, recorder)
+                )
+                if invalid is not None:
+                    return finish(invalid, shadowed, recorder)
+            refusal = (
+                authorize(
+                    self.policy, plan.authorization, Hook.EVENT, activation, recorder, shadowed
+                )
+                or refusal
+            )
         if refusal is None and not shadowed and not recorder.enabled:
             return ALLOW
         return finish(refusal or ALLOW, shadowed, recorder)
+
+    def _guarded_event(
+        self, plan: EventPlan, event: Mapping[str, Any], recorder: Recorder
+    ) -> Mapping[str, Any] | Decision:
+        """The event as breaker conditions see it: checked when one runs in a converting
+        engine (the rules before them may have read none of it). Asked only when some
+        condition of the policy converts an event."""
+        views = self._payload_views
+        view = views.get(event["name"], views[""])
+        if view is None or not view.guards:
+            return event
+        return cel_event(view, plan.spec, event, recorder)
+
+    @staticmethod
+    def _cel_event(
+        view: PayloadView, spec: EventSpec, activation: dict[str, Any], recorder: Recorder
+    ) -> Decision | None:
+        """Hand the conditions the checked event; the refusal when it cannot be."""
+        seen = cel_event(view, spec, activation["event"], recorder)
+        if isinstance(seen, Decision):
+            return seen
+        activation["event"] = seen
+        return None
 
     async def on_emit(
         self,
@@ -224,11 +316,18 @@ class EventHooks:
     ) -> BreakerGuard | Decision:
         """Ask every breaker guarding this event for a permit; refuse at once if one is open."""
         policy = self.policy
-        specs = policy.event_plans[event["name"]].breakers
+        plan = policy.event_plans[event["name"]]
+        specs = plan.breakers
         if not specs:
             return NO_GUARD
+        seen: Mapping[str, Any] = event
+        if self._payload_views:
+            guarded = self._guarded_event(plan, event, recorder or NULL_RECORDER)
+            if isinstance(guarded, Decision):
+                return guarded
+            seen = guarded
         state, now = self.state, self.clock()
-        variables = (conn, claims, event, self.load)
+        variables = (conn, claims, seen, self.load)
         permits = take_permits(policy, state, specs, variables, now, recorder or NULL_RECORDER)
         if type(permits) is BreakerGuard:
             return permits
@@ -258,14 +357,16 @@ class EventHooks:
         failed = (
             ()
             if classification is None
-            else breakers.recorded_failures(
-                self.policy, guard, duration, conn, event, classification, error
-            )
+            else breakers.recorded_failures(guard, duration, conn, event, classification, error)
         )
         state = self.state
         transitions: list[tuple[str, Any]] = []
         for at, spec in enumerate(guard.permits):
             failure = failed[at] if failed else False
+            if failure is None:  # an exception this breaker ignores
+                if state.release_now(spec) is ASK:
+                    await state.release(spec)
+                continue
             transition = state.record_now(spec, now, failed=failure, duration=duration)
             if transition is ASK:
                 transition = await state.record(spec, now, failed=failure, duration=duration)

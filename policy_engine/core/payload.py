@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any, NamedTuple, NotRequired, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from policy_engine.algorithms.backoff import to_client
 from policy_engine.language.model import BackoffSpec, Category, PolicySet
@@ -27,7 +27,6 @@ class ClientPayload(TypedDict):
     backoff: dict[str, Any] | None
     policy: str
     correlation_id: str
-    fallback: NotRequired[dict[str, Any]]
 
 
 def new_correlation_id() -> str:
@@ -44,14 +43,13 @@ def client_payload(
     retry_after: float | None,
     backoff: BackoffSpec | None,
     policy: str,
-    fallback: dict[str, Any] | None = None,
 ) -> ClientPayload:
     """The client contract's object; ``retry_after_ms`` is rounded up, never down.
 
     ``backoff`` is sent only when the refusal is retryable: advice on how to retry
     something that must not be retried would be read as an invitation.
     """
-    payload = ClientPayload(
+    return ClientPayload(
         code=code,
         category=category.value,
         message=message,
@@ -61,9 +59,6 @@ def client_payload(
         policy=policy,
         correlation_id=new_correlation_id(),
     )
-    if fallback is not None:
-        payload["fallback"] = fallback
-    return payload
 
 
 def backoff_for(policy: PolicySet, name: str | None = None) -> BackoffSpec | None:
@@ -78,7 +73,6 @@ def system_refusal(
     code: str,
     message: str,
     retry_after: float | None,
-    fallback: dict[str, Any] | None = None,
 ) -> ClientPayload:
     """A refusal for the server's sake (a breaker open, load shed): the client is not at
     fault and may retry, with the policy's default backoff. ``rule``: ``section/name``."""
@@ -90,7 +84,6 @@ def system_refusal(
         retry_after=retry_after,
         backoff=backoff_for(policy),
         policy=rule,
-        fallback=fallback,
     )
 
 
@@ -140,6 +133,12 @@ PAYLOAD_TOO_LARGE = Notice(
     "PAYLOAD_TOO_LARGE", Category.CLIENT, "The event is larger than {max_bytes} bytes.", False
 )
 INVALID_PAYLOAD = Notice("INVALID_PAYLOAD", Category.CLIENT, "Invalid payload: {detail}", False)
+PAYLOAD_TOO_COMPLEX = Notice(
+    "PAYLOAD_TOO_COMPLEX",
+    Category.CLIENT,
+    "The event holds more than {max_values} values for the policy to check.",
+    False,
+)
 INVALID_REQUEST = Notice("INVALID_REQUEST", Category.CLIENT, "Invalid handshake: {detail}", False)
 FORBIDDEN = Notice("FORBIDDEN", Category.CONNECTION, "Not allowed.", False)
 AUTH_BLOCKED = Notice(

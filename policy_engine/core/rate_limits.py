@@ -97,14 +97,14 @@ class RateLimits:
         """The limits that apply, with their keys, judged as far as the state answers now.
 
         Returns the refusal (None: none), or a :class:`RateCheck` when the shared store
-        must answer first. A key that cannot be computed refuses when ``on_eval_error`` is
-        ``fail_closed``, and leaves its limit out otherwise.
+        must answer first. A condition that cannot be evaluated applies the limit and a key
+        that cannot be computed refuses when the rule's ``on_eval_error`` is ``fail_closed``
+        (its default); under ``fail_open`` the limit is left out.
         """
-        failure = policy.defaults.on_eval_error
         enforced: list[Check] = []
         shadow: list[Check] = []
         for rule in rules:
-            if rule.when is not None and not matches(rule.when, activation, failure):
+            if rule.when is not None and not matches(rule.when, activation, rule.on_eval_error):
                 if recorder.enabled:
                     recorder.note("rate_limits", rule.name, False, "skip")
                 continue
@@ -114,7 +114,7 @@ class RateLimits:
                 if recorder.enabled:
                     detail = {"error": str(exc)}
                     recorder.note("rate_limits", rule.name, False, "key-error", detail)
-                if failure is EvalFailureMode.FAIL_CLOSED:
+                if rule.on_eval_error is EvalFailureMode.FAIL_CLOSED:
                     return refusal(policy, rule, rule.rate.interval)
                 continue
             (shadow if rule.mode is Mode.SHADOW else enforced).append((rule, key))

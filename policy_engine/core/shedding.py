@@ -17,7 +17,6 @@ from policy_engine.core.payload import ClientPayload, system_refusal
 from policy_engine.core.recorder import Recorder
 from policy_engine.errors import EvaluationError
 from policy_engine.language.model import (
-    EvalFailureMode,
     Mode,
     PolicySet,
     Priority,
@@ -86,7 +85,6 @@ class Shedding:
         """The first rule that applies to this hook call, as a decision; None when none."""
         if not rules:
             return None
-        failure = policy.defaults.on_eval_error
         load = activation["load"]
         armed = self.armed(policy, load)
         for rule in rules:
@@ -97,7 +95,7 @@ class Shedding:
                     )
                 continue
             # A rule not armed under this sample has a false condition: it is not evaluated.
-            hit = rule.name in armed and self.sustained(rule, activation, clock, failure)
+            hit = rule.name in armed and self.sustained(rule, activation, clock)
             if recorder.enabled:
                 outcome = rule.action.value if hit else "allow"
                 recorder.note("shedding", rule.name, hit, outcome, {"load": dict(load)})
@@ -117,10 +115,9 @@ class Shedding:
         rule: SheddingRuleSpec,
         activation: Mapping[str, Any],
         clock: Clock,
-        failure: EvalFailureMode = EvalFailureMode.FAIL_OPEN,
     ) -> bool:
         """Whether the rule's condition holds, and has held for ``sustained_for``."""
-        if not matches(rule.when, activation, failure):
+        if not matches(rule.when, activation, rule.on_eval_error):
             self._since.pop(rule.name, None)
             return False
         if rule.sustained_for <= 0:

@@ -40,6 +40,13 @@ class EvalFailureMode(StrEnum):
     FAIL_CLOSED = "fail_closed"  # the rule applies: refuse rather than let through
 
 
+FAIL_SAFE: Final = EvalFailureMode.FAIL_CLOSED
+"""What a deny rule, a rate limit, a shedding rule or a breaker does when its expression
+fails and neither the rule nor ``defaults.on_eval_error`` says otherwise: it applies, so a
+value that breaks an expression can never switch the rule off. An allow rule and an error
+rule do the opposite (they do not apply), which is just as safe for them."""
+
+
 class Category(StrEnum):
     CONNECTION = "connection"
     EVENT_PROCESSING = "event_processing"
@@ -139,7 +146,8 @@ class DefaultsSpec:
     mode: Mode = Mode.ENFORCE
     on_store_error: StoreFailureMode = StoreFailureMode.FAIL_OPEN
     store_timeout: float = 0.02
-    on_eval_error: EvalFailureMode = EvalFailureMode.FAIL_OPEN
+    # Unset: each rule kind fails safe (see FAIL_SAFE); set: the policy's override.
+    on_eval_error: EvalFailureMode | None = None
     backoff: str = "default"
 
 
@@ -224,6 +232,7 @@ class RateLimitSpec:
     message: str = "Too many requests; slow down."
     max_keys: int = 100_000
     key_label: bool = False
+    on_eval_error: EvalFailureMode = FAIL_SAFE
     location: Location = field(compare=False, repr=False, default=Location(""))
 
 
@@ -256,6 +265,7 @@ class CircuitBreakerSpec:
     code: str = "SERVICE_UNAVAILABLE"
     message: str = "The service is temporarily unavailable; retry later."
     fallback: Mapping[str, Any] | None = None
+    on_eval_error: EvalFailureMode = FAIL_SAFE
     location: Location = field(compare=False, repr=False, default=Location(""))
 
 
@@ -275,6 +285,7 @@ class SheddingRuleSpec:
     max_disconnects: int = 10
     code: str = "OVERLOADED"
     message: str = "The server is overloaded; retry later."
+    on_eval_error: EvalFailureMode = FAIL_SAFE
     location: Location = field(compare=False, repr=False, default=Location(""))
     # The operands of ``when`` that read only ``load``, as one program (the compiler's
     # planner builds it): while it is false, so is ``when``, whatever the event.
@@ -340,6 +351,8 @@ class EventSpec:
 
 @dataclass(frozen=True, slots=True)
 class AuthzRuleSpec:
+    """``on_eval_error`` defaults by effect (see :func:`authz_failure_default`)."""
+
     name: str
     hook: Hook
     when: Expression
@@ -347,7 +360,13 @@ class AuthzRuleSpec:
     mode: Mode
     code: str = "FORBIDDEN"
     message: str = "Not allowed."
+    on_eval_error: EvalFailureMode = FAIL_SAFE
     location: Location = field(compare=False, repr=False, default=Location(""))
+
+
+def authz_failure_default(effect: Effect) -> EvalFailureMode:
+    """A deny rule that cannot be evaluated refuses; an allow rule then allows nothing."""
+    return FAIL_SAFE if effect is Effect.DENY else EvalFailureMode.FAIL_OPEN
 
 
 @dataclass(frozen=True, slots=True)

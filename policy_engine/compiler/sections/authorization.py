@@ -13,10 +13,17 @@ from policy_engine.language.model import (
     AuthzRuleSpec,
     DefaultsSpec,
     Effect,
+    EvalFailureMode,
     Mode,
+    authz_failure_default,
 )
 
-_FIELDS: Mapping[str, Convert] = {"mode": Mode, "code": str, "message": str}
+_FIELDS: Mapping[str, Convert] = {
+    "mode": Mode,
+    "code": str,
+    "message": str,
+    "on_eval_error": EvalFailureMode,
+}
 
 
 def build_authorization(
@@ -49,12 +56,14 @@ def build_authorization(
         if when is None:
             continue
         values.setdefault("mode", defaults.mode)
+        effect = Effect(body["effect"])
+        values.setdefault("on_eval_error", defaults.on_eval_error or authz_failure_default(effect))
         rules.append(
             AuthzRuleSpec(
                 name=name,
                 hook=hook,
                 when=when,
-                effect=Effect(body["effect"]),
+                effect=effect,
                 location=c.document.locate(pointer),
                 **values,
             )

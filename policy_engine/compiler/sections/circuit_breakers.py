@@ -10,8 +10,10 @@ from policy_engine.compiler.compilation import Compilation, Convert, default_of
 from policy_engine.compiler.expressions import expression
 from policy_engine.language.contexts import BREAKER_MATCH_VARIABLES, BREAKER_RECORD_VARIABLES
 from policy_engine.language.model import (
+    FAIL_SAFE,
     CircuitBreakerSpec,
     DefaultsSpec,
+    EvalFailureMode,
     Expression,
     Mode,
     SlowCallSpec,
@@ -27,6 +29,7 @@ _FIELDS: Mapping[str, Convert] = {
     "half_open_calls": int,
     "code": str,
     "message": str,
+    "on_eval_error": EvalFailureMode,
 }
 _WINDOW: Mapping[str, Convert] = {"calls": int, "time": parse_duration}
 _SLOW_CALL: Mapping[str, Convert] = {"over": parse_duration, "rate": parse_percent}
@@ -55,6 +58,7 @@ def build_circuit_breakers(
         if match is None or ("record_when" in body and record_when is None):
             continue
         values.setdefault("mode", defaults.mode)
+        values.setdefault("on_eval_error", defaults.on_eval_error or FAIL_SAFE)
         rules.append(
             CircuitBreakerSpec(
                 name=name,

@@ -8,7 +8,15 @@ from typing import Any, Final
 from policy_engine.compiler.compilation import Compilation, Convert, default_of
 from policy_engine.compiler.expressions import expression
 from policy_engine.language.contexts import HOOK_VARIABLES, Hook
-from policy_engine.language.model import DefaultsSpec, Mode, RateAlgorithm, RateLimitSpec, Scope
+from policy_engine.language.model import (
+    FAIL_SAFE,
+    DefaultsSpec,
+    EvalFailureMode,
+    Mode,
+    RateAlgorithm,
+    RateLimitSpec,
+    Scope,
+)
 from policy_engine.language.units import parse_rate
 
 # A sliding window keeps one timestamp per request in its window.
@@ -23,6 +31,7 @@ _FIELDS: Mapping[str, Convert] = {
     "message": str,
     "max_keys": int,
     "key_label": bool,
+    "on_eval_error": EvalFailureMode,
 }
 
 
@@ -65,6 +74,7 @@ def build_rate_limits(
             continue
         values.setdefault("burst", rate.limit)
         values.setdefault("mode", defaults.mode)
+        values.setdefault("on_eval_error", defaults.on_eval_error or FAIL_SAFE)
         rules.append(
             RateLimitSpec(
                 name=name,

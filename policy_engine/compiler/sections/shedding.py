@@ -9,7 +9,9 @@ from policy_engine.compiler.compilation import Compilation, Convert
 from policy_engine.compiler.expressions import expression
 from policy_engine.language.contexts import HOOK_VARIABLES, LOAD_VARIABLES, Hook
 from policy_engine.language.model import (
+    FAIL_SAFE,
     DefaultsSpec,
+    EvalFailureMode,
     Mode,
     Priority,
     ShedAction,
@@ -26,6 +28,7 @@ _FIELDS: Mapping[str, Convert] = {
     "max_disconnects": int,
     "code": str,
     "message": str,
+    "on_eval_error": EvalFailureMode,
 }
 # Refusing needs a connect to refuse; dropping or delaying needs an event.
 _HOOKS_OF: Mapping[ShedAction, frozenset[Hook]] = {
@@ -51,6 +54,7 @@ def build_shedding(
         if when is None:
             continue
         values.setdefault("mode", defaults.mode)
+        values.setdefault("on_eval_error", defaults.on_eval_error or FAIL_SAFE)
         rules.append(
             SheddingRuleSpec(
                 name=name,
