@@ -13,6 +13,8 @@ import socketio
 from protocol_clients import RawPolling, RawWebSocket, ack_payload, binary
 from servers import WAIT, eventually
 
+from policy_engine.adapter.inbound import nesting_depth
+
 _addresses = itertools.count(1)
 
 
@@ -87,6 +89,24 @@ async def test_max_bytes_of_1mb_is_reachable_and_a_larger_frame_gets_the_policy_
 
     assert over["code"] == "PAYLOAD_TOO_LARGE"
     assert over["policy"] == "events/big"
+    assert after == '432["still here"]'
+
+
+async def test_a_frame_over_engineio_limit_gets_the_policy_answer_not_a_closed_transport(
+    serve, raw_ws
+):
+    served = serve(PROTOCOL_POLICY, setup=app)
+    raw = await raw_ws(served.url)
+    await raw.connect()
+    over_engineio = served.sio.eio.max_http_buffer_size + 1000
+
+    await raw.send("21" + json.dumps(["big", "x" * over_engineio]))
+    answer = ack_payload(await raw.until("431"), "431")
+    await raw.send('22["echo","still here"]')
+    after = await raw.until("432")
+
+    assert answer["code"] == "PAYLOAD_TOO_LARGE"
+    assert answer["policy"] == "events/big"
     assert after == '432["still here"]'
 
 
@@ -234,3 +254,23 @@ async def test_an_event_named_disconnect_does_not_detach_the_policy_under_the_ad
     assert answer["code"] == "INVALID_REQUEST"
     assert refusal["data"]["code"] == "TOO_MANY_CONNECTIONS"
     assert served.adapter.active_connections() == 1
+
+
+async def test_brackets_inside_strings_are_not_nesting(serve, raw_ws):
+    served = serve(PROTOCOL_POLICY, setup=app)
+    raw = await raw_ws(served.url)
+    await raw.connect()
+    text = '[{"' * 40 + '\\"'
+
+    await raw.send("21" + json.dumps(["echo", text]))
+    answer = await raw.until("431")
+
+    assert json.loads(answer[3:]) == [text]
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [('["a"]', 1), ('["a",[[1]],{"b":[2]}]', 3), ('["[[[[", "\\"[["]', 1), ("[]", 1), ("", 0)],
+)
+def test_nesting_depth_counts_structure_only(text, depth):
+    assert nesting_depth(text, 0) == depth

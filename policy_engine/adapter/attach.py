@@ -22,7 +22,7 @@ from typing import Any
 
 import socketio
 
-from policy_engine.adapter.asgi import ASGIApp, Lifespan
+from policy_engine.adapter.asgi import ASGIApp, Lifespan, OversizedFrames
 from policy_engine.adapter.authentication import ConnectAuthentication, environ_loader
 from policy_engine.adapter.connection import ConnectionState
 from policy_engine.adapter.connections import ConnectionHooks
@@ -115,8 +115,12 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
     def asgi_app(self, other_asgi_app: Any = None, *, socketio_path: str = "socket.io") -> ASGIApp:
         """``socketio.ASGIApp`` behind the overload gate; its lifespan starts this adapter."""
         inner = socketio.ASGIApp(self.sio, other_asgi_app, socketio_path=socketio_path)
+        eio = self.sio.eio
+        checked = OversizedFrames(
+            inner, lambda: eio.max_http_buffer_size, self.inbound.marker, socketio_path
+        )
         gate = HandshakeGate(
-            inner,
+            checked,
             self.engine,
             socketio_path=socketio_path,
             observer=self.observer,

@@ -18,6 +18,7 @@ with :meth:`Inbound.message`, which dispatches to the same server methods, so th
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -145,6 +146,8 @@ class Inbound:
         self._pending: dict[str, Pending] = {}
         self._faults: dict[str, Faults] = {}
         self._configured_buffer: int = sio.eio.max_http_buffer_size
+        # Starts an oversized frame's notice (see asgi.OversizedFrames); no packet can.
+        self.marker = f"\x00{secrets.token_hex(16)}:"
         self._limits = self._align(engine.policy)
 
     def install(self) -> None:
@@ -191,7 +194,10 @@ class Inbound:
             await self._dispatch(eio_sid, self.sio.packet_class(encoded_packet=data), size)
         except Exception as exc:  # client input python-socketio could not read
             self._pending.pop(eio_sid, None)
-            await self.fault(eio_sid, "malformed", exc)
+            if type(data) is str and data.startswith(self.marker):
+                await self._oversized(eio_sid, data[len(self.marker) :])
+            else:
+                await self.fault(eio_sid, "malformed", exc)
 
     async def _dispatch(self, eio_sid: str, pkt: Any, size: int) -> None:
         sio = self.sio
@@ -289,6 +295,15 @@ class Inbound:
         await self._answer(eio_sid, namespace, ack, payload)
         await self.fault(eio_sid, "too_deep")
         return True
+
+    async def _oversized(self, eio_sid: str, notice: str) -> None:
+        """Answer a frame Engine.IO could not take, from its size and its first bytes."""
+        _, _, head = notice.partition(":")  # the frame's size, then its start
+        namespace, ack, start = header(head)
+        spec = self.engine.policy.event(_event_name(head, start))
+        limit = spec.max_bytes if spec.max_bytes is not None else self.sio.eio.max_http_buffer_size
+        payload = PAYLOAD_TOO_LARGE.payload(f"events/{spec.name}", max_bytes=limit)
+        await self._answer(eio_sid, namespace, ack, payload)
 
     # -- protocol errors -----------------------------------------------------------------------
 
