@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
@@ -47,6 +47,10 @@ _EVENT, _BINARY_EVENT = sio_packet.EVENT, sio_packet.BINARY_EVENT
 _ACK, _BINARY_ACK = sio_packet.ACK, sio_packet.BINARY_ACK
 _CONNECT, _DISCONNECT = sio_packet.CONNECT, sio_packet.DISCONNECT
 _BINARY = frozenset({_BINARY_EVENT, _BINARY_ACK})
+# Packet types as the first character of a text packet: what is checked before decoding.
+_EVENTS = frozenset({str(_EVENT), str(_BINARY_EVENT)})
+_BINARY_TEXT = frozenset({str(_BINARY_EVENT), str(_BINARY_ACK)})
+_SCREENED = _EVENTS | {str(_ACK), str(_BINARY_ACK)}
 # Names python-socketio gives its own meaning to: sent as an event, one would reach the
 # application's (or an instrumented admin UI's) connect or disconnect handling.
 RESERVED_EVENTS = frozenset({"connect", "connect_error", "disconnect", "disconnecting"})
@@ -91,7 +95,6 @@ class Faults:
 
     count: int = 0
     closing: bool = False
-    kinds: dict[str, int] = field(default_factory=dict)
 
 
 def limits_of(policy: PolicySet) -> Limits:
@@ -273,27 +276,29 @@ class Inbound:
     # -- refusals before decoding --------------------------------------------------------------
 
     async def _screened_out(self, eio_sid: str, text: str, size: int, limits: Limits) -> bool:
-        """Answer an event too large for its spec or nested too deep, without decoding it."""
-        if text[:1] not in "25":
+        """Refuse an event too large for its spec, or an event or ack nested too deep,
+        without decoding it; an event is answered, an ack (no one waits for it) dropped."""
+        kind = text[:1]
+        if kind not in _SCREENED:
             return False
         namespace, ack, start = header(text)
-        if size > limits.smallest:
+        payload: ClientPayload | None = None
+        if kind in _EVENTS and size > limits.smallest:
             spec = self.engine.policy.event(_event_name(text, start))
             if spec.max_bytes is not None and size > spec.max_bytes:
-                if text[0] == "5":  # its attachments follow: swallow them
-                    self._pending[eio_sid] = Pending(_Discarded(text), size, discard=True)
                 payload = PAYLOAD_TOO_LARGE.payload(f"events/{spec.name}", max_bytes=spec.max_bytes)
-                await self._answer(eio_sid, namespace, ack, payload)
-                return True
-        if text.count("[", start) + text.count("{", start) <= limits.max_depth:
-            return False
-        if nesting_depth(text, start) <= limits.max_depth:
-            return False
-        payload = PROTOCOL_INVALID.payload(
-            "connections/protocol", detail=f"nested deeper than {limits.max_depth} levels"
-        )
-        await self._answer(eio_sid, namespace, ack, payload)
-        await self.fault(eio_sid, "too_deep")
+        if payload is None:
+            if text.count("[", start) + text.count("{", start) <= limits.max_depth:
+                return False
+            if nesting_depth(text, start) <= limits.max_depth:
+                return False
+            detail = f"nested deeper than {limits.max_depth} levels"
+            payload = PROTOCOL_INVALID.payload("connections/protocol", detail=detail)
+            await self.fault(eio_sid, "too_deep")
+        if kind in _BINARY_TEXT:  # its attachments follow: swallow them
+            self._pending[eio_sid] = Pending(_Discarded(text), size, discard=True)
+        if kind in _EVENTS:
+            await self._answer(eio_sid, namespace, ack, payload)
         return True
 
     async def _oversized(self, eio_sid: str, notice: str) -> None:
@@ -315,7 +320,6 @@ class Inbound:
                 return
             faults = self._faults[eio_sid] = Faults()
         faults.count += 1
-        faults.kinds[kind] = faults.kinds.get(kind, 0) + 1
         detail = f"{type(exc).__name__}: {exc}"[:200] if exc is not None else ""
         self.log.report(eio_sid, kind, detail, time.monotonic())
         limit = self.engine.policy.connections.protocol.max_errors
@@ -332,8 +336,6 @@ class Inbound:
 
 class _Discarded:
     """Stands for a binary packet refused before decoding while its attachments arrive."""
-
-    packet_type = _BINARY_EVENT
 
     def __init__(self, text: str) -> None:
         count = _HEADER.match(text)
