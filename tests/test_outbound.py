@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from servers import WAIT, eventually
 
+from policy_engine.adapter import outgoing
 from policy_engine.adapter.outbox import CRITICAL, Outbox, PriorityBuffer
 from policy_engine.language.model import OutboundSpec, OverflowAction, Priority
 
@@ -391,3 +392,28 @@ async def test_relayed_events_to_a_stalled_client_are_bounded_in_bytes(serve, cl
     assert [d for d in served.observer.drops if d[0] == sid]
     await inbox.until(lambda: len(inbox.of("news")) == len(range(0, FLOOD, 100)), timeout=WAIT)
     assert client.connected
+
+
+async def test_a_replay_to_a_client_that_does_not_read_is_bounded_then_disconnected(
+    serve, clients, monkeypatch
+):
+    monkeypatch.setattr(outgoing, "REPLAY_PATIENCE", 0.3)
+    served = serve(BYTES_POLICY)
+    client, _ = await clients.connect(served.url, listen=())
+    sid = client.get_sid()
+    queue = transport_queue(served, sid)
+    resume = stop_reading(client)
+    largest_queued = 0
+
+    async def replay_flood() -> None:
+        nonlocal largest_queued
+        for n in range(FLOOD):
+            await served.adapter.outgoing.replay("oh_event", {"n": n, "x": CHUNK}, sid, "/", "c")
+            largest_queued = max(largest_queued, sum(len(p.data) for p in list(queue._queue)))
+
+    await served.run(replay_flood())
+
+    assert largest_queued <= 200_000 + 2 * len(CHUNK)
+    await eventually(lambda: served.adapter.active_connections() == 0)
+    assert ("closed", sid, "slow_consumer") in served.observer.connections
+    resume.set()
