@@ -5,7 +5,8 @@ methods on the server instance, as ``sio.instrument()`` does, so no application 
 changes. Which methods, and why each, is in ``docs/architecture.md``. :class:`PolicyAdapter`
 is the installed policy and its public face; its hooks live by responsibility in
 :mod:`~policy_engine.adapter.connections` (connect and disconnect),
-:mod:`~policy_engine.adapter.events` (incoming events) and
+:mod:`~policy_engine.adapter.events` (incoming events),
+:mod:`~policy_engine.adapter.inbound` (every packet received, before it is decoded) and
 :mod:`~policy_engine.adapter.outgoing` (``emit`` and every packet sent).
 """
 
