@@ -274,3 +274,38 @@ async def test_brackets_inside_strings_are_not_nesting(serve, raw_ws):
 )
 def test_nesting_depth_counts_structure_only(text, depth):
     assert nesting_depth(text, 0) == depth
+
+
+MALFORMED = [
+    "42[not json",  # unreadable JSON
+    "4246[]",  # not a packet type python-socketio knows
+    "46[]",  # a binary ack without attachments
+    '42{"not":"a list"}',  # an event that is not an array
+    "42[]",  # an event without a name
+    "49",  # no such packet type
+    '451-["echo",{"_placeholder":true,"num":3}]',  # a placeholder naming no attachment
+    "bAAEC",  # ... and its attachment
+    "b////",  # an attachment nothing waits for
+]
+
+
+async def test_malformed_packets_over_long_polling_are_counted_and_the_connection_recovers(
+    serve, caplog
+):
+    served = serve(PROTOCOL_POLICY.replace("max_errors: 3", "max_errors: 100"), setup=app)
+    raw = await RawPolling.open(served.url, headers=fresh_ip(), query="")
+    caplog.set_level(logging.INFO)
+    try:
+        await raw.post("40")
+        await raw.until("40")
+        for packet in MALFORMED:
+            assert await raw.post(packet) == 200
+        await raw.post('421["echo","alive"]')
+        answer = await raw.until("431")
+    finally:
+        await raw.close()
+
+    assert answer == '431["alive"]'
+    (eio_sid,) = served.sio.eio.sockets
+    assert served.adapter.inbound.faults(eio_sid) >= len(MALFORMED) - 1
+    assert not [r for r in caplog.records if r.exc_info], "a traceback for client input"
