@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 from typing import Any
 
@@ -91,9 +92,8 @@ class RawPolling:
         return cls(session, f"{base}&sid={sid}", dict(headers or {}))
 
     async def post(self, *engineio_packets: str) -> int:
-        async with self.session.post(
-            self.base, data="\x1e".join(engineio_packets).encode(), headers=self.headers
-        ) as response:
+        body = io.BytesIO("\x1e".join(engineio_packets).encode())
+        async with self.session.post(self.base, data=body, headers=self.headers) as response:
             await response.read()
             return response.status
 

@@ -110,6 +110,26 @@ async def test_a_frame_over_engineio_limit_gets_the_policy_answer_not_a_closed_t
     assert after == '432["still here"]'
 
 
+async def test_a_polling_request_over_engineio_limit_gets_the_policy_answer(serve):
+    served = serve(PROTOCOL_POLICY, setup=app)
+    raw = await RawPolling.open(served.url, headers=fresh_ip(), query="")
+    over_engineio = served.sio.eio.max_http_buffer_size + 1000
+    try:
+        await raw.post("40")
+        await raw.until("40")
+        status = await raw.post("421" + json.dumps(["big", "x" * over_engineio]))
+        answer = ack_payload(await raw.until("431"), "431")
+        await raw.post('422["echo","still here"]')
+        after = await raw.until("432")
+    finally:
+        await raw.close()
+
+    assert status == 200
+    assert answer["code"] == "PAYLOAD_TOO_LARGE"
+    assert answer["policy"] == "events/big"
+    assert after == '432["still here"]'
+
+
 async def test_an_oversized_text_event_is_refused_before_it_is_decoded(serve, raw_ws):
     served = serve(PROTOCOL_POLICY, setup=app)
     raw = await raw_ws(served.url)

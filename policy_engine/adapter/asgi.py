@@ -44,17 +44,20 @@ class Lifespan:
 
 
 class OversizedFrames:
-    """Replaces a WebSocket text frame over Engine.IO's limit with a short notice.
+    """Replaces a message over Engine.IO's limit with a short notice the adapter answers.
 
-    Engine.IO closes the transport on such a frame, before the policy could say why; the
-    notice instead reaches the adapter as a message (``marker``, the frame's size in bytes,
-    ``:`` and the start of the frame, enough for its namespace, ack id and event name), and
-    the adapter answers ``PAYLOAD_TOO_LARGE``. ``marker`` is a secret of the process, so a
-    client cannot forge a notice. Frames over the ASGI server's own limit (uvicorn's
-    ``ws_max_size``) never get this far; long-polling requests are Engine.IO's to refuse.
+    Engine.IO closes a WebSocket on a frame larger than its buffer, and refuses such a
+    long-polling request with 400, before the policy could say why. Here the frame (or the
+    request's body, read and let go of as it arrives) becomes a notice instead: ``marker``,
+    the size in bytes, ``:`` and the start of the message, enough for its namespace, ack id
+    and event name; the adapter answers ``PAYLOAD_TOO_LARGE``. ``marker`` is a secret of
+    the process, so a client cannot forge a notice. Frames over the ASGI server's own limit
+    (uvicorn's ``ws_max_size``) never get this far, and a request over ``DRAIN`` times the
+    buffer is left to Engine.IO, which refuses it without reading it.
     """
 
     HEAD = 512
+    DRAIN = 16
 
     def __init__(
         self, app: ASGIApp, limit: Callable[[], int], marker: str, socketio_path: str
@@ -65,17 +68,61 @@ class OversizedFrames:
         self.path = "/" + socketio_path.strip("/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or not str(scope.get("path", "")).startswith(self.path):
+        if not str(scope.get("path", "")).startswith(self.path):
             await self.app(scope, receive, send)
-            return
+        elif scope["type"] == "websocket":
+            await self.app(scope, self._frames(receive), send)
+        elif scope["type"] == "http" and scope.get("method") == "POST":
+            await self._post(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
+    def _notice(self, size: int, head: str) -> str:
+        return f"4{self.marker}{size}:{head[1 : 1 + self.HEAD].split(chr(0x1E), 1)[0]}"
+
+    def _frames(self, receive: Receive) -> Receive:
         async def checked() -> Message:
             message = await receive()
             text = message.get("text")
             if text is not None and len(text) > self.limit() and text[:1] == "4":
                 size = len(text) if text.isascii() else len(text.encode())
-                notice = f"4{self.marker}{size}:{text[1 : 1 + self.HEAD]}"
-                message = {"type": "websocket.receive", "text": notice}
+                message = {"type": "websocket.receive", "text": self._notice(size, text)}
             return message
 
-        await self.app(scope, checked, send)
+        return checked
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope.get("headers") or []
+        length = next((value for name, value in headers if name == b"content-length"), b"0")
+        limit = self.limit()
+        if not length.isdigit() or not limit < int(length) <= self.DRAIN * limit:
+            await self.app(scope, receive, send)
+            return
+        first = await receive()
+        body = first.get("body", b"")
+        if body[:1] != b"4":  # not a message: Engine.IO refuses it as it would have
+            replayed = [first]
+
+            async def again() -> Message:
+                return replayed.pop() if replayed else await receive()
+
+            await self.app(scope, again, send)
+            return
+        head, size, more = body[: 2 * self.HEAD], len(body), first.get("more_body", False)
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        notice = self._notice(size, head.decode("utf-8", "ignore")).encode()
+        sent = False
+
+        async def replaced() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": notice, "more_body": False}
+
+        fixed = [(n, v) for n, v in headers if n != b"content-length"]
+        fixed.append((b"content-length", str(len(notice)).encode()))
+        await self.app({**scope, "headers": fixed}, replaced, send)
