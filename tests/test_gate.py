@@ -227,3 +227,31 @@ async def test_a_refusal_a_browser_on_an_allowed_origin_can_read(serve):
     assert "Access-Control-Allow-Origin" not in other_headers
     # A preflight is Engine.IO's to answer, overload or not.
     assert (preflight_status, preflight_origin) == (200, "https://app.example")
+
+
+@pytest.mark.parametrize(
+    "query", [b"EIO=4&transport=polling&sid=", b"EIO=4&sid=&transport=polling", b"sid&EIO=4"]
+)
+async def test_a_blank_sid_is_still_a_new_handshake(query):
+    gate, engine, inner, _ = make_gate()
+    overload(engine, loop_lag_ms=500)
+
+    start, _ = await call(gate, http(query=query))
+
+    assert start["status"] == 503
+    assert inner.scopes == []
+
+
+async def test_a_handshake_with_an_empty_sid_is_refused_on_a_real_server(serve):
+    served = serve(GATE_POLICY)
+    overload(served.engine, loop_lag_ms=500)
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{served.url}/socket.io/?EIO=4&transport=polling&sid=") as response,
+    ):
+        status, payload = response.status, await response.json()
+
+    assert status == 503
+    assert payload["code"] == "OVERLOADED"
+    assert served.adapter.active_connections() == 0

@@ -15,7 +15,7 @@ from policy_engine.core.decision import ALLOW, Decision, Outcome
 from policy_engine.errors import Diagnostic, Location, Severity
 from policy_engine.language.model import Category, ErrorSeverity
 from policy_engine.observe.composite import CompositeObserver
-from policy_engine.observe.logs import LogObserver, configure_logging
+from policy_engine.observe.logs import LogObserver, ProtocolErrorLog, configure_logging
 from policy_engine.observe.observer import NullObserver
 
 CONN = {"sid": "sid-1", "ip": "198.51.100.7", "user_id": "ada"}
@@ -302,3 +302,35 @@ def test_a_plain_allowed_decision_skips_observers_quiet_when_allowed() -> None:
     assert loud.calls == ["decision"] * 3
     assert quiet.calls == ["decision"] * 2  # the shadow hit and the refusal
     assert LogObserver.quiet_when_allowed  # it logs refusals and shadow hits only
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.lines.append({"event": event, **fields})
+
+
+def test_protocol_errors_are_logged_once_per_connection_and_kind_per_interval():
+    sink = _Lines()
+    log = ProtocolErrorLog(sink, interval=10.0)
+
+    written = [log.report("a", "malformed", "", now) for now in (0.0, 1.0, 2.0, 9.0)]
+    other_kind = log.report("a", "bad_attachment", "", 3.0)
+    other_connection = log.report("b", "malformed", "", 3.0)
+    later = log.report("a", "malformed", "", 11.0)
+
+    assert written == [True, False, False, False]
+    assert (other_kind, other_connection, later) == (True, True, True)
+    assert [line["count"] for line in sink.lines] == [1, 1, 1, 4]
+    assert all(line["event"] == "protocol.error" for line in sink.lines)
+
+
+def test_the_protocol_error_log_remembers_a_bounded_number_of_pairs():
+    log = ProtocolErrorLog(_Lines(), interval=10.0, max_keys=3)
+
+    for n in range(10):
+        log.report(f"c{n}", "malformed", "", 0.0)
+
+    assert log.report("c0", "malformed", "", 1.0)  # forgotten, so written again

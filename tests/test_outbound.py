@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from servers import WAIT, eventually
 
+from policy_engine.adapter import outgoing
 from policy_engine.adapter.outbox import CRITICAL, Outbox, PriorityBuffer
 from policy_engine.language.model import OutboundSpec, OverflowAction, Priority
 
@@ -298,3 +299,121 @@ async def test_relayed_events_keep_their_priority_when_the_client_is_behind(serv
     await inbox.until(lambda: len(inbox.of("news")) == sent_news, timeout=WAIT)
     assert [item["n"] for item in inbox.of("news")] == list(range(0, FLOOD, 100))
     assert 0 < len(inbox.of("flood")) < FLOOD
+
+
+# -- bounds in bytes ---------------------------------------------------------------------------
+
+
+def test_the_buffer_is_bounded_in_bytes_dropping_the_lowest_priority_first():
+    buffer: PriorityBuffer[str] = PriorityBuffer(100, max_bytes=10)
+    buffer.push("low", LOW, 4)
+    buffer.push("high", HIGH, 4)
+
+    dropped = buffer.push("normal", NORMAL, 4)
+
+    assert dropped == "low"
+    assert list(buffer) == ["high", "normal"]
+    assert buffer.bytes == 8
+    assert buffer.pop() == "high"
+    assert buffer.bytes == 4
+
+
+def test_one_large_entry_may_evict_several_and_each_counts_as_a_drop():
+    transport_queue: asyncio.Queue[Any] = asyncio.Queue()
+    outbox: Outbox[str] = Outbox(_never, transport_queue, 100, high_water=0, max_bytes=10)
+    outbox.hold()
+    spec = OutboundSpec(max_queue=100, max_bytes=10, disconnect_after_drops=1000)
+    for n in range(5):
+        outbox.enqueue(f"small{n}", LOW, spec, 2)
+
+    dropped, _ = outbox.enqueue("large", NORMAL, spec, 9)
+
+    assert dropped == "small4"
+    assert outbox.drops == 5
+    assert list(outbox.buffer) == ["large"]
+
+
+async def _never(item: Any) -> None:
+    raise AssertionError("nothing is delivered while held")
+
+
+async def test_packets_go_direct_only_while_the_transport_holds_fewer_bytes_than_the_bound():
+    transport = Transport()
+    outbox: Outbox[str] = Outbox(transport.deliver, transport.queue, 4, max_bytes=100)
+
+    assert outbox.direct(60)
+    await transport.deliver("a")
+    assert not outbox.direct(60)  # 120 bytes would be queued
+    assert outbox.direct(30)
+    transport.flowing.set()
+    await eventually(lambda: transport.queue.qsize() == 0)
+    assert outbox.direct(60)
+    transport.close()
+
+
+async def test_a_replay_waits_for_room_and_gives_up_on_a_client_that_does_not_read():
+    transport = Transport()
+    outbox: Outbox[str] = Outbox(transport.deliver, transport.queue, 4, max_bytes=100)
+    assert await outbox.room(90, 0.05)
+    await transport.deliver("replayed")
+
+    stalled = await outbox.room(90, 0.05)
+    transport.flowing.set()
+    resumed = await outbox.room(90, WAIT)
+
+    assert (stalled, resumed) == (False, True)
+    transport.close()
+
+
+BYTES_POLICY = """
+version: 1
+connections:
+  outbound: {max_queue: 100000, max_bytes: 200KB, disconnect_after_drops: 1000000}
+events:
+  flood: {priority: low}
+  news: {priority: critical}
+"""
+
+
+async def test_relayed_events_to_a_stalled_client_are_bounded_in_bytes(serve, clients):
+    served = serve(BYTES_POLICY)
+    client, inbox = await clients.connect(served.url)
+    sid = client.get_sid()
+    queue = transport_queue(served, sid)
+    resume = stop_reading(client)
+
+    await served.run(relayed_flood(served.sio, sid))
+    link = served.adapter.outgoing.links[served.sio.manager.eio_sid_from_sid(sid, "/")]
+    buffered, queued = link.outbox.buffer.bytes, sum(len(p.data) for p in list(queue._queue))
+    resume.set()
+
+    assert buffered <= 200_000
+    assert queued <= 200_000 + len(CHUNK) + 100
+    assert [d for d in served.observer.drops if d[0] == sid]
+    await inbox.until(lambda: len(inbox.of("news")) == len(range(0, FLOOD, 100)), timeout=WAIT)
+    assert client.connected
+
+
+async def test_a_replay_to_a_client_that_does_not_read_is_bounded_then_disconnected(
+    serve, clients, monkeypatch
+):
+    monkeypatch.setattr(outgoing, "REPLAY_PATIENCE", 0.3)
+    served = serve(BYTES_POLICY)
+    client, _ = await clients.connect(served.url, listen=())
+    sid = client.get_sid()
+    queue = transport_queue(served, sid)
+    resume = stop_reading(client)
+    largest_queued = 0
+
+    async def replay_flood() -> None:
+        nonlocal largest_queued
+        for n in range(FLOOD):
+            await served.adapter.outgoing.replay("oh_event", {"n": n, "x": CHUNK}, sid, "/", "c")
+            largest_queued = max(largest_queued, sum(len(p.data) for p in list(queue._queue)))
+
+    await served.run(replay_flood())
+
+    assert largest_queued <= 200_000 + 2 * len(CHUNK)
+    await eventually(lambda: served.adapter.active_connections() == 0)
+    assert ("closed", sid, "slow_consumer") in served.observer.connections
+    resume.set()

@@ -1,14 +1,10 @@
-"""The ASGI edge of the adapter: the lifespan that starts and stops it, and the packet class
-that measures what arrives.
-
-Both wrap something python-socketio or the ASGI server already owns (the application, the
-server's ``packet_class``) instead of changing it, so an application keeps its own.
-"""
+"""The ASGI edge of the adapter: the types of an ASGI application, the lifespan that starts
+and stops the adapter around the application's own, and the WebSocket frame check that lets
+the policy answer a frame too large for Engine.IO."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from contextvars import ContextVar
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -16,10 +12,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-# The size of the packet being handled, set where Engine.IO hands it over and read by the
-# event hook in the task python-socketio starts for it (tasks copy the context).
-INBOUND_SIZE: ContextVar[int] = ContextVar("policy_engine_inbound_size", default=0)
 
 
 class Lifespan:
@@ -51,33 +43,86 @@ class Lifespan:
         await self.app(scope, hooked, send)
 
 
-def measured(packet_class: type[Any]) -> type[Any]:
-    """The server's packet class, noting each received packet's size as it is decoded.
+class OversizedFrames:
+    """Replaces a message over Engine.IO's limit with a short notice the adapter answers.
 
-    ``event.size_bytes`` is the Socket.IO packet as received: its encoded length in bytes
-    (event name, ack id, namespace and JSON payload included), plus the length of every
-    binary attachment. The server decodes each incoming packet with ``packet_class`` (the
-    class its ``serializer`` option names), synchronously, in the task that then starts
-    the event's handler task, which inherits the size through :data:`INBOUND_SIZE`. A text
-    packet is ASCII nearly always, which ``isascii()`` tells in O(1); only otherwise is it
-    encoded to count. Attachments arrive as further messages on the same transport task.
+    Engine.IO closes a WebSocket on a frame larger than its buffer, and refuses such a
+    long-polling request with 400, before the policy could say why. Here the frame (or the
+    request's body, read and let go of as it arrives) becomes a notice instead: ``marker``,
+    the size in bytes, ``:`` and the start of the message, enough for its namespace, ack id
+    and event name; the adapter answers ``PAYLOAD_TOO_LARGE``. ``marker`` is a secret of
+    the process, so a client cannot forge a notice. Frames over the ASGI server's own limit
+    (uvicorn's ``ws_max_size``) never get this far, and a request over ``DRAIN`` times the
+    buffer is left to Engine.IO, which refuses it without reading it.
     """
 
-    decode = packet_class.decode
-    add_attachment = packet_class.add_attachment
+    HEAD = 512
+    DRAIN = 16
 
-    class MeasuredPacket(packet_class):  # type: ignore[misc]
-        def decode(self, encoded_packet: Any) -> Any:
-            if type(encoded_packet) is str:
-                size = len(encoded_packet if encoded_packet.isascii() else encoded_packet.encode())
-            else:
-                size = len(encoded_packet)  # a whole packet in binary (a msgpack server)
-            INBOUND_SIZE.set(size)
-            return decode(self, encoded_packet)
+    def __init__(
+        self, app: ASGIApp, limit: Callable[[], int], marker: str, socketio_path: str
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.marker = marker
+        self.path = "/" + socketio_path.strip("/")
 
-        def add_attachment(self, attachment: Any) -> Any:
-            INBOUND_SIZE.set(INBOUND_SIZE.get() + len(attachment))
-            return add_attachment(self, attachment)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not str(scope.get("path", "")).startswith(self.path):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self.app(scope, self._frames(receive), send)
+        elif scope["type"] == "http" and scope.get("method") == "POST":
+            await self._post(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
-    MeasuredPacket.__name__ = MeasuredPacket.__qualname__ = f"Measured{packet_class.__name__}"
-    return MeasuredPacket
+    def _notice(self, size: int, head: str) -> str:
+        return f"4{self.marker}{size}:{head[1 : 1 + self.HEAD].split(chr(0x1E), 1)[0]}"
+
+    def _frames(self, receive: Receive) -> Receive:
+        async def checked() -> Message:
+            message = await receive()
+            text = message.get("text")
+            if text is not None and len(text) > self.limit() and text[:1] == "4":
+                size = len(text) if text.isascii() else len(text.encode())
+                message = {"type": "websocket.receive", "text": self._notice(size, text)}
+            return message
+
+        return checked
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope.get("headers") or []
+        length = next((value for name, value in headers if name == b"content-length"), b"0")
+        limit = self.limit()
+        if not length.isdigit() or not limit < int(length) <= self.DRAIN * limit:
+            await self.app(scope, receive, send)
+            return
+        first = await receive()
+        body = first.get("body", b"")
+        if body[:1] != b"4":  # not a message: Engine.IO refuses it as it would have
+            replayed = [first]
+
+            async def again() -> Message:
+                return replayed.pop() if replayed else await receive()
+
+            await self.app(scope, again, send)
+            return
+        head, size, more = body[: 2 * self.HEAD], len(body), first.get("more_body", False)
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        notice = self._notice(size, head.decode("utf-8", "ignore")).encode()
+        sent = False
+
+        async def replaced() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": notice, "more_body": False}
+
+        fixed = [(n, v) for n, v in headers if n != b"content-length"]
+        fixed.append((b"content-length", str(len(notice)).encode()))
+        await self.app({**scope, "headers": fixed}, replaced, send)

@@ -5,7 +5,8 @@ methods on the server instance, as ``sio.instrument()`` does, so no application 
 changes. Which methods, and why each, is in ``docs/architecture.md``. :class:`PolicyAdapter`
 is the installed policy and its public face; its hooks live by responsibility in
 :mod:`~policy_engine.adapter.connections` (connect and disconnect),
-:mod:`~policy_engine.adapter.events` (incoming events) and
+:mod:`~policy_engine.adapter.events` (incoming events),
+:mod:`~policy_engine.adapter.inbound` (every packet received, before it is decoded) and
 :mod:`~policy_engine.adapter.outgoing` (``emit`` and every packet sent).
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import socketio
 
-from policy_engine.adapter.asgi import ASGIApp, Lifespan, measured
+from policy_engine.adapter.asgi import ASGIApp, Lifespan, OversizedFrames
 from policy_engine.adapter.authentication import ConnectAuthentication, environ_loader
 from policy_engine.adapter.connection import ConnectionState
 from policy_engine.adapter.connections import ConnectionHooks
@@ -30,11 +31,13 @@ from policy_engine.adapter.cors import CorsPolicy
 from policy_engine.adapter.events import EventDispatch
 from policy_engine.adapter.gate import HandshakeGate
 from policy_engine.adapter.identity import ClaimsLoader
+from policy_engine.adapter.inbound import Inbound
 from policy_engine.adapter.outgoing import Buffered, Outgoing
 from policy_engine.adapter.recovery import Recovery
 from policy_engine.auth.loader import HandshakeClaimsLoader
+from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import Engine
-from policy_engine.core.payload import IDLE_TIMEOUT, backoff_for
+from policy_engine.core.payload import IDLE_TIMEOUT, ClientPayload, backoff_for
 from policy_engine.language.model import ShedAction
 from policy_engine.observe.observer import NullObserver, Observer
 
@@ -79,6 +82,9 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
             replay=self.outgoing.replay,
             notify=self._notify,
         )
+        self.inbound = Inbound(
+            sio, engine, answer=self._refuse_packet, close=self._close_connection
+        )
         # The originals, called directly on the hot path.
         self._trigger: Callable[..., Awaitable[Any]] = sio._trigger_event
         self._event_original: Callable[..., Awaitable[Any]] = sio._handle_event_internal
@@ -93,7 +99,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         sio._handle_event_internal = self._on_event
         self.outgoing.install()
         self._watch_sessions()
-        sio.packet_class = measured(sio.packet_class)
+        self.inbound.install()
         sio.policy_adapter = self
 
     # -- public API --------------------------------------------------------------------------
@@ -111,8 +117,12 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
     def asgi_app(self, other_asgi_app: Any = None, *, socketio_path: str = "socket.io") -> ASGIApp:
         """``socketio.ASGIApp`` behind the overload gate; its lifespan starts this adapter."""
         inner = socketio.ASGIApp(self.sio, other_asgi_app, socketio_path=socketio_path)
+        eio = self.sio.eio
+        checked = OversizedFrames(
+            inner, lambda: eio.max_http_buffer_size, self.inbound.marker, socketio_path
+        )
         gate = HandshakeGate(
-            inner,
+            checked,
             self.engine,
             socketio_path=socketio_path,
             observer=self.observer,
@@ -184,6 +194,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
             try:
                 await self._close_idle()
                 self.recovery.index.prune(time.monotonic(), policy.recovery.max_disconnection)
+                self.inbound.prune()
             except Exception:
                 _log.exception("idle reaper tick failed")
 
@@ -209,6 +220,37 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
             await self.sio.disconnect(state.sid, namespace=state.namespace)
         except Exception:
             _log.exception("closing %s failed", state.sid)
+
+    # -- packets refused before python-socketio decodes them -----------------------------------
+
+    def _state_of(self, eio_sid: str, namespace: str) -> ConnectionState | None:
+        sid = self.sio.manager.sid_from_eio_sid(eio_sid, namespace)
+        return self._states.get(sid) if sid is not None else None
+
+    async def _refuse_packet(
+        self, eio_sid: str, namespace: str, ack: Any, payload: ClientPayload
+    ) -> None:
+        """Report a packet's refusal and answer it: as its ack, else as ``error_event``."""
+        state = self._state_of(eio_sid, namespace)
+        decision = Decision(Outcome.REJECT, payload["policy"], payload)
+        self.observer.decision("event", decision, 0.0, state.conn if state else None)
+        if ack is not None:
+            packet = self.sio.packet_class(
+                socketio.packet.ACK, namespace=namespace, id=ack, data=[dict(payload)]
+            )
+            await self.sio._send_packet(eio_sid, packet)
+        elif state is not None:
+            await self._notify(state.sid, state.namespace, payload)
+
+    async def _close_connection(self, eio_sid: str, payload: ClientPayload) -> None:
+        """Close an Engine.IO connection: each namespace hears why, then the transport ends."""
+        for state in [s for s in self._states.values() if s.eio_sid == eio_sid]:
+            if not state.close_event:
+                await self._close(state, payload, "closed", "protocol_errors")
+        try:
+            await self.sio.eio.disconnect(eio_sid)
+        except Exception:
+            _log.exception("closing %s failed", eio_sid)
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -17,13 +17,13 @@ from typing import Any
 
 from socketio import packet as sio_packet
 
-from policy_engine.adapter.asgi import INBOUND_SIZE
 from policy_engine.adapter.connection import ConnectionState
+from policy_engine.adapter.inbound import INBOUND_SIZE
 from policy_engine.adapter.outgoing import Outgoing
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import NO_GUARD, BreakerGuard, Engine, EventVerdict, PendingEvent
-from policy_engine.core.payload import ClientPayload
+from policy_engine.core.payload import UNKNOWN_EVENT, ClientPayload
 from policy_engine.language.contexts import Hook
 from policy_engine.observe.observer import Observer
 
@@ -109,13 +109,23 @@ class EventDispatch:
             return
         if guard.permits:
             await self._after_call(guard, state, event, None, None)
-        if ack is not None and result is not self._not_handled:
+        if ack is None:
+            return
+        if result is self._not_handled:
+            await self._unhandled(server, state, ack)
+        else:
             await server._send_packet(
                 eio_sid,
                 server.packet_class(
                     sio_packet.ACK, namespace=namespace, id=ack, data=ack_values(result)
                 ),
             )
+
+    async def _unhandled(self, server: Any, state: ConnectionState, ack: Any) -> None:
+        """An event no handler serves asked for an ack: answered if the policy says so."""
+        if self.engine.policy.connections.protocol.answer_unknown_events:
+            payload = UNKNOWN_EVENT.payload("connections/protocol")
+            await self._answer(server, state, ack, payload, notify=False)
 
     async def _judge_waiting(
         self,

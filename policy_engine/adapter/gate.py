@@ -2,7 +2,7 @@
 
 Once a Socket.IO session exists, refusing it costs a handshake, a connect packet and a
 handler call; under overload that is work the server cannot afford. This ASGI middleware
-answers new handshakes (requests to the Socket.IO path without ``sid=``) itself while a
+answers new handshakes (requests to the Socket.IO path without a ``sid``) itself while a
 connect-hook shedding rule of the policy holds, with ``503``, a ``Retry-After`` header and
 the client payload as a JSON body. Requests of existing sessions pass: shedding them would
 break connections that are already paid for.
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
+import urllib.parse
 from collections.abc import Callable
 
 from policy_engine.adapter.asgi import ASGIApp, Receive, Scope, Send
@@ -38,8 +38,6 @@ from policy_engine.core.shedding import shed_payload
 from policy_engine.language.contexts import Hook
 from policy_engine.language.model import EvalFailureMode, Mode, ShedAction
 from policy_engine.observe.observer import NullObserver, Observer
-
-_SESSION_PARAM = re.compile(rb"(?:^|&)sid=")
 
 
 class HandshakeGate:
@@ -77,13 +75,21 @@ class HandshakeGate:
         await self.app(scope, receive, send)
 
     def is_new_session(self, scope: Scope) -> bool:
-        """A handshake request; a CORS preflight is left to Engine.IO, which answers it."""
+        """A handshake request; a CORS preflight is left to Engine.IO, which answers it.
+
+        The query is read as Engine.IO reads it (``parse_qs``: percent-decoded names, blank
+        values dropped), so ``&sid=`` or ``%73id=x`` cannot make a handshake look like a
+        request of an existing session.
+        """
         if scope.get("method") == "OPTIONS":
             return False
         path = str(scope.get("path", ""))
         if not (path.startswith(self._prefixes[0]) or path == self._prefixes[1]):
             return False
-        return _SESSION_PARAM.search(scope.get("query_string") or b"") is None
+        query = scope.get("query_string") or b""
+        if b"sid" not in query and b"%" not in query:
+            return True
+        return "sid" not in urllib.parse.parse_qs(query.decode("utf-8", "replace"))
 
     def judge(self) -> Decision | None:
         """The refusal a connect-hook shedding rule decides from the load alone, if any."""

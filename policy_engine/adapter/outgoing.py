@@ -8,7 +8,8 @@ so that each packet it becomes is judged by the emit hook's rules and, when its 
 behind, buffered at that priority. Each Engine.IO transport has a :class:`Link`: its bounded
 outbound buffer and the namespaces connected over it. A client that keeps up costs nothing
 here but a lookup; one that falls behind gets its packets buffered, the lowest priority
-dropped first, and is disconnected when the policy says so.
+dropped first, and is disconnected when the policy says so. The bounds are in packets and
+in bytes, and hold for replays and for events relayed from other processes as well.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ _log = logging.getLogger("policy_engine.adapter.outgoing")
 _NORMAL = Priority.NORMAL.rank
 _EVENT_TYPES = frozenset("25")  # Socket.IO EVENT and BINARY_EVENT packet types
 _JSON = json.JSONDecoder()
+# How long a replay waits for a client that does not read before it is disconnected.
+REPLAY_PATIENCE = 10.0
 
 Buffered = tuple[dict[str, Any], str | None, int | None]
 """What recovery's buffer makes of an emit: the data to send, its stream and its id."""
@@ -154,8 +157,9 @@ class Outgoing:
         async def deliver(item: Queued) -> None:
             await send(eio_sid, item.packet)
 
-        capacity = self.engine.policy.connections.outbound.max_queue
-        link = self.links[eio_sid] = Link(eio_sid, Outbox(deliver, queue, capacity))
+        outbound = self.engine.policy.connections.outbound
+        outbox = Outbox(deliver, queue, outbound.max_queue, max_bytes=outbound.max_bytes)
+        link = self.links[eio_sid] = Link(eio_sid, outbox)
         return link
 
     # -- emits -----------------------------------------------------------------------------
@@ -225,13 +229,16 @@ class Outgoing:
         if link is None:
             return self._eio_send_packet(eio_sid, pkt)
         emission = _EMISSION.get()
-        if emission is not None and not emission.replay:
+        if emission is not None:
+            if emission.replay:
+                return self._send_replayed(link, pkt)
             return self._send_emitted(link, emission, pkt)
-        if emission is not None or link.closing or link.outbox.direct():
-            # A replay goes ahead of held live events; a control packet (the disconnect)
-            # of a closing connection must not wait behind what will never be sent.
+        size = _size(pkt)
+        if link.closing or link.outbox.direct(size):
+            # A control packet (the disconnect) of a closing connection must not wait
+            # behind what will never be sent.
             return self._eio_send_packet(eio_sid, pkt)
-        self._hold(link, pkt, None, self._rank(pkt.data))
+        self._hold(link, pkt, None, self._rank(pkt.data), size)
         return _SENT
 
     def _rank(self, data: Any) -> int:
@@ -259,15 +266,27 @@ class Outgoing:
             link, emission, pkt
         ):
             return
-        if link.outbox.direct():
+        size = _size(pkt)
+        if link.outbox.direct(size):
             await self._eio_send_packet(link.eio_sid, pkt)
         else:
-            self._hold(link, pkt, emission, emission.rank)
+            self._hold(link, pkt, emission, emission.rank, size)
 
-    def _hold(self, link: Link, pkt: Any, emission: Emission | None, rank: int) -> None:
+    async def _send_replayed(self, link: Link, pkt: Any) -> None:
+        """A replayed packet goes ahead of held live events, but only as fast as the client
+        reads: one that does not read for ``REPLAY_PATIENCE`` is a slow consumer."""
+        if link.closing:
+            return
+        if await link.outbox.room(_size(pkt), REPLAY_PATIENCE):
+            await self._eio_send_packet(link.eio_sid, pkt)
+        elif not link.closing:
+            link.closing = True
+            self._spawn(self._close_link(link, "slow_consumer"))
+
+    def _hold(self, link: Link, pkt: Any, emission: Emission | None, rank: int, size: int) -> None:
         """Buffer a packet for a client that is behind; the policy decides what overflows."""
         dropped, disconnect = link.outbox.enqueue(
-            Queued(pkt, emission), rank, self.engine.policy.connections.outbound
+            Queued(pkt, emission), rank, self.engine.policy.connections.outbound, size
         )
         if dropped is not None:
             self._report_drop(link, dropped, "overflow")
@@ -317,6 +336,12 @@ class Outgoing:
                 await self.sio.disconnect(state.sid, namespace=state.namespace)
             except Exception:
                 _log.exception("disconnecting %s failed", state.sid)
+
+
+def _size(pkt: Any) -> int:
+    """An Engine.IO packet's size in bytes as queued (text counted in characters)."""
+    data = pkt.data
+    return len(data) if isinstance(data, str | bytes) else 0
 
 
 def replayed_up_to(stream: str, last_sent: int) -> Callable[[Queued], bool]:

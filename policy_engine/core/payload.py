@@ -169,3 +169,8 @@ CONNECTION_REFUSED = Notice(
     "CONNECTION_REFUSED", Category.CONNECTION, "The server refused the connection.", False
 )
 INTERNAL = Notice("INTERNAL", Category.SYSTEM, "An internal error occurred; retry later.", True)
+PROTOCOL_INVALID = Notice("INVALID_REQUEST", Category.CLIENT, "Invalid request: {detail}.", False)
+PROTOCOL_ERRORS = Notice(
+    "INVALID_REQUEST", Category.CLIENT, "Closed after {count} malformed packets.", False
+)
+UNKNOWN_EVENT = Notice("UNKNOWN_EVENT", Category.CLIENT, "No handler serves this event.", False)

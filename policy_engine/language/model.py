@@ -308,6 +308,16 @@ class OutboundSpec:
     max_queue: int = 1000
     on_overflow: OverflowAction = OverflowAction.DROP_LOWEST
     disconnect_after_drops: int = 100
+    max_bytes: int = 16_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSpec:
+    """How much Socket.IO protocol abuse one connection is allowed (see the schema)."""
+
+    max_errors: int = 10
+    max_depth: int = 32
+    answer_unknown_events: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +329,7 @@ class ConnectionsSpec:
     priority: Expression | None = None
     auth_failures: AuthFailureSpec | None = None
     outbound: OutboundSpec = OutboundSpec()
+    protocol: ProtocolSpec = ProtocolSpec()
     retry_after: float = 5.0
 
 

@@ -338,3 +338,43 @@ def _identity(conn: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _correlation_id(payload: Mapping[str, Any] | None) -> Any:
     return payload.get("correlation_id") if payload is not None else None
+
+
+class ProtocolErrorLog:
+    """Malformed client packets, logged at most once per connection and kind per interval.
+
+    A hostile client can send thousands of broken packets a second; each is client input,
+    not a server fault, so it gets no traceback, and the line written for it carries how
+    many of that kind the connection sent since the previous line. At most ``max_keys``
+    connection-and-kind pairs are remembered; the oldest are forgotten first.
+    """
+
+    def __init__(self, logger: Any = None, *, interval: float = 10.0, max_keys: int = 10_000):
+        self._log = logger if logger is not None else structlog.get_logger(LOGGER_NAME)
+        self.interval = interval
+        self.max_keys = max_keys
+        # (connection, kind) -> [when the last line was written, errors since then]
+        self._seen: dict[tuple[str, str], list[float]] = {}
+
+    def report(self, connection: str, kind: str, detail: str, now: float) -> bool:
+        """Count one error; returns whether a line was written for it."""
+        key = (connection, kind)
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return False
+        count = 1 + (int(seen[1]) if seen is not None else 0)
+        self._seen.pop(key, None)
+        if len(self._seen) >= self.max_keys:
+            del self._seen[next(iter(self._seen))]
+        self._seen[key] = [now, 0]
+        self._log.warning(
+            "protocol.error",
+            outcome="malformed",
+            kind=kind,
+            eio_sid=connection,
+            count=count,
+            detail=detail,
+            audit=False,
+        )
+        return True

@@ -1,4 +1,5 @@
-"""``connections``: ceilings, idle timeout, shedding priority, auth-failure delays, outbox."""
+"""``connections``: ceilings, idle timeout, shedding priority, auth-failure delays, outbox,
+protocol errors."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from policy_engine.language.model import (
     ConnectionsSpec,
     OutboundSpec,
     OverflowAction,
+    ProtocolSpec,
 )
-from policy_engine.language.units import parse_duration
+from policy_engine.language.units import parse_duration, parse_size
 
 _FIELDS: Mapping[str, Convert] = {
     "max_total": int,
@@ -34,6 +36,12 @@ _OUTBOUND: Mapping[str, Convert] = {
     "max_queue": int,
     "on_overflow": OverflowAction,
     "disconnect_after_drops": int,
+    "max_bytes": parse_size,
+}
+_PROTOCOL: Mapping[str, Convert] = {
+    "max_errors": int,
+    "max_depth": int,
+    "answer_unknown_events": bool,
 }
 
 
@@ -57,6 +65,10 @@ def build_connections(
     if "outbound" in raw:
         values["outbound"] = c.record(
             OutboundSpec, raw["outbound"], "/connections/outbound", _OUTBOUND
+        )
+    if "protocol" in raw:
+        values["protocol"] = c.record(
+            ProtocolSpec, raw["protocol"], "/connections/protocol", _PROTOCOL
         )
     return ConnectionsSpec(**values)
 
