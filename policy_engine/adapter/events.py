@@ -10,6 +10,7 @@ being inherited, they cost no extra call per event.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,6 +26,7 @@ from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import NO_GUARD, BreakerGuard, Engine, EventVerdict, PendingEvent
 from policy_engine.core.payload import UNKNOWN_EVENT, ClientPayload
 from policy_engine.language.contexts import Hook
+from policy_engine.language.model import EvalFailureMode
 from policy_engine.observe.observer import Observer
 
 # The adapter's one logger, whichever of its modules reports.
@@ -50,7 +52,7 @@ class EventDispatch:
     _event_original: Callable[..., Awaitable[Any]]
     _not_handled: Any
 
-    async def _on_event(  # noqa: PLR0917 (python-socketio's signature)
+    async def _on_event(  # noqa: PLR0915, PLR0917 (its signature; one frame per event)
         self, server: Any, sid: str, eio_sid: str, data: list[Any], namespace: str, ack: Any
     ) -> None:
         """python-socketio's ``_handle_event_internal``, with the policy around the handler."""
@@ -88,8 +90,8 @@ class EventDispatch:
                 self.observer.breaker_transition(name, transition)
             self.observer.decision("event", decision, _perf_counter() - started - waited, conn)
         except Exception as exc:
-            # A fault in the policy machinery must not take the application down with it.
-            self._report_error(exc, Hook.EVENT, state, event)
+            if await self._policy_fault(exc, server, state, event, ack):
+                return
             outcome = _ALLOW
         if outcome is not _ALLOW and outcome is not _DELAY:
             await self._answer(
@@ -100,8 +102,13 @@ class EventDispatch:
         if server._trigger_event is not self._installed_trigger:
             trigger = server._trigger_event  # something wrapped us (the admin UI): keep it
         try:
-            result = await trigger(data[0], namespace, sid, *data[1:])
-        except Exception as exc:
+            if trigger is self._trigger:
+                result = await self._call_handler(server, data[0], namespace, sid, data[1:])
+            else:
+                result = await trigger(data[0], namespace, sid, *data[1:])
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
+                raise
             classification, payload, error = self._report_error(exc, Hook.EVENT, state, event)
             if guard.permits:
                 await self._after_call(guard, state, event, classification, error)
@@ -120,6 +127,34 @@ class EventDispatch:
                     sio_packet.ACK, namespace=namespace, id=ack, data=ack_values(result)
                 ),
             )
+
+    async def _policy_fault(
+        self,
+        exc: Exception,
+        server: Any,
+        state: ConnectionState,
+        event: Mapping[str, Any],
+        ack: Any,
+    ) -> bool:
+        """A fault of the policy machinery: reported, then answered as the policy says. The
+        event goes on unless the operator chose ``fail_closed`` for failures to evaluate;
+        True when it was refused."""
+        _, payload, _ = self._report_error(exc, Hook.EVENT, state, event)
+        if self.engine.policy.defaults.on_eval_error is not EvalFailureMode.FAIL_CLOSED:
+            return False
+        await self._answer(server, state, ack, payload, notify=True)
+        return True
+
+    async def _call_handler(
+        self, server: Any, name: str, namespace: str, sid: str, args: list[Any]
+    ) -> Any:
+        """Await an application's coroutine handler here rather than in python-socketio,
+        which turns a ``CancelledError`` into an empty result: a handler cancelled from
+        within (an inner timeout) failed, and its client and its breaker must hear so."""
+        handler, handler_args = server._get_event_handler(name, namespace, (sid, *args))
+        if handler is not None and inspect.iscoroutinefunction(handler):
+            return await handler(*handler_args)
+        return await self._trigger(name, namespace, sid, *args)
 
     async def _unhandled(self, server: Any, state: ConnectionState, ack: Any) -> None:
         """An event no handler serves asked for an ack: answered if the policy says so."""
@@ -223,3 +258,10 @@ def ack_values(result: Any) -> list[Any]:
     if isinstance(result, tuple):
         return list(result)
     return [result]
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the task running the handler is itself being cancelled (a shutdown): then
+    the cancellation is not the handler's failure and must go on."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
