@@ -299,6 +299,8 @@ def comprehensions_over(source: str, variable: str, field: str) -> list[tuple[st
 
     The iterations such a comprehension costs are chosen by whoever sends the data.
     """
+    if field not in source or not any(macro in source for macro in MACROS):
+        return []  # no macro's name, or no such field, anywhere in the text: nothing to parse
     tree = _tree(source)
     if tree is None:
         return []
