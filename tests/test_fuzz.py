@@ -5,7 +5,7 @@ is owed: an answer to each event that asked for one (the result, or the document
 refusal payload), or a close with a classified notice; nothing internal in anything
 received; no traceback in the server's log for client input; a quiet client beside the
 fuzzer still served; the server's memory bounded. ``FUZZ_EXAMPLES`` raises the number of
-examples per property (``make fuzz`` runs the long version, ``benchmarks/fuzz_run.py``).
+examples per property, ``FUZZ_SHRINK=1`` shrinks a failing one (``make fuzz`` runs the long version, ``benchmarks/fuzz_run.py``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import pytest
 from fuzz.exchanges import Conversation, abuse, converse
 from fuzz.harness import LogCapture, QuietClient, fuzz_app, fuzz_policy, rss_mb
 from fuzz.strategies import Event, RawPacket, handled_events, hostile_named_events, raw_packets
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from servers import Served, start_server
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
+# Shrinking waits out every unanswered event again, for minutes: on request only.
+PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("FUZZ_SHRINK") else [])
 RSS_SLACK_MB = 300.0
 TRANSPORTS = ["websocket", "polling"]
 
@@ -32,6 +34,7 @@ fuzzing = settings(
     deadline=None,
     database=None,
     report_multiple_bugs=False,
+    phases=PHASES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 

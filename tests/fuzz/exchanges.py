@@ -10,7 +10,7 @@ from .harness import Exchange, await_answer, expected_answer, fresh_address, lea
 from .strategies import Event, RawPacket, raw_event_text
 from .wire import Wire, encode_event, open_wire
 
-ANSWER_WAIT = 2.0
+ANSWER_WAIT = 1.0
 PROBE_ACK = 900_001
 
 
