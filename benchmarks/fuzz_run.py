@@ -26,8 +26,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fuzz.exchanges import PROBE_ACK, join, leaves_namespace, send_event  # noqa: E402
-from fuzz.harness import (  # noqa: E402
+from fuzz.exchanges import PROBE_ACK, join, leaves_namespace, send_event
+from fuzz.harness import (
     LogCapture,
     QuietClient,
     await_answer,
@@ -37,10 +37,10 @@ from fuzz.harness import (  # noqa: E402
     leaked_internals,
     rss_mb,
 )
-from fuzz.strategies import handled_events, hostile_named_events, raw_packets  # noqa: E402
-from fuzz.wire import encode_event, open_wire  # noqa: E402
-from hypothesis.errors import NonInteractiveExampleWarning  # noqa: E402
-from servers import start_server  # noqa: E402
+from fuzz.strategies import handled_events, hostile_named_events, raw_packets
+from fuzz.wire import encode_event, open_wire
+from hypothesis.errors import NonInteractiveExampleWarning
+from servers import start_server
 
 EVENTS_PER_CONNECTION = 200
 
@@ -108,7 +108,8 @@ async def one_connection(url: str, transport: str, budget: int, tally: Tally) ->
                 else:
                     tally.unanswered.append(f"{transport}: {label}")
                 tally.wrong.extend(exchange.wrong)
-                wire.received[:] = [p for p in wire.received if not isinstance(p, str)][-0:]
+                tally.leaks.extend(leaked_internals(wire))
+                wire.received.clear()
             tally.leaks.extend(leaked_internals(wire))
         finally:
             await wire.close()
@@ -123,10 +124,7 @@ async def worker(url: str, transport: str, share: int, tally: Tally) -> None:
 async def fuzz(url: str, events: int, connections: int, tally: Tally) -> None:
     share = events // connections
     await asyncio.gather(
-        *(
-            worker(url, ("websocket", "polling")[n % 2], share, tally)
-            for n in range(connections)
-        )
+        *(worker(url, ("websocket", "polling")[n % 2], share, tally) for n in range(connections))
     )
 
 
@@ -152,20 +150,30 @@ def main() -> int:
             quiet.stop()
             served.live.stop()
         tracebacks = log.tracebacks()
-    report(tally, elapsed, rss_before, rss_after, quiet, tracebacks)
+    report(
+        tally,
+        elapsed=elapsed,
+        rss_before=rss_before,
+        rss_after=rss_after,
+        quiet=quiet,
+        tracebacks=tracebacks,
+    )
     failed = tally.unanswered or tally.wrong or tally.leaks or tracebacks or quiet.failures
     return 1 if failed else 0
 
 
 def report(
     tally: Tally,
+    *,
     elapsed: float,
     rss_before: float,
     rss_after: float,
     quiet: QuietClient,
     tracebacks: list[str],
 ) -> None:
-    print(f"events sent          {tally.sent} in {elapsed:.0f} s on {tally.connections} connections")
+    print(
+        f"events sent          {tally.sent} in {elapsed:.0f} s on {tally.connections} connections"
+    )
     print(f"answered             {tally.answered}")
     for code, count in tally.refused.most_common():
         print(f"  refused {code:<20} {count}")

@@ -5,7 +5,8 @@ is owed: an answer to each event that asked for one (the result, or the document
 refusal payload), or a close with a classified notice; nothing internal in anything
 received; no traceback in the server's log for client input; a quiet client beside the
 fuzzer still served; the server's memory bounded. ``FUZZ_EXAMPLES`` raises the number of
-examples per property, ``FUZZ_SHRINK=1`` shrinks a failing one (``make fuzz`` runs the long version, ``benchmarks/fuzz_run.py``).
+examples per property and ``FUZZ_SHRINK=1`` shrinks a failing one; ``make fuzz`` runs the
+long version, ``benchmarks/fuzz_run.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from servers import Served, start_server
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
 # Shrinking waits out every unanswered event again, for minutes: on request only.
-PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("FUZZ_SHRINK") else [])
+PHASES = [Phase.explicit, Phase.generate] + (
+    [Phase.shrink] if os.environ.get("FUZZ_SHRINK") else []
+)
 RSS_SLACK_MB = 300.0
 TRANSPORTS = ["websocket", "polling"]
 

@@ -82,9 +82,7 @@ async def abuse(url: str, transport: str, packets: list[RawPacket]) -> Conversat
                     if any(leaves_namespace(text) for text in packet.texts):
                         await wire.send("40")
                 await wire.send(encode_event("echo", ["probe"], PROBE_ACK))
-                result.exchanges.append(
-                    await await_answer(wire, PROBE_ACK, ["probe"], ANSWER_WAIT)
-                )
+                result.exchanges.append(await await_answer(wire, PROBE_ACK, ["probe"], ANSWER_WAIT))
             result.leaks = leaked_internals(wire)
         finally:
             await wire.close()
@@ -93,4 +91,4 @@ async def abuse(url: str, transport: str, packets: list[RawPacket]) -> Conversat
 
 def leaves_namespace(text: str) -> bool:
     """Whether ``text`` is a Socket.IO DISCONNECT of the default namespace (the client may)."""
-    return text.startswith("41") and not text[2:3] == "/"
+    return text.startswith("41") and text[2:3] != "/"

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,9 @@ _addresses = itertools.count(1)
 def fresh_address() -> dict[str, str]:
     """An ``X-Forwarded-For`` of its own, from the documentation ranges."""
     number = next(_addresses)
-    return {"X-Forwarded-For": f"198.{18 + number // 65536 % 2}.{number // 256 % 256}.{number % 256}"}
+    return {
+        "X-Forwarded-For": f"198.{18 + number // 65536 % 2}.{number // 256 % 256}.{number % 256}"
+    }
 
 
 class LogCapture(logging.Handler):
@@ -150,6 +153,10 @@ class Exchange:
     closed: bool = False
     classified_close: bool = False
     wrong: list[str] = field(default_factory=list)
+
+
+def has_ack(wire: Wire, ack_id: int) -> bool:
+    return ack_for(wire, ack_id) is not None
 
 
 def ack_for(wire: Wire, ack_id: int) -> list[Any] | None:
@@ -240,7 +247,7 @@ class QuietClient:
                     ack_id = self.sent
                     started = time.monotonic()
                     await wire.send(encode_event("echo", [ack_id], ack_id))
-                    await wire.until(lambda: ack_for(wire, ack_id) is not None, self.patience)
+                    await wire.until(partial(has_ack, wire, ack_id), self.patience)
                     answer = ack_for(wire, ack_id)
                     if answer == [ack_id]:
                         self.answered += 1

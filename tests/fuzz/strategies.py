@@ -37,7 +37,7 @@ hostile_text = st.one_of(
     st.text(max_size=40),
     st.text(alphabet=st.characters(codec=None, categories=["Cs"]), min_size=1, max_size=4),
     st.sampled_from(["\ud800", "a\udfffb", "ls\u0000; rm -rf /", "\u0000", "\ufeff", "\u202e"]),
-    st.text(alphabet="\u0000\ud800\U0001f600é\n\t\"\\", max_size=20),
+    st.text(alphabet='\u0000\ud800\U0001f600é\n\t"\\', max_size=20),
 )
 
 big_ints = st.one_of(
@@ -144,8 +144,8 @@ _json_bodies = st.one_of(
     st.just("{}"),
     st.just('"echo"'),
     st.just("null"),
-    st.just('[1,2]'),
-    st.just('[null]'),
+    st.just("[1,2]"),
+    st.just("[null]"),
     st.just('[["echo"]]'),
     st.just('["echo",NaN,Infinity]'),
     st.just("[" * 2_000 + "]" * 2_000),
@@ -180,7 +180,7 @@ raw_packets = st.one_of(
     # Socket.IO packets with any type digit, namespace, ack id and body.
     st.builds(
         lambda kind, ns, ack, body: RawPacket([f"4{kind}{ns}{ack}{body}"]),
-        st.sampled_from(list("0123456789") + ["", "x", "-"]),
+        st.sampled_from([*list("0123456789"), "", "x", "-"]),
         _namespaces,
         _ack_ids,
         _json_bodies,

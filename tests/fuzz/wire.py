@@ -109,7 +109,9 @@ class WebSocketWire(Wire):
     async def send(self, text: str) -> None:
         if not self.closed:
             try:
-                await self._ws.send_str(text)
+                # Lone surrogates go out as they are: invalid UTF-8 is hostile input too.
+                frame = text.encode("utf-8", "surrogatepass")
+                await self._ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
             except (aiohttp.ClientError, ConnectionError):
                 self._end()
 
@@ -154,9 +156,10 @@ class PollingWire(Wire):
                         await self._post("3")
                     elif packet.startswith("b"):
                         self._deliver(base64.b64decode(packet[1:]))
-                    elif packet == "1" or packet == "":
-                        if packet == "1":
-                            return
+                    elif packet == "1":
+                        return
+                    elif packet == "":
+                        continue
                     else:
                         self._deliver(packet)
         except (aiohttp.ClientError, ConnectionError, asyncio.CancelledError):
