@@ -26,7 +26,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fuzz.exchanges import PROBE_ACK, join, leaves_namespace, send_event
+from fuzz.exchanges import ANSWER_WAIT, PROBE_ACK, join, leaves_namespace, send_event
 from fuzz.harness import (
     LogCapture,
     QuietClient,
@@ -91,11 +91,11 @@ async def one_connection(url: str, transport: str, budget: int, tally: Tally) ->
                         await wire.send("40")
                     ack_id = PROBE_ACK + sent
                     await wire.send(encode_event("echo", ["probe"], ack_id))
-                    exchange = await await_answer(wire, ack_id, ["probe"], 2.0)
+                    exchange = await await_answer(wire, ack_id, ["probe"], ANSWER_WAIT)
                     label = f"raw {packet!r}"[:300]
                 else:
                     event = draw(kind)
-                    exchange = await send_event(wire, event, ack_id, 2.0)
+                    exchange = await send_event(wire, event, ack_id, ANSWER_WAIT)
                     label = f"{kind} {event!r}"[:300]
                 if exchange.answered:
                     tally.answered += 1
@@ -131,7 +131,7 @@ async def fuzz(url: str, events: int, connections: int, tally: Tally) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args()
     random.seed(options.seed)
