@@ -52,6 +52,7 @@ class Tally:
         self.refused: Counter[str] = Counter()
         self.closed = 0
         self.unanswered: list[str] = []
+        self.unanswered_by_kind: Counter[str] = Counter()
         self.wrong: list[str] = []
         self.leaks: list[str] = []
         self.connections = 0
@@ -104,9 +105,14 @@ async def one_connection(url: str, transport: str, budget: int, tally: Tally) ->
                 elif exchange.closed:
                     tally.closed += 1
                     if not exchange.classified_close:
+                        tally.unanswered_by_kind[kind] += 1
                         tally.unanswered.append(f"{transport} closed without notice: {label}")
                 else:
+                    # Left unanswered: the connection may be wedged, so a fresh one goes on.
+                    tally.unanswered_by_kind[kind] += 1
                     tally.unanswered.append(f"{transport}: {label}")
+                    tally.leaks.extend(leaked_internals(wire))
+                    return sent
                 tally.wrong.extend(exchange.wrong)
                 tally.leaks.extend(leaked_internals(wire))
                 wire.received.clear()
@@ -179,14 +185,14 @@ def report(
         print(f"  refused {code:<20} {count}")
     print(f"connections closed   {tally.closed}")
     print(f"connects refused     {len(tally.connect_refused)} {tally.connect_refused[:3]}")
-    print(f"unanswered           {len(tally.unanswered)}")
+    print(f"unanswered           {len(tally.unanswered)} {dict(tally.unanswered_by_kind)}")
     for line in tally.unanswered[:10]:
-        print(f"  {line}")
+        print(f"  {line[:160]}")
     print(f"wrong answers        {len(tally.wrong)} {tally.wrong[:3]}")
     print(f"internals leaked     {len(tally.leaks)} {tally.leaks[:3]}")
     print(f"tracebacks logged    {len(tracebacks)}")
-    for text in tracebacks[:3]:
-        print("  " + text.splitlines()[-1])
+    for last_line, count in Counter(text.splitlines()[-1] for text in tracebacks).most_common(8):
+        print(f"  {count:6}  {last_line[:120]}")
     print(
         f"quiet client         {quiet.answered}/{quiet.sent} answered, slowest "
         f"{quiet.slowest * 1000:.0f} ms, failures {quiet.failures[:3]}"
