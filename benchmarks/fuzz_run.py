@@ -26,7 +26,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fuzz.exchanges import ANSWER_WAIT, PROBE_ACK, join, leaves_namespace, send_event
+from fuzz.exchanges import ANSWER_WAIT, PROBE_ACK, join, send_event, send_raw
 from fuzz.harness import (
     LogCapture,
     QuietClient,
@@ -84,12 +84,7 @@ async def one_connection(url: str, transport: str, budget: int, tally: Tally) ->
                 ack_id = sent
                 if kind == "raw":
                     packet = draw(kind)
-                    for text in packet.texts:
-                        await wire.send(text)
-                    for blob in packet.binaries:
-                        await wire.send_binary(blob)
-                    if any(leaves_namespace(text) for text in packet.texts):
-                        await wire.send("40")
+                    await send_raw(wire, packet)
                     ack_id = PROBE_ACK + sent
                     await wire.send(encode_event("echo", ["probe"], ack_id))
                     exchange = await await_answer(wire, ack_id, ["probe"], ANSWER_WAIT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -43,49 +45,54 @@ async def send_event(wire: Wire, event: Event, ack_id: int, wait: float) -> Exch
     return await await_answer(wire, ack_id, expected_answer(event), wait)
 
 
+@asynccontextmanager
+async def connection(url: str, transport: str) -> AsyncIterator[tuple[Wire, Conversation]]:
+    """A fresh connection from an address of its own, joined to the default namespace."""
+    result = Conversation(transport)
+    async with aiohttp.ClientSession() as session:
+        wire = await open_wire(session, url, transport, headers=fresh_address())
+        try:
+            result.refused = await join(wire)
+            result.connected = not result.refused
+            yield wire, result
+            result.leaks = leaked_internals(wire)
+        finally:
+            await wire.close()
+
+
 async def converse(
     url: str, transport: str, events: list[Event], wait: float = ANSWER_WAIT
 ) -> Conversation:
     """Send ``events`` one at a time, each with an ack id, on a fresh connection."""
-    result = Conversation(transport)
-    async with aiohttp.ClientSession() as session:
-        wire = await open_wire(session, url, transport, headers=fresh_address())
-        try:
-            result.refused = await join(wire)
-            result.connected = not result.refused
-            if result.connected:
-                for number, event in enumerate(events, start=1):
-                    exchange = await send_event(wire, event, number, wait)
-                    result.exchanges.append(exchange)
-                    if exchange.closed:
-                        break
-            result.leaks = leaked_internals(wire)
-        finally:
-            await wire.close()
+    async with connection(url, transport) as (wire, result):
+        for number, event in enumerate(events, start=1):
+            if not result.connected:
+                break
+            exchange = await send_event(wire, event, number, wait)
+            result.exchanges.append(exchange)
+            if exchange.closed:
+                break
     return result
+
+
+async def send_raw(wire: Wire, packet: RawPacket) -> None:
+    """Send ``packet`` as it is; rejoin the namespace if it was a (legitimate) leave."""
+    for text in packet.texts:
+        await wire.send(text)
+    for blob in packet.binaries:
+        await wire.send_binary(blob)
+    if any(leaves_namespace(text) for text in packet.texts):
+        await wire.send("40")
 
 
 async def abuse(url: str, transport: str, packets: list[RawPacket]) -> Conversation:
     """Send raw ``packets``, then one well-formed echo that must still be answered."""
-    result = Conversation(transport)
-    async with aiohttp.ClientSession() as session:
-        wire = await open_wire(session, url, transport, headers=fresh_address())
-        try:
-            result.refused = await join(wire)
-            result.connected = not result.refused
-            if result.connected:
-                for packet in packets:
-                    for text in packet.texts:
-                        await wire.send(text)
-                    for blob in packet.binaries:
-                        await wire.send_binary(blob)
-                    if any(leaves_namespace(text) for text in packet.texts):
-                        await wire.send("40")
-                await wire.send(encode_event("echo", ["probe"], PROBE_ACK))
-                result.exchanges.append(await await_answer(wire, PROBE_ACK, ["probe"], ANSWER_WAIT))
-            result.leaks = leaked_internals(wire)
-        finally:
-            await wire.close()
+    async with connection(url, transport) as (wire, result):
+        if result.connected:
+            for packet in packets:
+                await send_raw(wire, packet)
+            await wire.send(encode_event("echo", ["probe"], PROBE_ACK))
+            result.exchanges.append(await await_answer(wire, PROBE_ACK, ["probe"], ANSWER_WAIT))
     return result
 
 

@@ -25,21 +25,12 @@ from typing import Any
 
 import aiohttp
 import socketio
+from servers import CONTRACT_KEYS
 
 from .strategies import Event
 from .wire import Wire, acks, encode_event, open_wire
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
-CONTRACT_KEYS = {
-    "code",
-    "category",
-    "message",
-    "retryable",
-    "retry_after_ms",
-    "backoff",
-    "policy",
-    "correlation_id",
-}
 #: What no client may ever read: stack traces, source paths, exception reprs.
 INTERNALS = re.compile(
     r"Traceback|File \"|\.py\b|/work/|site-packages|Error\(|Exception\(|<[a-zA-Z_.]+ object at"
@@ -131,13 +122,34 @@ def rss_mb() -> float:
 
 
 def leaked_internals(wire: Wire) -> list[str]:
-    """Everything the client received that reads like a stack trace or an exception."""
+    """What the server wrote that reads like a stack trace or an exception.
+
+    Acks that are not refusals carry the client's own data back (the echo), which may
+    say anything; everything else the server composed itself.
+    """
     found = []
+    answers = acks(wire.received)
+    echoed = {json.dumps(args, default=repr) for args in answers.values() if not _refusal(args)}
     for packet in wire.received:
-        text = packet.decode("utf-8", "replace") if isinstance(packet, bytes) else packet
-        if INTERNALS.search(text):
-            found.append(text[:500])
+        if isinstance(packet, bytes):
+            continue
+        if packet[:2] in ("43", "46") and _echo_text(packet, echoed):
+            continue
+        if INTERNALS.search(packet):
+            found.append(packet[:500])
     return found
+
+
+def _refusal(args: list[Any]) -> bool:
+    return len(args) == 1 and is_contract_payload(args[0])
+
+
+def _echo_text(packet: str, echoed: set[str]) -> bool:
+    start = packet.find("[")
+    try:
+        return start >= 0 and json.dumps(json.loads(packet[start:]), default=repr) in echoed
+    except ValueError:
+        return False
 
 
 def is_contract_payload(value: Any) -> bool:
