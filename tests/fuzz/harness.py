@@ -99,7 +99,7 @@ class LogCapture(logging.Handler):
         """The records that carry a traceback, formatted, for an assertion message."""
         formatter = logging.Formatter()
         return [
-            formatter.format(record)[:2_000]
+            _head_and_tail(formatter.format(record))
             for record in self.records
             if record.exc_info or "Traceback" in record.getMessage()
         ]
@@ -110,6 +110,13 @@ class LogCapture(logging.Handler):
 
     def __exit__(self, *_: object) -> None:
         logging.getLogger().removeHandler(self)
+
+
+def _head_and_tail(text: str, keep: int = 1_000) -> str:
+    """A long traceback's first and last lines: where it began and what was raised."""
+    if len(text) <= 2 * keep:
+        return text
+    return f"{text[:keep]}\n[...]\n{text[-keep:]}"
 
 
 def rss_mb() -> float:
