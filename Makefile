@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 JS_DEPS := tests/js/node_modules/.package-lock.json
 
-.PHONY: setup serve test check lint typecheck validate bench clean
+.PHONY: setup serve test check lint typecheck validate bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.store_bench
 	$(BIN)/python -m benchmarks.echo_bench throughput
 	$(BIN)/python -m benchmarks.echo_bench memory
+
+# Hostile traffic against a live server under the shipped policy (FUZZ_EVENTS to change).
+FUZZ_EVENTS ?= 100000
+fuzz: $(STAMP)
+	$(BIN)/pytest -m fuzz tests/test_fuzz.py
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.fuzz_run --events $(FUZZ_EVENTS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/js/node_modules
