@@ -84,17 +84,62 @@ class OversizedFrames:
         async def checked() -> Message:
             message = await receive()
             text = message.get("text")
-            if text is not None and len(text) > self.limit() and text[:1] == "4":
+            if text is None:
+                return message
+            if text[:1] not in ENGINEIO_TYPES:
+                # Engine.IO would close the transport on it, with no word to the client.
+                return {"type": "websocket.receive", "text": self.malformed}
+            if len(text) > self.limit() and text[:1] == "4":
                 size = len(text) if text.isascii() else len(text.encode())
                 message = {"type": "websocket.receive", "text": self._notice(size, text)}
             return message
 
         return checked
 
+    @property
+    def malformed(self) -> str:
+        """The notice standing for a packet Engine.IO cannot read: a protocol error."""
+        return f"4{self.marker}{MALFORMED}"
+
+    async def _readable_post(
+        self, scope: Scope, receive: Receive, send: Send, headers: list[Any]
+    ) -> None:
+        """A long-polling body Engine.IO can take: each packet it could not read (not UTF-8,
+        no packet type) becomes the malformed notice, so the adapter counts it as a protocol
+        error instead of Engine.IO logging a traceback and refusing the whole request."""
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        packets = body.split(b"\x1e")
+        fixed = [p if _readable(p) else self.malformed.encode() for p in packets]
+        if fixed != packets:
+            body = b"\x1e".join(fixed)
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            scope = {**scope, "headers": headers}
+        sent = False
+
+        async def replayed() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replayed, send)
+
     async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope.get("headers") or []
         length = next((value for name, value in headers if name == b"content-length"), b"0")
         limit = self.limit()
+        if length.isdigit() and 0 < int(length) <= limit:
+            await self._readable_post(scope, receive, send, headers)
+            return
         if not length.isdigit() or not limit < int(length) <= self.DRAIN * limit:
             await self.app(scope, receive, send)
             return
@@ -126,3 +171,21 @@ class OversizedFrames:
         fixed = [(n, v) for n, v in headers if n != b"content-length"]
         fixed.append((b"content-length", str(len(notice)).encode()))
         await self.app({**scope, "headers": fixed}, replaced, send)
+
+
+ENGINEIO_TYPES = frozenset("0123456")
+"""The first character of every Engine.IO packet a client may send as text."""
+
+MALFORMED = "!"
+"""What follows the marker in the notice of a packet Engine.IO could not read."""
+
+
+def _readable(packet: bytes) -> bool:
+    """Whether Engine.IO can decode one packet of a long-polling body."""
+    if packet[:1] == b"b":  # base64-encoded binary
+        return True
+    try:
+        text = packet.decode()
+    except UnicodeDecodeError:
+        return False
+    return text[:1] in ENGINEIO_TYPES

@@ -28,6 +28,7 @@ from typing import Any
 
 from socketio import packet as sio_packet
 
+from policy_engine.adapter.asgi import MALFORMED
 from policy_engine.core.engine import Engine
 from policy_engine.core.payload import (
     PAYLOAD_TOO_LARGE,
@@ -303,6 +304,9 @@ class Inbound:
 
     async def _oversized(self, eio_sid: str, notice: str) -> None:
         """Answer a frame Engine.IO could not take, from its size and its first bytes."""
+        if notice == MALFORMED:  # a packet Engine.IO could not read at all
+            await self.fault(eio_sid, "malformed")
+            return
         _, _, head = notice.partition(":")  # the frame's size, then its start
         namespace, ack, start = header(head)
         spec = self.engine.policy.event(_event_name(head, start))

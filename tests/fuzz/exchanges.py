@@ -90,10 +90,23 @@ async def abuse(url: str, transport: str, packets: list[RawPacket]) -> Conversat
     async with connection(url, transport) as (wire, result):
         if result.connected:
             for packet in packets:
+                if transport == "websocket" and not all(_utf8(text) for text in packet.texts):
+                    # RFC 6455, 8.1: a text frame that is not UTF-8 fails the connection
+                    # at the transport, before anything above it could answer.
+                    await send_raw(wire, packet)
+                    return result
                 await send_raw(wire, packet)
             await wire.send(encode_event("echo", ["probe"], PROBE_ACK))
             result.exchanges.append(await await_answer(wire, PROBE_ACK, ["probe"], ANSWER_WAIT))
     return result
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def leaves_namespace(text: str) -> bool:
