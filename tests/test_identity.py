@@ -104,12 +104,18 @@ def test_a_client_chosen_user_id_is_ignored_unless_the_policy_trusts_it():
         ("anything=" + "v" * 257, None, {}),
         ("", {"conversation_id": "c" * 257}, {}),
         ("", {"user_id": "u" * 500_000}, {}),
-        ("", None, {"x-tenant": "t" * 257}),
+        ("", None, {"x-tenant": "t" * 8193}),
     ],
 )
 def test_every_client_supplied_identifier_is_bounded(query, auth, headers):
     with pytest.raises(IdentityError, match="longer than"):
         identify(environ(query, headers=headers), auth, SPEC, {})
+
+
+def test_ordinary_browser_headers_are_not_refused():
+    headers = {"referer": "https://app.example/c?" + "q=1&" * 200, "user-agent": "Mozilla " * 60}
+    found = identify(environ("", headers=headers), None, SPEC, {})
+    assert found.headers["referer"].startswith("https://app.example/c?")
 
 
 def test_a_parameter_named_like_an_argument_is_only_a_parameter():

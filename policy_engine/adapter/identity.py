@@ -186,7 +186,10 @@ def identify(
     limit = spec.max_identifier_length
     _bound(limit, {"user": user, "conversation": conversation})
     _bound(limit, query)
-    _bound(limit, {name: value for name, value in headers.items() if name != "cookie"})
+    # Headers carry what browsers send (a Referer with its query, a long User-Agent): they
+    # are bounded as tokens are, so a rule keyed on one cannot store megabytes, and no
+    # browser is refused for an ordinary header.
+    _bound(_TOKEN_LENGTH, {name: value for name, value in headers.items() if name != "cookie"})
     _bound(limit, _auth_identifiers(sources[0], names))
     return Identity(
         ip=address_key(client_ip(scope, headers, spec.trusted_proxies), spec.ipv6_prefix),
