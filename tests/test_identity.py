@@ -101,7 +101,8 @@ def test_a_client_chosen_user_id_is_ignored_unless_the_policy_trusts_it():
     ("query", "auth", "headers"),
     [
         ("conversation_id=" + "c" * 257, None, {}),
-        ("anything=" + "v" * 257, None, {}),
+        ("anything=" + "v" * 8193, None, {}),
+        ("n" * 257 + "=v", None, {}),
         ("", {"conversation_id": "c" * 257}, {}),
         ("", {"user_id": "u" * 500_000}, {}),
         ("", None, {"x-tenant": "t" * 8193}),
@@ -110,6 +111,11 @@ def test_a_client_chosen_user_id_is_ignored_unless_the_policy_trusts_it():
 def test_every_client_supplied_identifier_is_bounded(query, auth, headers):
     with pytest.raises(IdentityError, match="longer than"):
         identify(environ(query, headers=headers), auth, SPEC, {})
+
+
+def test_an_application_query_parameter_may_be_long():
+    found = identify(environ("jwt=" + "e" * 900 + "&next=/a"), None, SPEC, {})
+    assert found.query["next"] == "/a"
 
 
 def test_ordinary_browser_headers_are_not_refused():

@@ -185,7 +185,10 @@ def identify(
     conversation = _first(spec.conversation_param, *sources)
     limit = spec.max_identifier_length
     _bound(limit, {"user": user, "conversation": conversation})
-    _bound(limit, query)
+    _bound(limit, {name: query[name] for name in names if name in query})
+    # Other parameters may hold anything an application put there (a token under a name
+    # of its own, a return URL): bounded as headers are.
+    _bound(_TOKEN_LENGTH, query)
     # Headers carry what browsers send (a Referer with its query, a long User-Agent): they
     # are bounded as tokens are, so a rule keyed on one cannot store megabytes, and no
     # browser is refused for an ordinary header.
@@ -241,13 +244,15 @@ def mask_query(query: Mapping[str, str], token_param: str) -> dict[str, str]:
 
 
 _TOKEN_LENGTH = 8192
-"""Tokens are bounded by their verifier (``max_token_bytes``); this is only a backstop."""
+"""Tokens, header values and other query values; identifiers have the policy's own bound."""
+MAX_NAME_LENGTH = 256
+"""A query parameter's or a header's name."""
 
 
 def _bound(limit: int, values: Mapping[str, str]) -> None:
     for name, value in values.items():
-        if len(name) > limit:
-            raise IdentityError(f"a parameter name is longer than {limit} characters")
+        if len(name) > MAX_NAME_LENGTH:
+            raise IdentityError(f"a parameter name is longer than {MAX_NAME_LENGTH} characters")
         cap = _TOKEN_LENGTH if _sensitive(name) or name == "authorization" else limit
         if len(value) > cap:
             raise IdentityError(f"{name!r} is longer than {cap} characters")
