@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from policy_engine.adapter.identity import ClaimsLoader, load_claims, query_params, scope_headers
+from policy_engine.adapter.identity import (
+    ClaimsLoader,
+    Identity,
+    load_claims,
+    query_params,
+    scope_headers,
+)
 from policy_engine.auth.build import Authenticators
 from policy_engine.auth.handshake import Handshake
 from policy_engine.auth.loader import HandshakeClaimsLoader
@@ -72,8 +78,15 @@ class ConnectAuthentication:
             await built.prefetch()
 
     async def authenticate(
-        self, policy: PolicySet, namespace: str, environ: Mapping[str, Any], auth: Any
+        self,
+        policy: PolicySet,
+        namespace: str,
+        environ: Mapping[str, Any],
+        auth: Any,
+        identity: Identity,
     ) -> tuple[dict[str, Any], str]:
+        """``identity`` is the handshake as already read (:func:`identify`): its unmasked
+        headers and query are what the verifiers look in."""
         self.prepare(policy)
         built = self._built[policy.version]
         spec = built.for_namespace(namespace) if built is not None else None
@@ -83,7 +96,11 @@ class ConnectAuthentication:
             if isinstance(user, int) and not isinstance(user, bool):
                 user = str(user)
             return claims, user if isinstance(user, str) else ""
-        result = await spec.authenticator.authenticate(
-            handshake_of(environ, auth), spec.requirement
+        handshake = Handshake(
+            headers=identity.raw_headers,
+            query=identity.raw_query,
+            auth=auth if isinstance(auth, Mapping) else {},
+            environ=environ,
         )
+        result = await spec.authenticator.authenticate(handshake, spec.requirement)
         return dict(result.claims), result.user_id

@@ -89,7 +89,7 @@ class ConnectionHooks:
         claims_error: Exception | None = None
         try:
             claims, verified_user = await self.authentication.authenticate(
-                policy, namespace, environ, auth
+                policy, namespace, environ, auth, identity
             )
         except Exception as exc:
             # Judged after the policy: a throttled client must hear AUTH_THROTTLED.

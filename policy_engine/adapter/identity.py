@@ -65,6 +65,9 @@ class Identity:
     headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, str] = field(default_factory=dict)
     token: str = field(default="", repr=False)
+    # Unmasked, for the verifiers alone: the handshake parsed once serves both.
+    raw_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    raw_query: Mapping[str, str] = field(default_factory=dict, repr=False)
     latest_event_id: int = NO_EVENT_ID
 
 
@@ -203,6 +206,8 @@ def identify(
         user_agent=headers.get("user-agent", ""),
         headers=mask_headers(headers),
         query=mask_query(query, spec.token_param),
+        raw_headers=headers,
+        raw_query=query,
         token=token,
         latest_event_id=_event_id(_first(_LATEST_EVENT_ID, *sources)),
     )
