@@ -48,10 +48,12 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.echo_bench throughput
 	$(BIN)/python -m benchmarks.echo_bench memory
 
-# Hostile traffic against a live server under the shipped policy (FUZZ_EVENTS to change).
+# Hostile traffic against a live server under the shipped policy: the fuzz suite with new
+# examples (FUZZ_EXAMPLES per property; the default run replays 20), then the long run.
+FUZZ_EXAMPLES ?= 200
 FUZZ_EVENTS ?= 100000
 fuzz: $(STAMP)
-	$(BIN)/pytest -m fuzz tests/test_fuzz.py
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz tests/test_fuzz.py
 	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.fuzz_run --events $(FUZZ_EVENTS)
 
 clean:

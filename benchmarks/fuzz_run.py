@@ -26,11 +26,14 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fuzz.exchanges import ANSWER_WAIT, PROBE_ACK, join, send_event, send_raw
+from fuzz.exchanges import ANSWER_WAIT, PROBE_ACK, join, send_event, send_raw, utf8
 from fuzz.harness import (
+    Exchange,
     LogCapture,
     QuietClient,
     await_answer,
+    classified_notice,
+    expected_answer,
     fresh_address,
     fuzz_app,
     fuzz_policy,
@@ -38,11 +41,12 @@ from fuzz.harness import (
     rss_mb,
 )
 from fuzz.strategies import handled_events, hostile_named_events, raw_packets
-from fuzz.wire import encode_event, open_wire
+from fuzz.wire import Wire, encode_event, open_wire
 from hypothesis.errors import NonInteractiveExampleWarning
 from servers import start_server
 
 EVENTS_PER_CONNECTION = 200
+LATE_WAIT = 10.0
 
 
 class Tally:
@@ -57,6 +61,9 @@ class Tally:
         self.leaks: list[str] = []
         self.connections = 0
         self.connect_refused: list[str] = []
+        self.stalled: list[str] = []
+        self.late = 0  # answered, but after ANSWER_WAIT
+        self.transport_failed = 0  # WebSocket text frames that were not UTF-8
 
 
 def draw(kind: str) -> Any:
@@ -64,6 +71,36 @@ def draw(kind: str) -> Any:
         warnings.simplefilter("ignore", NonInteractiveExampleWarning)
         strategy = {"handled": handled_events, "named": hostile_named_events}.get(kind, raw_packets)
         return strategy.example()
+
+
+async def exchange_one(wire: Wire, kind: str, sent: int) -> tuple[Exchange, str] | None:
+    """Send one drawn event (a raw packet is followed by an echo probe) and wait for its
+    answer; None when the packet ends the connection at the WebSocket layer."""
+    ack_id = sent
+    if kind == "raw":
+        packet = draw(kind)
+        if wire.transport == "websocket" and not all(map(utf8, packet.texts)):
+            # RFC 6455, 8.1: a text frame that is not UTF-8 fails the connection at the
+            # transport, before anything above it could answer.
+            await send_raw(wire, packet)
+            return None
+        await send_raw(wire, packet)
+        ack_id = PROBE_ACK + sent
+        expected: Any = ["probe"]
+        await wire.send(encode_event("echo", expected, ack_id))
+        exchange = await await_answer(wire, ack_id, expected, ANSWER_WAIT)
+        label = f"raw {packet!r}"[:300]
+    else:
+        event = draw(kind)
+        expected = expected_answer(event)
+        exchange = await send_event(wire, event, ack_id, ANSWER_WAIT)
+        label = f"{kind} {event!r}"[:300]
+    if not exchange.answered and not exchange.closed:
+        # The fuzzer draws examples on the server's interpreter (one GIL): an answer may
+        # just be late. Late is counted; never answered is a failure.
+        exchange = await await_answer(wire, ack_id, expected, LATE_WAIT)
+        exchange.late = exchange.answered
+    return exchange, label
 
 
 async def one_connection(url: str, transport: str, budget: int, tally: Tally) -> int:
@@ -77,43 +114,42 @@ async def one_connection(url: str, transport: str, budget: int, tally: Tally) ->
             if refused:
                 tally.connect_refused.append(refused[:200])
                 return 1
+            history: list[str] = []
+            notified = False
             while sent < budget and not wire.closed:
                 kind = random.choices(["handled", "named", "raw"], [6, 2, 2])[0]
                 sent += 1
                 tally.sent += 1
-                ack_id = sent
-                if kind == "raw":
-                    packet = draw(kind)
-                    await send_raw(wire, packet)
-                    ack_id = PROBE_ACK + sent
-                    await wire.send(encode_event("echo", ["probe"], ack_id))
-                    exchange = await await_answer(wire, ack_id, ["probe"], ANSWER_WAIT)
-                    label = f"raw {packet!r}"[:300]
-                else:
-                    event = draw(kind)
-                    exchange = await send_event(wire, event, ack_id, ANSWER_WAIT)
-                    label = f"{kind} {event!r}"[:300]
+                result = await exchange_one(wire, kind, sent)
+                if result is None:
+                    tally.transport_failed += 1
+                    return sent
+                exchange, label = result
+                tally.late += exchange.late
                 if exchange.answered:
                     tally.answered += 1
                     if exchange.refused_code:
                         tally.refused[exchange.refused_code] += 1
                 elif exchange.closed:
                     tally.closed += 1
-                    if not exchange.classified_close:
+                    if not (exchange.classified_close or notified or classified_notice(wire)):
                         tally.unanswered_by_kind[kind] += 1
                         tally.unanswered.append(f"{transport} closed without notice: {label}")
                 else:
                     # Left unanswered: the connection may be wedged, so a fresh one goes on.
                     tally.unanswered_by_kind[kind] += 1
-                    tally.unanswered.append(f"{transport}: {label}")
+                    tally.unanswered.append(f"{transport}: {label} after {history}")
                     tally.leaks.extend(leaked_internals(wire))
                     return sent
+                history = [*history[-2:], label[:120]]
                 tally.wrong.extend(exchange.wrong)
                 tally.leaks.extend(leaked_internals(wire))
+                notified = notified or classified_notice(wire)  # it may precede the close
                 wire.received.clear()
             tally.leaks.extend(leaked_internals(wire))
         finally:
             await wire.close()
+            tally.stalled.extend(f"{transport}: {start!r}" for start in wire.stalled)
     return sent
 
 
@@ -159,7 +195,14 @@ def main() -> int:
         quiet=quiet,
         tracebacks=tracebacks,
     )
-    failed = tally.unanswered or tally.wrong or tally.leaks or tracebacks or quiet.failures
+    failed = (
+        tally.unanswered
+        or tally.stalled
+        or tally.wrong
+        or tally.leaks
+        or tracebacks
+        or quiet.failures
+    )
     return 1 if failed else 0
 
 
@@ -175,14 +218,16 @@ def report(
     print(
         f"events sent          {tally.sent} in {elapsed:.0f} s on {tally.connections} connections"
     )
-    print(f"answered             {tally.answered}")
+    print(f"answered             {tally.answered} ({tally.late} after {ANSWER_WAIT:.0f} s)")
     for code, count in tally.refused.most_common():
         print(f"  refused {code:<20} {count}")
     print(f"connections closed   {tally.closed}")
+    print(f"  by the WebSocket layer (text not UTF-8) {tally.transport_failed}")
     print(f"connects refused     {len(tally.connect_refused)} {tally.connect_refused[:3]}")
     print(f"unanswered           {len(tally.unanswered)} {dict(tally.unanswered_by_kind)}")
     for line in tally.unanswered[:10]:
-        print(f"  {line[:160]}")
+        print(f"  {line[:600]}")
+    print(f"requests stalled     {len(tally.stalled)} {tally.stalled[:3]}")
     print(f"wrong answers        {len(tally.wrong)} {tally.wrong[:3]}")
     print(f"internals leaked     {len(tally.leaks)} {tally.leaks[:3]}")
     print(f"tracebacks logged    {len(tracebacks)}")

@@ -255,3 +255,32 @@ async def test_a_handshake_with_an_empty_sid_is_refused_on_a_real_server(serve):
     assert status == 503
     assert payload["code"] == "OVERLOADED"
     assert served.adapter.active_connections() == 0
+
+
+FAILING_GATE_POLICY = """
+version: 1
+shedding:
+  - name: per-connection-share
+    hook: connect
+    when: 1000 / load.active_connections < 10
+    action: reject
+    {override}
+"""
+
+
+@pytest.mark.parametrize(
+    ("override", "refused"),
+    [("", True), ("on_eval_error: fail_closed", True), ("on_eval_error: fail_open", False)],
+)
+async def test_a_load_rule_that_fails_to_evaluate_follows_its_on_eval_error(override, refused):
+    policy = compile_text(FAILING_GATE_POLICY.format(override=override)).policy
+    engine = Engine(policy)
+    gate = HandshakeGate(Inner(), engine, clock=Clock())
+    overload(engine, active_connections=0)  # 1000 / 0: the evaluation fails
+
+    decision = gate.judge()
+
+    assert (decision is not None) is refused
+    if refused:
+        assert decision is not None
+        assert decision.rule == "shedding/per-connection-share"

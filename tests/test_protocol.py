@@ -3,9 +3,12 @@ malformed packets counted and answered by the policy, never a wedged connection.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -53,6 +56,18 @@ async def raw_ws():
 
     yield open_
     for raw in opened:
+        await raw.close()
+
+
+@asynccontextmanager
+async def joined_polling(served: Any) -> AsyncIterator[RawPolling]:
+    """A raw long-polling client joined to the default namespace, closed afterwards."""
+    raw = await RawPolling.open(served.url, headers=fresh_ip(), query="")
+    try:
+        await raw.post("40")
+        await raw.until("40")
+        yield raw
+    finally:
         await raw.close()
 
 
@@ -112,17 +127,12 @@ async def test_a_frame_over_engineio_limit_gets_the_policy_answer_not_a_closed_t
 
 async def test_a_polling_request_over_engineio_limit_gets_the_policy_answer(serve):
     served = serve(PROTOCOL_POLICY, setup=app)
-    raw = await RawPolling.open(served.url, headers=fresh_ip(), query="")
     over_engineio = served.sio.eio.max_http_buffer_size + 1000
-    try:
-        await raw.post("40")
-        await raw.until("40")
+    async with joined_polling(served) as raw:
         status = await raw.post("421" + json.dumps(["big", "x" * over_engineio]))
         answer = ack_payload(await raw.until("431"), "431")
         await raw.post('422["echo","still here"]')
         after = await raw.until("432")
-    finally:
-        await raw.close()
 
     assert status == 200
     assert answer["code"] == "PAYLOAD_TOO_LARGE"
@@ -185,6 +195,8 @@ async def test_a_stream_of_malformed_packets_closes_the_connection_with_a_payloa
     assert payload["policy"] == "connections/protocol"
     assert payload["retryable"] is False
     assert closed == "1" or closed.startswith("<")
+    if closed == "1":  # the server ends the WebSocket itself, whatever the client does
+        assert (await raw.receive()).startswith("<")
     await eventually(lambda: served.adapter.active_connections() == 0)
     assert not [r for r in caplog.records if r.exc_info], "a traceback for client input"
 
@@ -329,3 +341,106 @@ async def test_malformed_packets_over_long_polling_are_counted_and_the_connectio
     (eio_sid,) = served.sio.eio.sockets
     assert served.adapter.inbound.faults(eio_sid) >= len(MALFORMED) - 1
     assert not [r for r in caplog.records if r.exc_info], "a traceback for client input"
+
+
+@pytest.mark.parametrize(
+    ("unreadable", "attachments"),
+    [
+        ('27["echo",' + "9" * 101 + "]", 0),  # Engine.IO's JSON refuses 101-digit integers
+        ('27["echo",[1,2}]', 0),
+        ('51-7["echo",{"_placeholder":true,"num":' + "9" * 101 + "}]", 1),
+    ],
+)
+async def test_an_event_that_cannot_be_decoded_gets_its_ack_and_the_connection_goes_on(
+    serve, raw_ws, unreadable, attachments
+):
+    served = serve(PROTOCOL_POLICY, setup=app)
+    raw = await raw_ws(served.url)
+    await raw.connect()
+
+    await raw.send(unreadable)
+    for _ in range(attachments):
+        await raw.send_binary(b"\x01\x02")
+    answer = ack_payload(await raw.until("437"), "437")
+    await raw.send('21["echo","alive"]')
+    after = await raw.until("431")
+
+    assert answer["code"] == "INVALID_REQUEST"
+    assert answer["retryable"] is False
+    assert after == '431["alive"]'
+    assert [served.adapter.inbound.faults(sid) for sid in served.sio.eio.sockets] == [1]
+
+
+async def test_an_attachment_over_engineio_limit_gets_the_policy_answer_over_websocket(
+    serve, raw_ws
+):
+    served = serve(PROTOCOL_POLICY, setup=app)
+    raw = await raw_ws(served.url)
+    await raw.connect()
+    over_engineio = served.sio.eio.max_http_buffer_size + 1000
+
+    await raw.send('51-7["echo",{"_placeholder":true,"num":0}]')
+    await raw.send_binary(b"\x00" * over_engineio)
+    answer = ack_payload(await raw.until("437"), "437")
+    await raw.send('21["echo","still here"]')
+    after = await raw.until("431")
+
+    assert answer["code"] == "PAYLOAD_TOO_LARGE"
+    assert answer["policy"] == "events/*"
+    assert after == '431["still here"]'
+
+
+async def test_an_attachment_over_engineio_limit_gets_the_policy_answer_over_polling(serve):
+    served = serve(PROTOCOL_POLICY, setup=app)
+    over_engineio = served.sio.eio.max_http_buffer_size + 1000
+    async with joined_polling(served) as raw:
+        await raw.post('451-7["echo",{"_placeholder":true,"num":0}]')
+        status = await raw.post(binary(b"\x00" * over_engineio))
+        answer = ack_payload(await raw.until("437"), "437")
+        await raw.post('421["echo","still here"]')
+        after = await raw.until("431")
+
+    assert status == 200
+    assert answer["code"] == "PAYLOAD_TOO_LARGE"
+    assert after == '431["still here"]'
+
+
+async def test_every_event_of_a_polling_batch_over_engineio_limit_is_answered(serve):
+    served = serve(PROTOCOL_POLICY, setup=app)
+    over_engineio = served.sio.eio.max_http_buffer_size + 1000
+    async with joined_polling(served) as raw:
+        status = await raw.post(
+            '421["echo","before"]',
+            "422" + json.dumps(["big", "x" * over_engineio]),
+            '423["echo","after"]',
+        )
+        received: list[str] = []
+        async with asyncio.timeout(WAIT):
+            while len([p for p in received if p[:3] in ("431", "432", "433")]) < 3:
+                received += await raw.poll()
+        answers = sorted(p for p in received if p[:3] in ("431", "432", "433"))
+
+    assert status == 200
+    assert answers[0] == '431["before"]'
+    assert ack_payload(answers[1], "432")["code"] == "PAYLOAD_TOO_LARGE"
+    assert answers[2] == '433["after"]'
+
+
+async def test_closing_a_polling_client_for_protocol_errors_never_holds_its_request(serve):
+    """The request that crosses max_errors is answered at once, though the client's next
+    GET (refused: the session is closed) can never read the close packet."""
+    served = serve(PROTOCOL_POLICY, setup=app)  # max_errors: 3
+    statuses: list[int] = []
+    received: list[str] = []
+    async with joined_polling(served) as raw:
+        for ack in range(1, 5):
+            async with asyncio.timeout(WAIT):
+                statuses.append(await raw.post(f'42{ack}["connect"]'))
+                while not any(p.startswith(f"43{ack}") for p in received):
+                    received += await raw.poll()
+
+    assert statuses == [200, 200, 200, 200]
+    (notice,) = [p for p in received if p.startswith('42["policy_error"')]
+    assert json.loads(notice[2:])[1]["code"] == "INVALID_REQUEST"
+    await eventually(lambda: served.adapter.active_connections() == 0)
+    await eventually(lambda: all(s.closed for s in served.sio.eio.sockets.values()))

@@ -85,6 +85,9 @@ class OversizedFrames:
             message = await receive()
             text = message.get("text")
             if text is None:
+                data = message.get("bytes")
+                if data is not None and len(data) > self.limit():
+                    return {"type": "websocket.receive", "text": self._binary_notice(len(data))}
                 return message
             if text[:1] not in ENGINEIO_TYPES:
                 # Engine.IO would close the transport on it, with no word to the client.
@@ -101,24 +104,26 @@ class OversizedFrames:
         """The notice standing for a packet Engine.IO cannot read: a protocol error."""
         return f"4{self.marker}{MALFORMED}"
 
-    async def _readable_post(
-        self, scope: Scope, receive: Receive, send: Send, headers: list[Any]
-    ) -> None:
-        """A long-polling body Engine.IO can take: each packet it could not read (not UTF-8,
-        no packet type) becomes the malformed notice, so the adapter counts it as a protocol
-        error instead of Engine.IO logging a traceback and refusing the whole request."""
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        packets = body.split(b"\x1e")
-        fixed = [p if _readable(p) else self.malformed.encode() for p in packets]
-        if fixed != packets:
-            body = b"\x1e".join(fixed)
+    def _binary_notice(self, size: int) -> str:
+        """The notice standing for an attachment (a binary frame) over Engine.IO's limit."""
+        return f"4{self.marker}{OVERSIZED_BINARY}{size}"
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A long-polling body, packet by packet: each packet Engine.IO could not read (not
+        UTF-8, no packet type) becomes the malformed notice, each one over the limit its
+        size notice, so every event of the request is answered by the policy instead of
+        Engine.IO refusing the whole request (or logging a traceback)."""
+        headers = scope.get("headers") or []
+        length = next((value for name, value in headers if name == b"content-length"), b"0")
+        if not length.isdigit() or not 0 < int(length) <= self.DRAIN * self.limit():
+            await self.app(scope, receive, send)
+            return
+        split = await self._packets(receive, self.limit())
+        if split is None:
+            return  # the client went away
+        packets, changed = split
+        body = b"\x1e".join(packets)
+        if changed:
             headers = [(n, v) for n, v in headers if n != b"content-length"]
             headers.append((b"content-length", str(len(body)).encode()))
             scope = {**scope, "headers": headers}
@@ -133,44 +138,50 @@ class OversizedFrames:
 
         await self.app(scope, replayed, send)
 
-    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = scope.get("headers") or []
-        length = next((value for name, value in headers if name == b"content-length"), b"0")
-        limit = self.limit()
-        if length.isdigit() and 0 < int(length) <= limit:
-            await self._readable_post(scope, receive, send, headers)
-            return
-        if not length.isdigit() or not limit < int(length) <= self.DRAIN * limit:
-            await self.app(scope, receive, send)
-            return
-        first = await receive()
-        body = first.get("body", b"")
-        if body[:1] != b"4":  # not a message: Engine.IO refuses it as it would have
-            replayed = [first]
+    async def _packets(self, receive: Receive, limit: int) -> tuple[list[bytes], bool] | None:
+        """The request's packets as it streams in, a packet over ``limit`` kept only as its
+        notice (so no more than the limit is held per packet), and whether any changed."""
+        packets: list[bytes] = []
+        changed = False
+        current, size = bytearray(), 0
 
-            async def again() -> Message:
-                return replayed.pop() if replayed else await receive()
+        def finish() -> None:
+            nonlocal changed
+            packet = bytes(current)
+            if size > limit:
+                packets.append(self._over_limit(packet, size).encode())
+                changed = True
+            elif _readable(packet):
+                packets.append(packet)
+            else:
+                packets.append(self.malformed.encode())
+                changed = True
 
-            await self.app(scope, again, send)
-            return
-        head, size, more = body[: 2 * self.HEAD], len(body), first.get("more_body", False)
+        more = True
         while more:
             message = await receive()
-            size += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return None
             more = message.get("more_body", False)
-        notice = self._notice(size, head.decode("utf-8", "ignore")).encode()
-        sent = False
+            for index, part in enumerate(message.get("body", b"").split(b"\x1e")):
+                if index:
+                    finish()
+                    current, size = bytearray(), 0
+                size += len(part)
+                if size <= limit:
+                    current += part
+                elif len(current) < 2 * self.HEAD:
+                    current += part[: 2 * self.HEAD - len(current)]
+        finish()
+        return packets, changed
 
-        async def replaced() -> Message:
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": notice, "more_body": False}
-
-        fixed = [(n, v) for n, v in headers if n != b"content-length"]
-        fixed.append((b"content-length", str(len(notice)).encode()))
-        await self.app({**scope, "headers": fixed}, replaced, send)
+    def _over_limit(self, head: bytes, size: int) -> str:
+        """The notice for one long-polling packet over the limit, from its first bytes."""
+        if head[:1] == b"4":
+            return self._notice(size, head.decode("utf-8", "ignore"))
+        if head[:1] == b"b":  # an attachment, base64-encoded: its decoded size
+            return self._binary_notice(size * 3 // 4)
+        return self.malformed
 
 
 ENGINEIO_TYPES = frozenset("0123456")
@@ -179,13 +190,22 @@ ENGINEIO_TYPES = frozenset("0123456")
 MALFORMED = "!"
 """What follows the marker in the notice of a packet Engine.IO could not read."""
 
+OVERSIZED_BINARY = "#"
+"""What follows the marker, before its size, in the notice of an attachment over the limit."""
+
+
+POLLING_TYPES = frozenset("1345")
+"""The packets Engine.IO takes in a long-polling body: close, pong, message and upgrade. Any
+other (a ping, an open, a noop) makes it refuse the whole request with 400, where over a
+WebSocket it is ignored."""
+
 
 def _readable(packet: bytes) -> bool:
-    """Whether Engine.IO can decode one packet of a long-polling body."""
+    """Whether Engine.IO can take one packet of a long-polling body."""
     if packet[:1] == b"b":  # base64-encoded binary
         return True
     try:
         text = packet.decode()
     except UnicodeDecodeError:
         return False
-    return text[:1] in ENGINEIO_TYPES
+    return text[:1] in POLLING_TYPES

@@ -47,6 +47,8 @@ __all__ = ["ClaimsLoader", "ConnectionState", "PolicyAdapter", "attach"]
 _log = logging.getLogger("policy_engine.adapter.attach")
 
 _MIN_TICK = 0.05
+# How long a connection closed for protocol errors has to read why before its socket closes.
+CLOSE_DRAIN = 2.0
 _MAX_TICK = 1.0
 
 
@@ -243,12 +245,36 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
             await self._notify(state.sid, state.namespace, payload)
 
     async def _close_connection(self, eio_sid: str, payload: ClientPayload) -> None:
-        """Close an Engine.IO connection: each namespace hears why, then the transport ends."""
+        """Close an Engine.IO connection: each namespace hears why, then the transport ends
+        once the client has read that (see :meth:`_end_transport`)."""
         for state in [s for s in self._states.values() if s.eio_sid == eio_sid]:
             if not state.close_event:
                 await self._close(state, payload, "closed", "protocol_errors")
+        self._spawn(self._end_transport(eio_sid))
+
+    async def _end_transport(self, eio_sid: str) -> None:
+        """Close an Engine.IO socket after what is queued for it was read, or CLOSE_DRAIN.
+
+        Not Engine.IO's ``disconnect()``: it closes at once and then waits for the queue to
+        drain, but a long-polling client's GET is refused once its socket is closed, so
+        nothing queued (the notice saying why) would be read and the wait would never end;
+        and a WebSocket would stay open until its writer timed out, the client's events
+        still read.
+        """
+        socket = self.sio.eio.sockets.get(eio_sid)
+        if socket is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_DRAIN
+        while not socket.queue.empty() and not socket.closed and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         try:
-            await self.sio.eio.disconnect(eio_sid)
+            await socket.close(wait=False, reason=self.sio.eio.reason.SERVER_DISCONNECT)
+            if socket.upgraded:  # end the WebSocket writer, which then closes the socket
+                socket.queue.put_nowait(None)
+            # Forgotten at once, as Engine.IO forgets a closed socket it looks up: its next
+            # request is then an unknown session (400), not a lookup error in a POST.
+            self.sio.eio.sockets.pop(eio_sid, None)
         except Exception:
             _log.exception("closing %s failed", eio_sid)
 

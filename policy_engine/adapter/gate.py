@@ -7,11 +7,12 @@ connect-hook shedding rule of the policy holds, with ``503``, a ``Retry-After`` 
 the client payload as a JSON body. Requests of existing sessions pass: shedding them would
 break connections that are already paid for.
 
-The gate knows nothing of the connecting client yet, so it judges the rules against the
-current ``load`` alone: a rule that also reads ``conn`` or ``claims`` cannot be decided here
-(its evaluation fails, and fails open whatever the policy's ``on_eval_error``) and is left to
-the connect hook, which sees the full context. Shadow-mode rules are left to the connect
-hook too, which reports them.
+The gate knows nothing of the connecting client yet, so it judges only the rules whose
+condition reads ``load`` alone; one whose evaluation fails applies as its ``on_eval_error``
+says (by default it applies: a shedding rule fails safe). A rule that also reads ``conn``
+or ``claims`` cannot be decided here and is left to the connect hook, which sees the full
+context and applies the same failure mode. Shadow-mode rules are left to the connect hook
+too, which reports them.
 
 The refusal carries the CORS headers Engine.IO would have added (see ``cors``), so a
 browser client on another origin can read the advice; CORS preflights pass to Engine.IO.
@@ -36,7 +37,7 @@ from policy_engine.core.engine import Engine
 from policy_engine.core.evaluation import matches
 from policy_engine.core.shedding import shed_payload
 from policy_engine.language.contexts import Hook
-from policy_engine.language.model import EvalFailureMode, Mode, ShedAction
+from policy_engine.language.model import Mode, ShedAction
 from policy_engine.observe.observer import NullObserver, Observer
 
 
@@ -101,9 +102,9 @@ class HandshakeGate:
         for rule in policy.shedding:
             if rule.hook is not Hook.CONNECT or rule.action is not ShedAction.REJECT:
                 continue
-            if rule.mode is Mode.SHADOW:
-                continue
-            if not matches(rule.when, activation, EvalFailureMode.FAIL_OPEN):
+            if rule.mode is Mode.SHADOW or rule.load_gate is not rule.when.program:
+                continue  # shadow, or reads more than the load: the connect hook's
+            if not matches(rule.when, activation, rule.on_eval_error):
                 self._since.pop(rule.name, None)
                 continue
             since = self._since.setdefault(rule.name, now)

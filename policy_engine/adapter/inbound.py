@@ -28,7 +28,7 @@ from typing import Any
 
 from socketio import packet as sio_packet
 
-from policy_engine.adapter.asgi import MALFORMED
+from policy_engine.adapter.asgi import MALFORMED, OVERSIZED_BINARY
 from policy_engine.core.engine import Engine
 from policy_engine.core.payload import (
     PAYLOAD_TOO_LARGE,
@@ -152,6 +152,7 @@ class Inbound:
         self._configured_buffer: int = sio.eio.max_http_buffer_size
         # Starts an oversized frame's notice (see asgi.OversizedFrames); no packet can.
         self.marker = f"\x00{secrets.token_hex(16)}:"
+        self._binary_notice = self.marker + OVERSIZED_BINARY
         self._limits = self._align(engine.policy)
 
     def install(self) -> None:
@@ -180,7 +181,11 @@ class Inbound:
             pending = self._pending.get(eio_sid) if self._pending else None
             if pending is not None:
                 if type(data) is not str:
-                    await self._attachment(eio_sid, pending, data)
+                    await self._attachment(eio_sid, pending, data, len(data))
+                    return
+                if data.startswith(self._binary_notice):  # an attachment over the limit
+                    size = int(data[len(self._binary_notice) :])
+                    await self._attachment(eio_sid, pending, None, size)
                     return
                 del self._pending[eio_sid]
                 await self.fault(eio_sid, "missing_attachment")
@@ -202,6 +207,8 @@ class Inbound:
                 await self._oversized(eio_sid, data[len(self.marker) :])
             else:
                 await self.fault(eio_sid, "malformed", exc)
+                if type(data) is str:
+                    await self._unreadable(eio_sid, data)
 
     async def _dispatch(self, eio_sid: str, pkt: Any, size: int) -> None:
         sio = self.sio
@@ -244,15 +251,21 @@ class Inbound:
             await self._answer(eio_sid, namespace, pkt.id, payload)
         return False
 
-    async def _attachment(self, eio_sid: str, pending: Pending, data: Any) -> None:
-        pending.size += len(data)
+    async def _attachment(self, eio_sid: str, pending: Pending, data: Any, size: int) -> None:
+        """One attachment of a pending binary packet; ``data`` is None for one over Engine.IO's
+        limit, of which only the size is known: its packet is refused whatever its spec."""
+        pending.size += size
         pkt = pending.packet
         if not pending.discard and pkt.packet_type == _BINARY_EVENT:
             spec = self.engine.policy.event(pkt.data[0])
-            if spec.max_bytes is not None and pending.size > spec.max_bytes:
+            limit = spec.max_bytes
+            if limit is None and data is None:
+                limit = self.sio.eio.max_http_buffer_size
+            if limit is not None and pending.size > limit:
                 pending.discard = True
-                refusal = PAYLOAD_TOO_LARGE.payload(f"events/{spec.name}", max_bytes=spec.max_bytes)
+                refusal = PAYLOAD_TOO_LARGE.payload(f"events/{spec.name}", max_bytes=limit)
                 await self._answer(eio_sid, pkt.namespace or "/", pkt.id, refusal)
+        pending.discard = pending.discard or data is None
         try:
             if pending.discard:
                 pkt.attachments.append(None)
@@ -302,10 +315,27 @@ class Inbound:
             await self._answer(eio_sid, namespace, ack, payload)
         return True
 
+    async def _unreadable(self, eio_sid: str, text: str) -> None:
+        """Answer an event python-socketio could not decode (say, a 101-digit integer) if it
+        asked for an ack, and swallow the attachments of a binary one."""
+        kind = text[:1]
+        if kind not in _EVENTS:
+            return
+        if kind in _BINARY_TEXT:
+            self._pending[eio_sid] = Pending(_Discarded(text), len(text), discard=True)
+        namespace, ack, _ = header(text)
+        if ack is not None:
+            detail = "the event's arguments could not be decoded"
+            payload = PROTOCOL_INVALID.payload("connections/protocol", detail=detail)
+            await self._answer(eio_sid, namespace, ack, payload)
+
     async def _oversized(self, eio_sid: str, notice: str) -> None:
         """Answer a frame Engine.IO could not take, from its size and its first bytes."""
         if notice == MALFORMED:  # a packet Engine.IO could not read at all
             await self.fault(eio_sid, "malformed")
+            return
+        if notice.startswith(OVERSIZED_BINARY):  # an attachment no binary packet announced
+            await self.fault(eio_sid, "unexpected_packet")
             return
         _, _, head = notice.partition(":")  # the frame's size, then its start
         namespace, ack, start = header(head)

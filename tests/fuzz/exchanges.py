@@ -25,6 +25,7 @@ class Conversation:
     refused: str = ""
     exchanges: list[Exchange] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
+    stalled: list[str] = field(default_factory=list)
 
 
 async def join(wire: Wire) -> str:
@@ -57,6 +58,7 @@ async def connection(url: str, transport: str) -> AsyncIterator[tuple[Wire, Conv
             yield wire, result
             result.leaks = leaked_internals(wire)
         finally:
+            result.stalled = wire.stalled
             await wire.close()
 
 
@@ -90,7 +92,7 @@ async def abuse(url: str, transport: str, packets: list[RawPacket]) -> Conversat
     async with connection(url, transport) as (wire, result):
         if result.connected:
             for packet in packets:
-                if transport == "websocket" and not all(_utf8(text) for text in packet.texts):
+                if transport == "websocket" and not all(utf8(text) for text in packet.texts):
                     # RFC 6455, 8.1: a text frame that is not UTF-8 fails the connection
                     # at the transport, before anything above it could answer.
                     await send_raw(wire, packet)
@@ -101,7 +103,7 @@ async def abuse(url: str, transport: str, packets: list[RawPacket]) -> Conversat
     return result
 
 
-def _utf8(text: str) -> bool:
+def utf8(text: str) -> bool:
     try:
         text.encode()
     except UnicodeEncodeError:

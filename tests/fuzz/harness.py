@@ -179,6 +179,7 @@ class Exchange:
     closed: bool = False
     classified_close: bool = False
     wrong: list[str] = field(default_factory=list)
+    late: bool = False  # answered, but only after a longer wait
 
 
 def has_ack(wire: Wire, ack_id: int) -> bool:

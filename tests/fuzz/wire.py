@@ -19,6 +19,8 @@ from typing import Any
 import aiohttp
 
 WAIT = 5.0
+# A request the server has not answered by then is a stalled request: a failure of its own.
+REQUEST_TIMEOUT = 30.0
 Packet = str | bytes
 
 
@@ -31,6 +33,7 @@ class Wire:
         self.headers = dict(headers)
         self.received: list[Packet] = []
         self.closed = False
+        self.stalled: list[str] = []  # requests the server never answered (their start)
         self._changed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
@@ -172,11 +175,17 @@ class PollingWire(Wire):
             return
         try:
             async with self.session.post(
-                self._url, data=body.encode("utf-8", "surrogatepass"), headers=self.headers
+                self._url,
+                data=body.encode("utf-8", "surrogatepass"),
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
             ) as response:
                 await response.read()
                 if response.status != 200:
                     self._end()
+        except TimeoutError:
+            self.stalled.append(body[:200])
+            self._end()
         except (aiohttp.ClientError, ConnectionError):
             self._end()
 
