@@ -16,10 +16,10 @@ from policy_engine.algorithms.breaker import Permit, Transition
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.evaluation import matches
-from policy_engine.core.payload import system_refusal
+from policy_engine.core.payload import store_unavailable, system_refusal
 from policy_engine.core.recorder import Recorder
 from policy_engine.language.model import CircuitBreakerSpec, Mode, PolicySet
-from policy_engine.state.guarded import ASK, GuardedStore
+from policy_engine.state.guarded import ASK, STORE_REFUSED, GuardedStore
 
 
 class BreakerGuard(NamedTuple):
@@ -137,6 +137,8 @@ def _refusal(policy: PolicySet, spec: CircuitBreakerSpec, permit: Permit) -> Dec
     for, and nothing to a client that asked for none (there is no error to tell it of).
     """
     rule = f"circuit_breakers/{spec.name}"
+    if permit is STORE_REFUSED:
+        return Decision(Outcome.REJECT, rule, store_unavailable(policy, rule, permit.retry_after))
     if spec.fallback is not None:
         return Decision(Outcome.DROP, rule, dict(spec.fallback))
     payload = system_refusal(

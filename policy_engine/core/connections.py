@@ -13,7 +13,8 @@ from typing import Any
 
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.evaluation import evaluate_value
-from policy_engine.core.payload import CONNECTIONS_UNCHECKED, TOO_MANY_CONNECTIONS, backoff_for
+from policy_engine.core.payload import STORE_UNAVAILABLE as STORE_DOWN
+from policy_engine.core.payload import TOO_MANY_CONNECTIONS, backoff_for
 from policy_engine.core.recorder import Recorder
 from policy_engine.errors import EvaluationError
 from policy_engine.language.model import PolicySet
@@ -43,9 +44,7 @@ async def count_connection(
     rule = f"connections/{ceiling}"
     backoff = backoff_for(policy)
     if ceiling == STORE_UNAVAILABLE:
-        payload = CONNECTIONS_UNCHECKED.payload(
-            rule, retry_after=limits.retry_after, backoff=backoff
-        )
+        payload = STORE_DOWN.payload(rule, retry_after=limits.retry_after, backoff=backoff)
     else:
         payload = TOO_MANY_CONNECTIONS.payload(
             rule, retry_after=limits.retry_after, backoff=backoff, ceiling=ceiling.replace("_", " ")

@@ -123,10 +123,12 @@ MAX_NOTICE_CHARS = 300
 TOO_MANY_CONNECTIONS = Notice(
     "TOO_MANY_CONNECTIONS", Category.CONNECTION, "Connection limit reached ({ceiling}).", True
 )
-CONNECTIONS_UNCHECKED = Notice(
-    "TOO_MANY_CONNECTIONS",
-    Category.CONNECTION,
-    "Connection limits cannot be checked right now; retry shortly.",
+# The shared store did not answer and the policy says fail_closed: nothing was judged, so
+# the client must not read it as a limit it reached.
+STORE_UNAVAILABLE = Notice(
+    "STORE_UNAVAILABLE",
+    Category.SYSTEM,
+    "The server cannot check its limits right now; retry shortly.",
     True,
 )
 PAYLOAD_TOO_LARGE = Notice(
@@ -174,3 +176,8 @@ PROTOCOL_ERRORS = Notice(
     "INVALID_REQUEST", Category.CLIENT, "Closed after {count} malformed packets.", False
 )
 UNKNOWN_EVENT = Notice("UNKNOWN_EVENT", Category.CLIENT, "No handler serves this event.", False)
+
+
+def store_unavailable(policy: PolicySet, rule: str, retry_after: float) -> ClientPayload:
+    """The refusal of a call the shared store could not judge under ``fail_closed``."""
+    return STORE_UNAVAILABLE.payload(rule, retry_after=retry_after, backoff=backoff_for(policy))

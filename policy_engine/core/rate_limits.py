@@ -16,7 +16,7 @@ from typing import Any
 from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.evaluation import evaluate_value, matches
-from policy_engine.core.payload import backoff_for, client_payload
+from policy_engine.core.payload import backoff_for, client_payload, store_unavailable
 from policy_engine.core.recorder import Recorder
 from policy_engine.errors import EvaluationError
 from policy_engine.language.model import (
@@ -27,7 +27,7 @@ from policy_engine.language.model import (
     PolicySet,
     RateLimitSpec,
 )
-from policy_engine.state.guarded import ASK, Ask, GuardedStore
+from policy_engine.state.guarded import ASK, Ask, GuardedStore, store_refused
 
 Check = tuple[RateLimitSpec, str]
 Answer = RateDecision | CombinedDecision
@@ -190,6 +190,10 @@ def conclude(  # noqa: PLR0917 (the checks and their answers)
         return None
     for rule, key in enforced:
         if rule.name == deciding:
+            if isinstance(decided, CombinedDecision) and store_refused(decided):
+                name = f"rate_limits/{rule.name}"
+                payload = store_unavailable(policy, name, decided.retry_after)
+                return Decision(Outcome.REJECT, name, payload, key=key if rule.key_label else None)
             return refusal(policy, rule, decided.retry_after, key)
     return None
 

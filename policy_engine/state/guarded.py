@@ -15,6 +15,7 @@ the caller then awaits the coroutine of the same name, which answers for any sto
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,6 +34,7 @@ from policy_engine.language.model import (
 from policy_engine.state.health import StoreHealth
 from policy_engine.state.memory import MemoryStore
 from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent, StateStore
+from policy_engine.state.store_breaker import StoreBreaker
 
 T = TypeVar("T")
 Checks = Sequence[tuple[RateLimitSpec, str]]
@@ -53,6 +55,16 @@ STORE_UNAVAILABLE = "store_unavailable"
 
 STORE_RETRY_AFTER = 1.0
 """The retry advice of a refusal because the shared store is down."""
+
+STORE_REFUSED = Permit(False, STORE_RETRY_AFTER, Circuit.OPEN)
+"""The permit refused under ``fail_closed`` because the store did not answer: no breaker
+judged the call, and the refusal says so (:func:`store_refused` for rate limits)."""
+
+
+def store_refused(decision: CombinedDecision) -> bool:
+    """Whether a refusal came from the store failing (``fail_closed``), not from a limit:
+    only then does it carry no limit's own decision."""
+    return not decision.allowed and decision.decision is None
 
 
 class RateNow(Protocol):
@@ -77,6 +89,13 @@ class GuardedStore:
         self.store: StateStore = store or self.local
         self.shared = self.store is not self.local
         self.health = StoreHealth()
+        # A store that can be probed gets a breaker: during an outage, no call waits.
+        ping = getattr(self.store, "ping", None)
+        self.breaker = (
+            StoreBreaker(ping, on_close=self.health.answered)
+            if self.shared and ping is not None
+            else None
+        )
         self.timeout = 0.05
         self.on_error = StoreFailureMode.FAIL_OPEN
         # Where each open connection was counted, so its disconnect releases that count.
@@ -150,7 +169,7 @@ class GuardedStore:
             return await self._call(self.store.breaker_acquire(spec, now))
         except StoreError:
             if self.on_error is StoreFailureMode.FAIL_CLOSED:
-                return Permit(False, STORE_RETRY_AFTER, Circuit.OPEN)
+                return STORE_REFUSED
             return None
 
     def release_now(self, spec: CircuitBreakerSpec) -> Ask | None:
@@ -282,6 +301,8 @@ class GuardedStore:
         }
 
     async def close(self) -> None:
+        if self.breaker is not None:
+            await self.breaker.close()
         await self.store.close()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -296,18 +317,31 @@ class GuardedStore:
             ConnectionError,
         ),
     ) -> T:
-        """A shared-store call within ``timeout``, told to :attr:`health`; StoreError when
-        it fails or is late."""
+        """A shared-store call within ``timeout``, told to :attr:`health` and the breaker;
+        StoreError when it fails or is late, and at once while the breaker is open."""
+        breaker = self.breaker
+        if breaker is not None and breaker.is_open:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # never started: nothing to wait for
+            self.health.failures += 1
+            raise StoreError("state store unavailable (its breaker is open)")
         try:
             answer = await asyncio.wait_for(awaitable, self.timeout)
         except StoreError as exc:
-            self.health.failed(exc)
+            self._failed(exc)
             raise
         except catch as exc:
-            self.health.failed(exc)
+            self._failed(exc)
             raise StoreError(f"state store did not answer: {exc!r}") from exc
+        if breaker is not None:
+            breaker.answered()
         self.health.answered()
         return answer
+
+    def _failed(self, error: BaseException) -> None:
+        self.health.failed(error)
+        if self.breaker is not None:
+            self.breaker.failed()
 
     async def _answer(
         self, awaitable: Awaitable[T], fallback: T, store: StateStore | None = None

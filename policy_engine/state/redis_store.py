@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import random
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -59,7 +60,10 @@ from policy_engine.state.codec import (
     encode_payload,
     loads_state,
 )
+from policy_engine.state.near_cache import OverLimitCache
 from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent
+from policy_engine.state.redis_limits import RedisRateLimits
+from policy_engine.state.redis_pipeline import Pipeline
 
 T = TypeVar("T")
 
@@ -117,6 +121,10 @@ class RedisStore:
         client: Redis | None = None,
         socket_timeout: float = 0.5,
         max_attempts: int = 10,
+        server_clock: bool = True,
+        pipeline_window: float = 0.0,
+        pipeline_limit: int = 128,
+        near_cache: bool = True,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -134,6 +142,10 @@ class RedisStore:
             )
         )
         self._max_attempts = max_attempts
+        self.server_clock = server_clock
+        self._pipeline = Pipeline(self._client, window=pipeline_window, limit=pipeline_limit)
+        self._limits = RedisRateLimits(self._client, prefix)
+        self._over_limit = OverLimitCache() if near_cache else None
         # The values this process last read or wrote, per key (see _decide).
         self._known: dict[str, Raw] = {}
         register = self._client.register_script
@@ -153,26 +165,24 @@ class RedisStore:
     async def check_rate_limits(
         self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
     ) -> CombinedDecision:
-        """Judge every (rule, key) together; consume from all or none.
+        """Judge every (rule, key) together in one script; consume from all or none.
 
-        The same steps as ``MemoryStore.check_rate_limits_now``: one limit alone is checked
-        on its state as stored; several are checked together after dropping expired states.
-        Only an admission writes.
+        A key refused within its ``retry_after`` is refused again here without asking
+        Redis (the near cache): it cannot pass before then, whoever else spends from it.
         """
         if not checks:
             return ratelimit.check_all((), now)[0]
-
-        def step(values: list[Raw]) -> tuple[CombinedDecision, list[Write] | None]:
-            if len(checks) == 1:
-                return _check_one(checks[0][0], values[0], now)
-            return _check_together([spec for spec, _ in checks], values, now)
-
-        keys = [self._rate_key(spec.name, key) for spec, key in checks]
+        near = self._over_limit
+        local_now = time.monotonic() if self.server_clock else now
+        refused = near.refusal(checks, local_now) if near is not None else None
+        if refused is not None:
+            return refused
+        call, read = self._limits.check(checks, None if self.server_clock else now)
         with _answering("check_rate_limits"):
-            return await self._decide(keys, step)
-
-    def _rate_key(self, rule: str, key: str) -> str:
-        return f"{self.prefix}:rl:{rule}:{key}"
+            decision = read(await self._pipeline.run(call))
+        if not decision.allowed and near is not None:
+            near.remember(checks, decision, local_now)
+        return decision
 
     # -- circuit breakers ------------------------------------------------------------------
 

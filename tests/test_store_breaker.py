@@ -1,0 +1,91 @@
+"""The breaker on the shared store: during an outage no decision waits for Redis, and the
+first answer after it closes the breaker by itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis_server import RedisServer
+from servers import eventually
+
+from policy_engine.compiler.pipeline import compile_text
+from policy_engine.errors import StoreError
+from policy_engine.language.model import StoreFailureMode
+from policy_engine.state.guarded import STORE_REFUSED, GuardedStore, store_refused
+from policy_engine.state.redis_store import RedisStore
+from policy_engine.state.store_breaker import StoreBreaker
+
+LIMITS = compile_text(
+    """
+version: 1
+rate_limits:
+  - {name: shared, hook: connect, key: conn.ip, limit: 100/minute}
+circuit_breakers:
+  - {name: agent, match: 'event.name == "call"', failure_rate: 50%, window: {calls: 4},
+     minimum_calls: 4, open_for: 30s, half_open_calls: 2}
+"""
+).policy
+
+
+async def test_a_hung_redis_opens_the_breaker_and_decisions_stop_reaching_it(
+    own_redis_server: RedisServer,
+) -> None:
+    store = RedisStore(own_redis_server.url, prefix="breaker", socket_timeout=0.2)
+    state = GuardedStore(store)
+    state.configure(timeout=0.1, on_error=StoreFailureMode.FAIL_CLOSED)
+    limit, breaker_spec = LIMITS.rate_limits[0], LIMITS.circuit_breakers[0]
+    checks = [(limit, "ip1")]
+    try:
+        assert (await state.rates(checks, 0.0)).allowed
+        own_redis_server.pause()  # SIGSTOP: connections stay open, nothing answers
+        failed = [await state.rates(checks, 0.0) for _ in range(3)]
+        assert state.breaker is not None
+        assert state.breaker.is_open
+        sent = store._pipeline.calls
+        during = [await state.rates(checks, 0.0) for _ in range(20)]
+        permit = await state.permit(breaker_spec, 0.0)
+        assert store._pipeline.calls == sent
+        own_redis_server.resume()
+        await eventually(lambda: state.breaker is not None and not state.breaker.is_open)
+        after = await state.rates(checks, 0.0)
+    finally:
+        own_redis_server.resume()
+        await state.close()
+
+    assert all(store_refused(decision) for decision in failed + during)
+    assert permit is STORE_REFUSED
+    assert after.allowed
+    assert not store_refused(after)
+    assert state.health.available
+
+
+async def test_failures_below_the_threshold_leave_it_closed() -> None:
+    answers: list[bool] = []
+
+    async def probe() -> None:
+        answers.append(True)
+
+    breaker = StoreBreaker(probe, threshold=3, probe_interval=0.01)
+    breaker.failed()
+    breaker.failed()
+    breaker.answered()  # a success in between starts the count again
+    breaker.failed()
+    breaker.failed()
+    assert not breaker.is_open
+    breaker.failed()
+    assert breaker.is_open
+    await eventually(lambda: not breaker.is_open)
+    assert answers == [True]
+    assert breaker.opened == 1
+    await breaker.close()
+
+
+async def test_a_probe_that_keeps_failing_keeps_it_open() -> None:
+    async def probe() -> None:
+        raise StoreError("still down")
+
+    breaker = StoreBreaker(probe, threshold=1, probe_interval=0.01)
+    breaker.failed()
+    await asyncio.sleep(0.1)  # several probes, all failing
+    assert breaker.is_open
+    await breaker.close()
