@@ -8,8 +8,9 @@ Keys (``prefix`` is ``policy-engine`` unless given; rule names never contain ``:
 rule name and key, never by a rule's parameters, so a hot reload that keeps a rule keeps
 its state::
 
-    {prefix}:rl:{rule}:{key}      rate-limit state (JSON), expires when empty again
-    {prefix}:cb:{rule}            circuit breaker state (JSON)
+    {prefix}:rl:{rule}:{key}:{a}  rate-limit state, per algorithm a (see redis_limits),
+                                  expires when empty again
+    {prefix}:cb:{rule}            circuit breaker state, a hash (see redis_breaker_scripts)
     {prefix}:conn:total           connections counted, all processes together
     {prefix}:conn:user:{user}     connections per user (deleted at zero)
     {prefix}:conn:ip:{ip}         connections per client address (deleted at zero)
@@ -19,40 +20,6 @@ its state::
     {prefix}:replay-streams       streams scored by their newest event, to drop idle ones
     {prefix}:replay-bytes         bytes buffered per stream (a hash)
     {prefix}:replay-total         bytes buffered in all streams
-"""
-
-COMPARE_AND_SET = """
--- Write every key only if every key still holds what the caller read.
--- ARGV has four values per key: '1' if the key was present ('0' absent), the value read,
--- the value to write ('' deletes the key) and a TTL in milliseconds ('0': none).
--- Returns {1} when written, else {0, the current values...} for the caller's next try.
-local current = {}
-local stale = false
-for i = 1, #KEYS do
-  local at = (i - 1) * 4
-  local value = redis.call('GET', KEYS[i])
-  current[i] = value
-  if ARGV[at + 1] == '1' then
-    if value ~= ARGV[at + 2] then stale = true end
-  elseif value then
-    stale = true
-  end
-end
-if stale then
-  return {0, unpack(current)}
-end
-for i = 1, #KEYS do
-  local at = (i - 1) * 4
-  local value = ARGV[at + 3]
-  if value == '' then
-    redis.call('DEL', KEYS[i])
-  elseif ARGV[at + 4] == '0' then
-    redis.call('SET', KEYS[i], value)
-  else
-    redis.call('SET', KEYS[i], value, 'PX', ARGV[at + 4])
-  end
-end
-return {1}
 """
 
 OPEN_CONNECTION = """
