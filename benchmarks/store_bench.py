@@ -115,9 +115,9 @@ async def run(url: str, events: int, tasks: int, rounds: int) -> None:
     print(f"{events} oh_user_action decisions one at a time; {tasks} connections at once;")
     print(f"{rounds} rounds, the two stores alternating")
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in stores}
-    for name, store in stores.items():
+    for store in stores.values():
         await latencies(policy, store, 200)  # warm up
-    pipeline = redis_store._pipeline  # noqa: SLF001 (the round trips it made)
+    pipeline = redis_store._pipeline
     batches = calls = decided = 0
     for _ in range(rounds):
         for name, store in stores.items():
@@ -133,9 +133,9 @@ async def run(url: str, events: int, tasks: int, rounds: int) -> None:
     print(f"{'store':<8} {'median us':>22} {'p99 us':>22} {'decisions/s':>24}")
     for name, rows in results.items():
         columns = [[row[i] for row in rows] for i in range(3)]
-        cells = [
-            f"{statistics.median(c):.1f} [{min(c):.1f}-{max(c):.1f}]" for c in columns[:2]
-        ] + [f"{statistics.median(columns[2]):.0f} [{min(columns[2]):.0f}-{max(columns[2]):.0f}]"]
+        cells = [f"{statistics.median(c):.1f} [{min(c):.1f}-{max(c):.1f}]" for c in columns[:2]] + [
+            f"{statistics.median(columns[2]):.0f} [{min(columns[2]):.0f}-{max(columns[2]):.0f}]"
+        ]
         print(f"{name:<8} {cells[0]:>22} {cells[1]:>22} {cells[2]:>24}")
     if decided:
         print(

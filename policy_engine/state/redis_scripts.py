@@ -11,40 +11,17 @@ its state::
     {prefix}:rl:{rule}:{key}:{a}  rate-limit state, per algorithm a (see redis_limits),
                                   expires when empty again
     {prefix}:cb:{rule}            circuit breaker state, a hash (see redis_breaker_scripts)
-    {prefix}:conn:total           connections counted, all processes together
+    {prefix}:conn:total           connections counted, all live processes together
     {prefix}:conn:user:{user}     connections per user (deleted at zero)
     {prefix}:conn:ip:{ip}         connections per client address (deleted at zero)
+    {prefix}:conn:proc:{id}       one process's share of those counts (see redis_connections)
+    {prefix}:conn:leases          processes scored by when their lease ends
     {prefix}:auth:{key}           authentication failures: sorted set scored by time
     {prefix}:replay:{stream}      replay buffer: list of JSON [id, time, event, data]
     {prefix}:replay-id:{stream}   a stream's last id: outlives its buffer for twice its TTL
     {prefix}:replay-streams       streams scored by their newest event, to drop idle ones
     {prefix}:replay-bytes         bytes buffered per stream (a hash)
     {prefix}:replay-total         bytes buffered in all streams
-"""
-
-OPEN_CONNECTION = """
--- KEYS: the total, the user's and the address's counters. ARGV: max_total, max_per_user,
--- max_per_ip ('' for no ceiling) and '1' when the connection has a user.
--- Returns the ceiling reached, or nil once every counter has counted the connection.
-local function reached(key, ceiling)
-  return ceiling ~= '' and tonumber(redis.call('GET', key) or '0') >= tonumber(ceiling)
-end
-local has_user = ARGV[4] == '1'
-if reached(KEYS[1], ARGV[1]) then return 'max_total' end
-if has_user and reached(KEYS[2], ARGV[2]) then return 'max_per_user' end
-if reached(KEYS[3], ARGV[3]) then return 'max_per_ip' end
-redis.call('INCR', KEYS[1])
-if has_user then redis.call('INCR', KEYS[2]) end
-redis.call('INCR', KEYS[3])
-return false
-"""
-
-CLOSE_CONNECTION = """
--- KEYS: the total, the user's and the address's counters: one less each, gone at zero.
-for i = 1, #KEYS do
-  if redis.call('DECR', KEYS[i]) <= 0 then redis.call('DEL', KEYS[i]) end
-end
-return 1
 """
 
 RECORD_AUTH_FAILURE = """

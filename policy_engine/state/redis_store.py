@@ -32,6 +32,7 @@ rather than ``max_keys`` per rule.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -55,6 +56,7 @@ from policy_engine.state.codec import decode_payload, encode_payload
 from policy_engine.state.near_cache import OverLimitCache
 from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent
 from policy_engine.state.redis_breakers import RedisBreakers
+from policy_engine.state.redis_connections import DEFAULT_LEASE_TTL, ConnectionLeases
 from policy_engine.state.redis_limits import RedisRateLimits
 from policy_engine.state.redis_pipeline import Pipeline
 
@@ -94,6 +96,7 @@ class RedisStore:
         pipeline_window: float = 0.0,
         pipeline_limit: int = 128,
         near_cache: bool = True,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -112,10 +115,10 @@ class RedisStore:
         self._pipeline = Pipeline(self._client, window=pipeline_window, limit=pipeline_limit)
         self._limits = RedisRateLimits(self._client, prefix)
         self._breakers = RedisBreakers(self._client, prefix)
+        self._connections = ConnectionLeases(self._client, prefix, lease_ttl=lease_ttl)
+        self._renewing: asyncio.Task[None] | None = None
         self._over_limit = OverLimitCache() if near_cache else None
         register = self._client.register_script
-        self._open_connection = register(scripts.OPEN_CONNECTION)
-        self._close_connection = register(scripts.CLOSE_CONNECTION)
         self._record_auth_failure = register(scripts.RECORD_AUTH_FAILURE)
         self._auth_failures = register(scripts.AUTH_FAILURES)
         self._append_replay = register(scripts.APPEND_REPLAY)
@@ -179,25 +182,22 @@ class RedisStore:
     # -- connections -----------------------------------------------------------------------
 
     async def open_connection(self, limits: ConnectionLimits) -> str | None:
-        args: list[str | int] = [
-            _ceiling(limits.max_total),
-            _ceiling(limits.max_per_user),
-            _ceiling(limits.max_per_ip),
-            "1" if limits.user else "0",
-        ]
+        """Count a connection under this process's lease (renewed in the background from
+        the first one on), unless a ceiling is reached; the ceiling hit, if any."""
+        self._keep_lease()
+        call, read = self._connections.open(limits)
         with _answering("open_connection"):
-            reached = await self._open_connection(
-                keys=self._connection_keys(limits.user, limits.ip), args=args
-            )
-        return None if reached is None else _text(reached)
+            return read(await self._pipeline.run(call))
 
     async def close_connection(self, user: str, ip: str) -> None:
+        call, read = self._connections.close(user, ip)
         with _answering("close_connection"):
-            await self._close_connection(keys=self._connection_keys(user, ip))
+            read(await self._pipeline.run(call))
 
-    def _connection_keys(self, user: str, ip: str) -> list[str]:
-        base = f"{self.prefix}:conn"
-        return [f"{base}:total", f"{base}:user:{user}", f"{base}:ip:{ip}"]
+    def _keep_lease(self) -> None:
+        renewing = self._renewing
+        if renewing is None or renewing.done():
+            self._renewing = asyncio.ensure_future(self._connections.run_renewals())
 
     # -- authentication failures -----------------------------------------------------------
 
@@ -319,7 +319,15 @@ class RedisStore:
             await self._client.ping()
 
     async def close(self) -> None:
-        """Close the connections, unless the client was passed in (its owner closes it)."""
+        """Stop renewing this process's lease and give back what it still counts, then close
+        the connections, unless the client was passed in (its owner closes it)."""
+        renewing, self._renewing = self._renewing, None
+        if renewing is not None:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            with contextlib.suppress(StoreError):
+                await self._connections.release_all()
         if self._owns_client:
             with _answering("close"):
                 await self._client.aclose()
@@ -348,7 +356,3 @@ def _number(value: float) -> str:
 
 def _ceiling(value: int | None) -> str:
     return "" if value is None else str(value)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

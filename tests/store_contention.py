@@ -1,0 +1,58 @@
+"""One process deciding on a shared Redis store, for tests/test_store_contention.py.
+
+Run by multiprocessing's ``spawn`` (a module of its own, importing little). Each process
+builds the store as the engine does (a ``GuardedStore`` over a ``RedisStore``, its policy's
+``store_timeout`` and ``on_store_error: fail_open``), waits for the common start, then keeps
+``in_flight`` rate-limit checks of one key and as many breaker outcomes in flight at once.
+It reports what it was answered and what its store health saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from policy_engine.compiler.pipeline import compile_text
+from policy_engine.language.model import StoreFailureMode
+from policy_engine.state.guarded import GuardedStore
+from policy_engine.state.redis_store import RedisStore
+
+POLICY = """
+version: 1
+rate_limits:
+  - {name: per-conversation, hook: connect, key: conn.ip, limit: 100/hour, burst: 100}
+circuit_breakers:
+  - {name: agent, match: 'event.name == "call"', failure_rate: 100%,
+     window: {calls: 10000}, minimum_calls: 10000, open_for: 30s, half_open_calls: 2}
+"""
+
+
+def decide(url: str, prefix: str, in_flight: int, start_at: float, out: Any) -> None:
+    policy = compile_text(POLICY).policy
+    limit, breaker = policy.rate_limits[0], policy.circuit_breakers[0]
+
+    async def main() -> dict[str, int]:
+        state = GuardedStore(RedisStore(url, prefix=prefix))
+        state.configure(timeout=2.0, on_error=StoreFailureMode.FAIL_OPEN)
+        while time.time() < start_at:
+            await asyncio.sleep(0.001)
+
+        async def check() -> bool:
+            return (await state.rates([(limit, "one-conversation")], time.time())).allowed
+
+        async def record(index: int) -> None:
+            await state.record(breaker, time.time(), failed=index % 2 == 0, duration=0.01)
+
+        try:
+            answers = await asyncio.gather(*(check() for _ in range(in_flight)))
+            await asyncio.gather(*(record(i) for i in range(in_flight)))
+        finally:
+            await state.close()
+        return {
+            "admitted": sum(answers),
+            "failures": state.health.failures,
+            "unavailable": int(not state.health.available),
+        }
+
+    out.put(asyncio.run(main()))
