@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from servers import eventually
 
 from policy_engine.compiler.pipeline import compile_text
 from policy_engine.language.model import StoreFailureMode
@@ -64,11 +65,15 @@ async def test_a_late_store_is_skipped_by_policy_and_told_to_health_once(
 
     assert await state.open_connection("s1", LIMITS) == ceiling
     assert await state.open_connection("s2", LIMITS) == ceiling
+    assert await state.auth_failures("k", 60.0, 0.0) == (0, 0.0)
+    # Three late calls make the store suspect; its probe (a ping that hangs too) confirms.
+    await eventually(lambda: heard == [False])
 
     assert state.local.connection_counts()[0] == 2 * counted_locally
-    assert heard == [False]
-    assert state.health.failures == 2
+    assert state.health.failures == 3
     assert state.status()["available"] is False
+    assert state.breaker is not None
+    await state.breaker.close()  # its probe would go on: the store never answers
 
 
 async def test_a_disconnect_releases_the_count_where_the_connect_was_counted() -> None:

@@ -241,6 +241,7 @@ async def test_an_outage_is_logged_once_counted_in_metrics_and_its_end_logged(
             healthy = await decide()
             own_redis_server.stop()
             during = [await decide() for _ in range(3)]
+            await eventually(lambda: not engine.store_health.available)  # the probe failed
             down, failures = metric("store_up"), metric("store_failures_total")
             own_redis_server.start()
             # Three failures opened the store breaker; its probe finds Redis again.

@@ -90,9 +90,10 @@ class GuardedStore:
         self.shared = self.store is not self.local
         self.health = StoreHealth()
         # A store that can be probed gets a breaker: during an outage, no call waits.
+        # Its breaker, not each late call, tells health the store is down.
         ping = getattr(self.store, "ping", None)
         self.breaker = (
-            StoreBreaker(ping, on_close=self.health.answered)
+            StoreBreaker(ping, on_open=self.health.down, on_close=self.health.answered)
             if self.shared and ping is not None
             else None
         )
@@ -326,7 +327,8 @@ class GuardedStore:
             self.health.failures += 1
             raise StoreError("state store unavailable (its breaker is open)")
         try:
-            answer = await asyncio.wait_for(awaitable, self.timeout)
+            async with asyncio.timeout(self.timeout):  # no task per call, as wait_for makes
+                answer = await awaitable
         except StoreError as exc:
             self._failed(exc)
             raise
@@ -335,13 +337,16 @@ class GuardedStore:
             raise StoreError(f"state store did not answer: {exc!r}") from exc
         if breaker is not None:
             breaker.answered()
-        self.health.answered()
+        else:
+            self.health.answered()
         return answer
 
     def _failed(self, error: BaseException) -> None:
-        self.health.failed(error)
-        if self.breaker is not None:
-            self.breaker.failed()
+        if self.breaker is None:
+            self.health.failed(error)
+        else:
+            self.health.failures += 1
+            self.breaker.failed(error)
 
     async def _answer(
         self, awaitable: Awaitable[T], fallback: T, store: StateStore | None = None

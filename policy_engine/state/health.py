@@ -26,6 +26,10 @@ class StoreHealth:
 
     def failed(self, error: BaseException) -> None:
         self.failures += 1
+        self.down(error)
+
+    def down(self, error: BaseException) -> None:
+        """The store is known to be down (a failed call alone may only be late)."""
         if self.available:
             self.available = False
             self._tell(False, repr(error))

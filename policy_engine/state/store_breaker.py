@@ -8,8 +8,11 @@ opens: calls fail at once, without I/O, and a single background probe (the store
 closes it. So decisions during an outage cost nothing, and recovery follows within one
 probe interval (plus the probe's own round trip) of the store answering.
 
-Only failures to reach the store count. Nothing here opens on contention: the store's
-calls are single scripts and never fail for another caller's sake.
+Only failures to reach the store count, and ``threshold`` of them only make it suspect:
+the probe runs at once, and the breaker opens only if the probe fails too. A burst of
+calls that were merely late (this process's own loop was busy) leaves it closed, and
+health is not reported down, as long as Redis answers the probe. The store's calls are
+single scripts and never fail for another caller's sake, so contention opens nothing.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ Probe = Callable[[], Awaitable[None]]
 
 
 class StoreBreaker:
-    """Open after ``threshold`` consecutive failures; closed again by a probe that answers.
+    """Open after ``threshold`` consecutive failures and a failed probe; closed again by a
+    probe that answers.
 
-    ``on_close`` is told when a probe found the store answering again.
+    ``on_open`` is told (with the failure that opened it) when it opens, ``on_close`` when
+    a probe found the store answering again.
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class StoreBreaker:
         threshold: int = 3,
         probe_interval: float = 0.25,
         probe_timeout: float = 0.5,
+        on_open: Callable[[BaseException], None] | None = None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         if threshold < 1 or probe_interval <= 0 or probe_timeout <= 0:
@@ -45,6 +51,7 @@ class StoreBreaker:
         self.threshold = threshold
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
+        self.on_open = on_open
         self.on_close = on_close
         self.is_open = False
         self.opened = 0  # how many times it opened: for metrics and tests
@@ -54,25 +61,38 @@ class StoreBreaker:
     def answered(self) -> None:
         self._failures = 0
 
-    def failed(self) -> None:
+    def failed(self, error: BaseException) -> None:
         self._failures += 1
-        if not self.is_open and self._failures >= self.threshold:
+        if self._failures >= self.threshold and self._prober is None:
+            self._prober = asyncio.ensure_future(self._confirm_then_probe(error))
+
+    async def _confirm_then_probe(self, error: BaseException) -> None:
+        """Probe at once: open only if the store does not answer; then probe every
+        ``probe_interval`` until it does, and close."""
+        try:
+            if await self._answers():
+                self._failures = 0
+                return
             self.is_open = True
             self.opened += 1
             _log.debug("store breaker open after %d failures", self._failures)
-            self._prober = asyncio.ensure_future(self._probe_until_answered())
-
-    async def _probe_until_answered(self) -> None:
-        while self.is_open:
-            await asyncio.sleep(self.probe_interval)
-            try:
-                await asyncio.wait_for(self.probe(), self.probe_timeout)
-            except Exception:
-                continue
+            if self.on_open is not None:
+                self.on_open(error)
+            while not await self._answers():
+                await asyncio.sleep(self.probe_interval)
             self.is_open = False
             self._failures = 0
             if self.on_close is not None:
                 self.on_close()
+        finally:
+            self._prober = None
+
+    async def _answers(self) -> bool:
+        try:
+            await asyncio.wait_for(self.probe(), self.probe_timeout)
+        except Exception:
+            return False
+        return True
 
     async def close(self) -> None:
         """Stop probing (at shutdown)."""
