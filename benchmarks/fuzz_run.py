@@ -75,7 +75,8 @@ def draw(kind: str) -> Any:
 
 async def exchange_one(wire: Wire, kind: str, sent: int) -> tuple[Exchange, str] | None:
     """Send one drawn event (a raw packet is followed by an echo probe) and wait for its
-    answer; None when the packet ends the connection at the WebSocket layer."""
+    answer; None when the packet ends the connection at the WebSocket layer, or the client
+    closed its own session with it."""
     ack_id = sent
     if kind == "raw":
         packet = draw(kind)
@@ -84,7 +85,8 @@ async def exchange_one(wire: Wire, kind: str, sent: int) -> tuple[Exchange, str]
             # transport, before anything above it could answer.
             await send_raw(wire, packet)
             return None
-        await send_raw(wire, packet)
+        if await send_raw(wire, packet):
+            return None  # the client closed its own session: nothing more is owed
         ack_id = PROBE_ACK + sent
         expected: Any = ["probe"]
         await wire.send(encode_event("echo", expected, ack_id))
@@ -222,7 +224,7 @@ def report(
     for code, count in tally.refused.most_common():
         print(f"  refused {code:<20} {count}")
     print(f"connections closed   {tally.closed}")
-    print(f"  by the WebSocket layer (text not UTF-8) {tally.transport_failed}")
+    print(f"  by the client or its WebSocket (not UTF-8) {tally.transport_failed}")
     print(f"connects refused     {len(tally.connect_refused)} {tally.connect_refused[:3]}")
     print(f"unanswered           {len(tally.unanswered)} {dict(tally.unanswered_by_kind)}")
     for line in tally.unanswered[:10]:

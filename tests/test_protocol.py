@@ -444,3 +444,19 @@ async def test_closing_a_polling_client_for_protocol_errors_never_holds_its_requ
     assert json.loads(notice[2:])[1]["code"] == "INVALID_REQUEST"
     await eventually(lambda: served.adapter.active_connections() == 0)
     await eventually(lambda: all(s.closed for s in served.sio.eio.sockets.values()))
+
+
+async def test_a_post_to_a_session_engineio_just_closed_gets_400_not_a_traceback(serve, caplog):
+    """Engine.IO closes a socket (a ping timeout, say) and keeps it in its table until the
+    next lookup: a POST arriving then would raise KeyError inside Engine.IO."""
+    served = serve(PROTOCOL_POLICY, setup=app)
+    caplog.set_level(logging.INFO)
+    async with joined_polling(served) as raw:
+        (eio_sid,) = served.sio.eio.sockets
+        socket = served.sio.eio.sockets[eio_sid]
+        await served.run(socket.close(wait=False, abort=True))
+        assert eio_sid in served.sio.eio.sockets  # closed, not yet forgotten
+        status = await raw.post('421["echo","late"]')
+
+    assert status == 400
+    assert not [r for r in caplog.records if r.exc_info], "a traceback for a late request"

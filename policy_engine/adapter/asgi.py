@@ -136,7 +136,7 @@ class OversizedFrames:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replayed, send)
+        await _answered_or_refused(self.app, scope, replayed, send)
 
     async def _packets(self, receive: Receive, limit: int) -> tuple[list[bytes], bool] | None:
         """The request's packets as it streams in, a packet over ``limit`` kept only as its
@@ -182,6 +182,31 @@ class OversizedFrames:
         if head[:1] == b"b":  # an attachment, base64-encoded: its decoded size
             return self._binary_notice(size * 3 // 4)
         return self.malformed
+
+
+async def _answered_or_refused(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run Engine.IO on a long-polling POST; a session it closed a moment ago is a 400.
+
+    Engine.IO keeps a closed socket in its table until the next lookup, and a POST that
+    looks it up then fails with ``KeyError`` (a GET gets 400 for the same thing): the
+    client would get a 500 and the log a traceback for a request that merely came late.
+    """
+    started = False
+
+    async def tracked(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, tracked)
+    except KeyError:
+        if started:
+            raise
+        body = b"Session is disconnected"
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 ENGINEIO_TYPES = frozenset("0123456")

@@ -268,13 +268,13 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         deadline = loop.time() + CLOSE_DRAIN
         while not socket.queue.empty() and not socket.closed and loop.time() < deadline:
             await asyncio.sleep(0.02)
+        # Forgotten first, as Engine.IO forgets a closed socket it looks up: a request that
+        # comes while the close runs is then an unknown session (400), not a lookup error.
+        self.sio.eio.sockets.pop(eio_sid, None)
         try:
             await socket.close(wait=False, reason=self.sio.eio.reason.SERVER_DISCONNECT)
             if socket.upgraded:  # end the WebSocket writer, which then closes the socket
                 socket.queue.put_nowait(None)
-            # Forgotten at once, as Engine.IO forgets a closed socket it looks up: its next
-            # request is then an unknown session (400), not a lookup error in a POST.
-            self.sio.eio.sockets.pop(eio_sid, None)
         except Exception:
             _log.exception("closing %s failed", eio_sid)
 

@@ -110,23 +110,22 @@ class EventDispatch:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
                 raise
             classification, payload, error = self._report_error(exc, Hook.EVENT, state, event)
-            if guard.permits:
-                await self._after_call(guard, state, event, classification, error)
             await self._answer(server, state, ack, payload, notify=True)
+            if guard.permits:  # after the answer: the client never waits for the record
+                await self._after_call(guard, state, event, classification, error)
             return
+        if ack is not None:
+            if result is self._not_handled:
+                await self._unhandled(server, state, ack)
+            else:
+                await server._send_packet(
+                    eio_sid,
+                    server.packet_class(
+                        sio_packet.ACK, namespace=namespace, id=ack, data=ack_values(result)
+                    ),
+                )
         if guard.permits:
             await self._after_call(guard, state, event, None, None)
-        if ack is None:
-            return
-        if result is self._not_handled:
-            await self._unhandled(server, state, ack)
-        else:
-            await server._send_packet(
-                eio_sid,
-                server.packet_class(
-                    sio_packet.ACK, namespace=namespace, id=ack, data=ack_values(result)
-                ),
-            )
 
     async def _policy_fault(
         self,

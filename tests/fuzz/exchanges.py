@@ -77,14 +77,20 @@ async def converse(
     return result
 
 
-async def send_raw(wire: Wire, packet: RawPacket) -> None:
-    """Send ``packet`` as it is; rejoin the namespace if it was a (legitimate) leave."""
+async def send_raw(wire: Wire, packet: RawPacket) -> bool:
+    """Send ``packet`` as it is; rejoin the namespace if it was a (legitimate) leave.
+
+    Returns True when the packet closed the Engine.IO session itself (a client may): then
+    nothing more is owed on this connection."""
     for text in packet.texts:
         await wire.send(text)
+        if closes_session(text):
+            return True
     for blob in packet.binaries:
         await wire.send_binary(blob)
     if any(leaves_namespace(text) for text in packet.texts):
         await wire.send("40")
+    return False
 
 
 async def abuse(url: str, transport: str, packets: list[RawPacket]) -> Conversation:
@@ -97,7 +103,8 @@ async def abuse(url: str, transport: str, packets: list[RawPacket]) -> Conversat
                     # at the transport, before anything above it could answer.
                     await send_raw(wire, packet)
                     return result
-                await send_raw(wire, packet)
+                if await send_raw(wire, packet):
+                    return result
             await wire.send(encode_event("echo", ["probe"], PROBE_ACK))
             result.exchanges.append(await await_answer(wire, PROBE_ACK, ["probe"], ANSWER_WAIT))
     return result
@@ -109,6 +116,11 @@ def utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def closes_session(text: str) -> bool:
+    """Whether ``text`` is an Engine.IO CLOSE packet: the client ends its own session."""
+    return text[:1] == "1"
 
 
 def leaves_namespace(text: str) -> bool:
