@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.store_bench
 	$(BIN)/python -m benchmarks.echo_bench throughput
 	$(BIN)/python -m benchmarks.echo_bench memory
+	$(BIN)/python -m benchmarks.cluster_bench
 
 # Hostile traffic against a live server under the shipped policy: the fuzz suite with new
 # examples (FUZZ_EXAMPLES per property; the default run replays 20), then the long run.

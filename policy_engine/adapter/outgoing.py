@@ -201,10 +201,14 @@ class Outgoing:
             _EMISSION.reset(token)
 
     async def notify(self, event: str, sid: str, namespace: str, data: Any) -> None:
-        """Send one client an event at critical priority (dropped last, if ever)."""
+        """Send one client an event at critical priority (dropped last, if ever).
+
+        The client is connected to this process: a message-queue client manager need not
+        publish it to the others (``ignore_queue``), nor the replays below.
+        """
         token = _EMISSION.set(Emission(event, CRITICAL, namespace))
         try:
-            await self._emit(event, data, to=sid, namespace=namespace)
+            await self._emit(event, data, to=sid, namespace=namespace, ignore_queue=True)
         finally:
             _EMISSION.reset(token)
 
@@ -212,7 +216,7 @@ class Outgoing:
         """A missed event, sent ahead of the live events held back while it replays."""
         token = _EMISSION.set(Emission(event, CRITICAL, namespace, data, stream, None, True))
         try:
-            await self._emit(event, data, to=sid, namespace=namespace)
+            await self._emit(event, data, to=sid, namespace=namespace, ignore_queue=True)
         finally:
             _EMISSION.reset(token)
 

@@ -14,11 +14,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from policy_engine import __version__
 from policy_engine.errors import Diagnostic, PolicyEngineError, PolicyError, Severity
 from policy_engine.language.contexts import Hook
+
+if TYPE_CHECKING:
+    from policy_engine.server.app import PolicyServer
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -105,8 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("POLICY_ENGINE_STORE", "memory"),
         metavar="URL",
         help="shared state store: memory (default; each process its own) or redis://host:port/db"
-        " (several processes share limits, breakers, connection counts and replay buffers);"
+        " (several processes share limits, breakers, connection counts and replay buffers, and"
+        " the demo app's emits reach the clients of every process);"
         " default from POLICY_ENGINE_STORE",
+    )
+    serve.add_argument(
+        "--no-redis-manager",
+        dest="redis_manager",
+        action="store_false",
+        help="with a Redis store, share only the policy's state: the demo app's emits then"
+        " reach only the clients of the process that makes them (by default they are"
+        " relayed to every process through the same Redis)",
     )
     serve.add_argument(
         "--ops-port",
@@ -220,26 +232,58 @@ def _serve(args: argparse.Namespace) -> int:
     """Exit 1 on an invalid policy (nothing starts), 2 on a bad MODULE:ATTR or store URL."""
     import asyncio
 
-    from policy_engine.auth.loader import import_claims_loader
     from policy_engine.observe.logs import configure_logging
-    from policy_engine.server.app import AppImportError, build_app, load_server, open_store, serve
+    from policy_engine.server.app import serve
 
     configure_logging(args.log_format, level=args.log_level)
+    server = server_for(args)
+    if isinstance(server, int):
+        return server
+    try:
+        asyncio.run(
+            serve(
+                server,
+                args.host,
+                args.port,
+                graceful_timeout=args.graceful_timeout,
+                ops_host=args.ops_host,
+                ops_port=args.ops_port,
+            )
+        )
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind or start
+        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
+    return EXIT_OK
+
+
+def server_for(args: argparse.Namespace) -> PolicyServer | int:
+    """What ``serve`` would run for these arguments, not yet started; or its exit code.
+
+    On a Redis store the demo app it creates relays its emits through the same Redis
+    (unless ``--no-redis-manager``); an application named by ``MODULE:ATTR`` keeps its own
+    client manager, with a warning when that one reaches only this process's clients.
+    """
+    from policy_engine.auth.loader import import_claims_loader
+    from policy_engine.server.app import AppImportError, build_app, load_server, open_store
+    from policy_engine.server.relay import redis_manager, warn_if_emits_stay_local
+
     if args.app:
         sys.path.insert(0, os.getcwd())  # as uvicorn does: the app's module is found from here
-    try:
-        sio = load_server(args.app)
-    except AppImportError as exc:
-        sys.stderr.write(f"policy-engine serve: {exc}\n")
-        return EXIT_USAGE
     try:
         store = open_store(args.store)
         loader = import_claims_loader(args.claims_loader) if args.claims_loader else None
     except (ValueError, ImportError) as exc:
         sys.stderr.write(f"policy-engine serve: {exc}\n")
         return EXIT_USAGE
+    relayed = args.redis_manager and args.app is None
     try:
-        server = build_app(
+        sio = load_server(args.app, client_manager=redis_manager(store) if relayed else None)
+    except AppImportError as exc:
+        sys.stderr.write(f"policy-engine serve: {exc}\n")
+        return EXIT_USAGE
+    if args.app and args.redis_manager:
+        warn_if_emits_stay_local(sio, store)
+    try:
+        return build_app(
             sio,
             args.policies,
             socketio_path=args.socketio_path,
@@ -256,20 +300,6 @@ def _serve(args: argparse.Namespace) -> int:
     except PolicyEngineError as exc:  # valid, but cannot be installed (keys, secrets)
         sys.stderr.write(f"{args.policies}: {exc}: not serving\n")
         return EXIT_INVALID
-    try:
-        asyncio.run(
-            serve(
-                server,
-                args.host,
-                args.port,
-                graceful_timeout=args.graceful_timeout,
-                ops_host=args.ops_host,
-                ops_port=args.ops_port,
-            )
-        )
-    except SystemExit as exc:  # uvicorn exits this way when it cannot bind or start
-        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
-    return EXIT_OK
 
 
 def _validate(

@@ -59,7 +59,7 @@ from policy_engine.observe.logs import (
 )
 from policy_engine.observe.metrics import MetricsObserver
 from policy_engine.observe.observer import Observer
-from policy_engine.server import demo
+from policy_engine.server import demo, relay
 from policy_engine.server.reload import PolicyReloader
 from policy_engine.server.sampler import LoadSampler
 from policy_engine.state.memory import StateStore
@@ -168,6 +168,7 @@ class PolicyServer:
             "breakers": await self.breaker_states(),
             "connections": {"active": self.adapter.active_connections()},
             "store": self.store_status(),
+            "emits": relay.describe(self.sio),
             "load": dict(self.engine.load),
         }
 
@@ -382,13 +383,17 @@ def build_app(
     )
 
 
-def load_server(reference: str | None) -> socketio.AsyncServer:
+def load_server(reference: str | None, *, client_manager: Any = None) -> socketio.AsyncServer:
     """The ``socketio.AsyncServer`` named by ``MODULE:ATTR`` (``ATTR`` may be dotted).
 
-    ``None`` means the built-in demo conversation app, a fresh instance each time.
+    ``None`` means the built-in demo conversation app, a fresh instance each time, with
+    ``client_manager`` when one is given (see :func:`relay.redis_manager`). A server named
+    by reference keeps the manager it was created with.
     """
     if reference is None:
-        return demo.create_server()
+        if client_manager is None:
+            return demo.create_server()
+        return demo.create_server(client_manager=client_manager)
     module_name, _, attribute = reference.partition(":")
     if not module_name or not attribute:
         raise AppImportError(f"{reference!r}: expected MODULE:ATTR, e.g. myapp.server:sio")
