@@ -153,7 +153,8 @@ def report(
         values = sorted(phase.latencies) or [0.0]
         p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
         outcomes = ", ".join(f"{k} {v}" for k, v in phase.outcomes.most_common())
-        print(f"  {phase.name:<10} {len(phase.latencies):>9} {p99:>9.0f} {values[-1]:>9.0f}  {outcomes}")
+        counts = f"{len(phase.latencies):>9} {p99:>9.0f} {values[-1]:>9.0f}"
+        print(f"  {phase.name:<10} {counts}  {outcomes}")
         if phase.crashes:
             print(f"    crashes: {len(phase.crashes)} {phase.crashes[:2]}")
     for at, available in changes:

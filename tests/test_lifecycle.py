@@ -209,11 +209,11 @@ async def test_on_redis_a_session_closed_while_connecting_leaves_no_count(
             await session.open()
             connect = asyncio.ensure_future(session.post("40"))
             await eventually(lambda: len(held) == 1)
-            assert await redis.get("pending:conn:total") == b"1"  # counted while connecting
+            assert await redis.get("{pending:conn}:total") == b"1"  # counted while connecting
             await session.post("1")
             await eventually(lambda: served.adapter.active_connections() == 0)
             # Nothing counted; the process's lease stays while it lives.
-            assert await redis.keys("pending:conn:*") == [b"pending:conn:leases"]
+            assert await redis.keys("{pending:conn}:*") == [b"{pending:conn}:leases"]
             release.set()
             await asyncio.gather(connect, return_exceptions=True)
         await clients.connect(served.url)  # the address is not held at its ceiling

@@ -80,7 +80,7 @@ async def close_connection(leases: ConnectionLeases, user: str, ip: str) -> None
 
 async def counters(client: Redis, prefix: str) -> dict[str, int]:
     """The shared counters under ``prefix``, by name (``total``, ``user:ann``, ...)."""
-    base = f"{prefix}:conn:"
+    base = f"{{{prefix}:conn}}:"
     found: dict[str, int] = {}
     async for key in client.scan_iter(match=f"{base}*"):
         name = key.decode()[len(base) :]
@@ -90,7 +90,7 @@ async def counters(client: Redis, prefix: str) -> dict[str, int]:
 
 
 async def process_counts(client: Redis, prefix: str, leases: ConnectionLeases) -> dict[str, int]:
-    raw = await client.hgetall(f"{prefix}:conn:proc:{leases.process_id}")
+    raw = await client.hgetall(f"{{{prefix}:conn}}:proc:{leases.process_id}")
     return {field.decode(): int(value) for field, value in raw.items()}
 
 
@@ -155,7 +155,7 @@ async def test_same_answers_as_the_memory_store(client: Redis, prefix: str) -> N
 
 async def test_every_call_extends_the_lease(client: Redis, prefix: str) -> None:
     leases = ConnectionLeases(client, prefix)
-    key = f"{prefix}:conn:leases"
+    key = f"{{{prefix}:conn}}:leases"
     assert await open_connection(leases, "ann", "10.0.0.1") is None
     ends = [await client.zscore(key, leases.process_id)]
     calls = [leases.renew, lambda: close_connection(leases, "ann", "10.0.0.1"), leases.renew]
@@ -176,7 +176,7 @@ async def test_a_process_that_stops_renewing_stops_counting(client: Redis, prefi
     await asyncio.sleep(1.1)  # past the silent process's lease
     assert await open_connection(live, "cy", "10.0.0.3", max_total=2) is None
     assert await counters(client, prefix) == {"total": 1, "user:cy": 1, "ip:10.0.0.3": 1}
-    assert await client.zrange(f"{prefix}:conn:leases", 0, -1) == [live.process_id.encode()]
+    assert await client.zrange(f"{{{prefix}:conn}}:leases", 0, -1) == [live.process_id.encode()]
 
 
 async def test_a_late_close_never_takes_another_process_count(client: Redis, prefix: str) -> None:
@@ -187,12 +187,12 @@ async def test_a_late_close_never_takes_another_process_count(client: Redis, pre
     assert await open_connection(silent, "ann", "10.0.0.1") is None
     await asyncio.sleep(0.3)
     assert await open_connection(live, "ann", "10.0.0.1", max_per_user=1) is None
-    assert not await client.exists(f"{prefix}:conn:proc:{silent.process_id}")
+    assert not await client.exists(f"{{{prefix}:conn}}:proc:{silent.process_id}")
 
     await close_connection(silent, "ann", "10.0.0.1")
     await close_connection(silent, "ann", "10.0.0.1")
     assert await counters(client, prefix) == {"total": 1, "user:ann": 1, "ip:10.0.0.1": 1}
-    assert await client.zscore(f"{prefix}:conn:leases", silent.process_id) is None
+    assert await client.zscore(f"{{{prefix}:conn}}:leases", silent.process_id) is None
 
 
 async def test_a_paused_process_that_closes_counts_again_exactly(
@@ -222,7 +222,7 @@ async def test_a_renewal_after_its_lease_was_reaped_counts_its_connections_again
 ) -> None:
     live = ConnectionLeases(client, prefix, keep_reaped=60)  # the reaper's setting applies
     paused = ConnectionLeases(client, prefix, lease_ttl=0.2)
-    hash_key = f"{prefix}:conn:proc:{paused.process_id}"
+    hash_key = f"{{{prefix}:conn}}:proc:{paused.process_id}"
     for _ in range(3):
         assert await open_connection(paused, "ann", "10.0.0.1") is None
     await asyncio.sleep(0.3)
@@ -287,8 +287,8 @@ async def test_release_all_at_shutdown(client: Redis, prefix: str) -> None:
     assert await counters(client, prefix) == {"total": 1, "user:ann": 1, "ip:10.0.0.1": 1}
     await close_connection(leaving, "ann", "10.0.0.1")  # closed during shutdown: nothing
     assert await counters(client, prefix) == {"total": 1, "user:ann": 1, "ip:10.0.0.1": 1}
-    assert await client.zrange(f"{prefix}:conn:leases", 0, -1) == [staying.process_id.encode()]
-    assert not await client.exists(f"{prefix}:conn:proc:{leaving.process_id}")
+    assert await client.zrange(f"{{{prefix}:conn}}:leases", 0, -1) == [staying.process_id.encode()]
+    assert not await client.exists(f"{{{prefix}:conn}}:proc:{leaving.process_id}")
 
 
 # -- real processes ------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ async def test_exactly_the_ceiling_is_admitted_under_contention(
     admitted = [int(expect_line(worker.stdout, "admitted").split()[1]) for worker in workers]
     assert sum(admitted) == 100
     assert (await counters(client, prefix))["total"] == 100
-    hashes = [key async for key in client.scan_iter(match=f"{prefix}:conn:proc:*")]
+    hashes = [key async for key in client.scan_iter(match=f"{{{prefix}:conn}}:proc:*")]
     shares = sorted([int(await client.hget(key, "total") or 0) for key in hashes])
     assert shares == sorted(share for share in admitted if share)
 

@@ -34,6 +34,7 @@ from policy_engine.state.codec import (
     loads_state,
 )
 from policy_engine.state.memory import ConnectionLimits, MemoryStore, StateStore
+from policy_engine.state.redis_limits import RedisRateLimits
 from policy_engine.state.redis_store import RedisStore
 
 WAIT = 5.0  # a ceiling against hangs, never a measure of speed
@@ -539,7 +540,7 @@ async def test_a_dropped_streams_last_id_lives_twice_retain_on_redis(
     await store.append_replay("client-named", "oh_event", "x", 500, 100.0, retain=120.0)
     client = Redis.from_url(redis_server.url)
     try:
-        ttl_ms = await client.pttl(f"{store.prefix}:replay-id:client-named")
+        ttl_ms = await client.pttl(f"{{{store.prefix}:replay}}:id:client-named")
     finally:
         await client.aclose()
     assert 200_000 < ttl_ms <= 240_000
@@ -566,10 +567,11 @@ async def test_the_bytes_redis_counts_are_the_bytes_its_buffers_hold(
     client = Redis.from_url(redis_server.url)
     try:
         held = 0
-        for key in await client.keys(f"{store.prefix}:replay:*"):
+        tag = f"{{{store.prefix}:replay}}"
+        for key in await client.keys(f"{tag}:stream:*"):
             held += sum(len(entry) for entry in await client.lrange(key, 0, -1))
-        total = int(await client.get(f"{store.prefix}:replay-total"))
-        per_stream = await client.hgetall(f"{store.prefix}:replay-bytes")
+        total = int(await client.get(f"{tag}:total"))
+        per_stream = await client.hgetall(f"{tag}:bytes")
     finally:
         await client.aclose()
     assert total == held
@@ -738,7 +740,7 @@ async def test_a_value_that_is_not_a_state_counts_as_none(
     spec = rate_limit("per-ip 1/minute gcra")
     client = Redis.from_url(redis_server.url)
     try:
-        await client.set(f"{store.prefix}:rl:per-ip:ip1", b"{not json")
+        await client.set(RedisRateLimits(client, store.prefix).key(spec, "ip1"), b"{not json")
     finally:
         await client.aclose()
     assert await admitted(store, spec, "ip1", 1000.0)

@@ -107,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         default=os.environ.get("POLICY_ENGINE_STORE", "memory"),
         metavar="URL",
-        help="shared state store: memory (default; each process its own) or redis://host:port/db"
-        " (several processes share limits, breakers, connection counts and replay buffers, and"
-        " the demo app's emits reach the clients of every process);"
+        help="shared state store: memory (default; each process its own), or Redis, where"
+        " several processes share limits, breakers, connection counts and replay buffers and"
+        " the demo app's emits reach the clients of every process:"
+        " redis://host:port/db, redis+cluster://host:port[,host:port...] (Redis Cluster) or"
+        " redis+sentinel://host:port[,host:port...]/service[/db] (the master Sentinel names);"
         " default from POLICY_ENGINE_STORE",
     )
     serve.add_argument(

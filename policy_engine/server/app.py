@@ -293,12 +293,18 @@ async def _refuse_lifespan(receive: Receive, send: Send) -> None:
         await send({"type": "lifespan.startup.failed", "message": "no lifespan here"})
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "redis+sentinel://")
+
+
 def open_store(url: str | None) -> StateStore | None:
     """The shared state store a URL names: ``redis://``, ``rediss://`` or ``unix://`` for
-    Redis; None (each process keeps its own state) for no URL or ``memory``."""
+    one Redis, ``redis+cluster://host:port[,host:port...]`` for a Redis Cluster,
+    ``redis+sentinel://host:port[,host:port...]/service[/db]`` for the master Sentinels
+    name; None (each process keeps its own state) for no URL or ``memory``. Raises
+    ValueError for a URL it cannot use."""
     if not url or url == "memory":
         return None
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(_REDIS_SCHEMES):
         try:
             from policy_engine.state.redis_store import RedisStore  # noqa: PLC0415 (the redis extra)
         except ImportError as exc:
@@ -307,7 +313,9 @@ def open_store(url: str | None) -> StateStore | None:
                 f"({exc})"
             ) from exc
         return RedisStore(url)
-    raise ValueError(f"unknown state store {url!r}: use memory or a redis:// URL")
+    raise ValueError(
+        f"unknown state store {url!r}: use memory, or a URL starting {', '.join(_REDIS_SCHEMES)}"
+    )
 
 
 def build_app(

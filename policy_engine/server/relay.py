@@ -44,8 +44,11 @@ def redis_manager(store: StateStore | None) -> Any:
 
     if not isinstance(store, RedisStore):
         return None
+    from policy_engine.state.redis_clients import pubsub_url  # noqa: PLC0415 (the redis extra)
+
+    url, _ = pubsub_url(store.url)
     return socketio.AsyncRedisManager(
-        store.url,
+        url,
         channel=channel(store.prefix, store.url),
         redis_options={"socket_connect_timeout": CONNECT_TIMEOUT},
     )
@@ -54,10 +57,9 @@ def redis_manager(store: StateStore | None) -> Any:
 def channel(prefix: str, url: str) -> str:
     """The pub/sub channel of the deployment whose store keys start with ``prefix`` in the
     database ``url`` selects, e.g. ``policy-engine:socketio:0``."""
-    from redis.connection import parse_url  # noqa: PLC0415 (the redis extra)
+    from policy_engine.state.redis_clients import pubsub_url  # noqa: PLC0415 (the redis extra)
 
-    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-    return f"{prefix}:socketio:{options.get('db', 0)}"
+    return f"{prefix}:socketio:{pubsub_url(url)[1]}"
 
 
 def emits_stay_local(sio: socketio.AsyncServer) -> bool:

@@ -24,8 +24,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-
 from policy_engine.algorithms.breaker import (
     BreakerState,
     Circuit,
@@ -37,6 +35,7 @@ from policy_engine.algorithms.breaker import (
 )
 from policy_engine.language.model import CircuitBreakerSpec
 from policy_engine.state import redis_breaker_scripts as scripts
+from policy_engine.state.redis_clients import RedisClient
 from policy_engine.state.redis_pipeline import Arg, Call
 
 _CLOSED = BreakerState()
@@ -49,7 +48,7 @@ _SLOW_FLAGS = bytes.maketrans(b"0123", b"0011")
 class RedisBreakers:
     """The breakers under ``{prefix}:cb:{rule}`` in the Redis of ``client``."""
 
-    def __init__(self, client: Redis, prefix: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
         register = client.register_script

@@ -7,19 +7,20 @@ legitimate users. Here each process also keeps its own counts in Redis, under a 
 renews; once the lease runs out, the next call of any process takes those counts out of
 the shared counters.
 
-Keys (``{base}`` is ``{prefix}:conn``; the first three are those of the store's scripts)::
+Keys (``P`` is the store's prefix; ``{P:conn}``, braces included, is a Redis Cluster hash
+tag: every script here reads and writes keys it computes, so they all share one slot)::
 
-    {base}:total          connections counted, all processes together
-    {base}:user:{user}    connections per user (deleted at zero)
-    {base}:ip:{ip}        connections per client address (deleted at zero)
-    {base}:proc:{id}      one process's counts: a hash of the fields ``total``,
-                          ``user:{user}`` and ``ip:{ip}``, each its share of the counter
-                          ``{base}:{field}``
-    {base}:leases         the processes counted: a sorted set of ids scored by the end of
+    {P:conn}:total        connections counted, all processes together
+    {P:conn}:user:U       connections per user U (deleted at zero)
+    {P:conn}:ip:I         connections per client address I (deleted at zero)
+    {P:conn}:proc:D       the counts of the process D: a hash of the fields ``total``,
+                          ``user:U`` and ``ip:I``, each its share of the counter
+                          ``{P:conn}:`` followed by the field
+    {P:conn}:leases       the processes counted: a sorted set of ids scored by the end of
                           their lease, in milliseconds on Redis's clock
 
 Each script changes a process's hash and the shared counters together, so the counters
-always hold the sum of the hashes of the processes in ``{base}:leases``, and a check stays
+always hold the sum of the hashes of the processes in ``{P:conn}:leases``, and a check stays
 one ``GET`` per ceiling. Leases are timed by Redis's ``TIME`` inside the scripts: the
 processes need no agreement on the clock (Redis 5 or later: a script may write after
 reading it).
@@ -53,9 +54,9 @@ The lifecycle of a process's counts:
 Limits: a dead process still counts until its lease has run out, and its hash stays in
 Redis for ``keep_reaped`` after; counts re-added after a pause can exceed a ceiling for a
 while (they are connections that are really open); a script may reap a dead process of
-many connections in one go (one ``INCRBY`` per field of its hash). The scripts read and
-write keys they compute (the hashes of dead processes and their counters), so they need
-one Redis, not Redis Cluster, as the store does. A process id must never be reused: a
+many connections in one go (one ``INCRBY`` per field of its hash). On a Redis Cluster
+every connection count is on the one node that serves their slot. A process id must
+never be reused: a
 process started under the id of a dead one would take its counts over (the default, a
 fresh uuid4, never is).
 """
@@ -69,12 +70,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from policy_engine.errors import StoreError
 from policy_engine.state.protocol import ConnectionLimits
+from policy_engine.state.redis_clients import RedisClient
 from policy_engine.state.redis_pipeline import Arg, Call
 
 DEFAULT_LEASE_TTL = 30.0
@@ -89,7 +90,7 @@ _REAP_LIMIT = 16
 _LEASE = """
 -- Every script starts here. KEYS[1]: the leases; KEYS[2]: this process's hash.
 -- ARGV[1..5]: this process's id, its lease and how long a reaped hash is kept (both in
--- ms), the prefix of the counters ('{prefix}:conn:'), and how many leases to reap at most.
+-- ms), the prefix of the counters ('{prefix:conn}:'), and how many leases to reap at most.
 local leases, own = KEYS[1], KEYS[2]
 local id, lease_ms, keep_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local base, reap_limit = ARGV[4], tonumber(ARGV[5])
@@ -218,7 +219,7 @@ class ConnectionLeases:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         prefix: str,
         *,
         process_id: str | None = None,
@@ -232,7 +233,7 @@ class ConnectionLeases:
             )
         self.process_id = process_id or uuid.uuid4().hex
         self.lease_ttl = lease_ttl
-        self._base = f"{prefix}:conn:"
+        self._base = f"{{{prefix}:conn}}:"
         self._lease_keys = [f"{self._base}leases", f"{self._base}proc:{self.process_id}"]
         self._lease_args: list[Arg] = [
             self.process_id,
@@ -248,7 +249,7 @@ class ConnectionLeases:
         self._release = register(RELEASE)
 
     def __repr__(self) -> str:
-        return f"ConnectionLeases({self._base[:-1]!r}, process_id={self.process_id!r})"
+        return f"ConnectionLeases({self._base[1:-2]!r}, process_id={self.process_id!r})"
 
     def open(self, limits: ConnectionLimits) -> tuple[Call, Callable[[Any], str | None]]:
         """Count a new connection unless a ceiling is reached: the call, and its answer
@@ -319,5 +320,5 @@ def _answering(operation: str) -> Iterator[None]:
     """Turn every failure to reach Redis into StoreError, as the store does."""
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise StoreError(f"redis connections: {operation} failed: {exc!r}") from exc

@@ -11,28 +11,46 @@ two stores on the same instants do): processes sharing a store then need no cloc
 agreement. Floats cross the script boundary as ``%.17g`` strings, which round-trip
 exactly (Redis would truncate a Lua number in a reply to an integer).
 
-Each algorithm keeps its state under its own key, ``{base}:{g|s|f}``, so a rule that
-changes algorithm in a reload starts empty instead of misreading the other's state (as the
-memory store counts a state of another type as none):
+Each algorithm keeps its state under its own key, ``P:rl:{T}:R:K:A`` (prefix, tag, rule,
+key, and ``A`` one of ``g``, ``s``, ``f``; see :mod:`policy_engine.state.redis_scripts`),
+so a rule that changes algorithm in a reload starts empty instead of misreading the
+other's state (as the memory store counts a state of another type as none):
 
 - GCRA: a string, the theoretical arrival time;
 - sliding log: a list of admission times, oldest first, at most ``limit`` long;
 - fixed window: a string ``"{start} {count}"``.
 
 Every key expires when its state is empty again, so idle keys cost nothing.
+
+``{T}`` is a Redis Cluster hash tag, a short hash of the rule and the key: the states of
+one (rule, key) share a slot, and different keys spread over the cluster. It is a hash
+because the key is the client's to choose: braces in it cannot move the state elsewhere.
+
+On a Redis Cluster the limits an event meets may live in different slots, which no one
+script can touch. :meth:`RedisRateLimits.judge` groups them by slot: one group is judged
+by one script, as on one Redis. Several are first *peeked* at, each by the same script
+told to write nothing; if any group refuses, the event is refused and nothing consumed.
+Otherwise each group is committed by its script, which judges again before it writes. A
+request on the same keys between the peek and the commit can make one group refuse the
+commit while the others have consumed: the event is then refused, and the other groups
+were charged for it. That needs two requests racing on a limit's last units; the limit
+that refuses is never exceeded, since its own commit is atomic.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from policy_engine.algorithms import ratelimit
 from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision
 from policy_engine.language.model import RateAlgorithm, RateLimitSpec
+from policy_engine.state.redis_clients import RedisClient
 from policy_engine.state.redis_pipeline import Call
 
 _FLOAT_HELPERS = """
@@ -77,21 +95,24 @@ end
 CHECK = (
     _FLOAT_HELPERS
     + """
--- KEYS: one state key per limit. ARGV[1]: now ('' for Redis's clock); ARGV[2]: cost; then
--- four values per limit: algorithm ('g', 's' or 'f'), limit, period, burst.
+-- KEYS: one state key per limit. ARGV[1]: now ('' for Redis's clock); ARGV[2]: cost;
+-- ARGV[3]: '1' to peek (write nothing), else '0'; then four values per limit: algorithm
+-- ('g', 's' or 'f'), limit, period, burst.
 -- Returns four values per limit: 1 if it admits (else 0), remaining, retry_after and
--- reset_after (floats as strings); the states are written only when every limit admits.
+-- reset_after (floats as strings); the states are written only when every limit admits,
+-- and never when peeking.
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local cost = tonumber(ARGV[2])
+local peek = ARGV[3] == '1'
 local reply = {}
 local writes = {}
 local all = true
 for i = 1, #KEYS do
-  local at = 2 + (i - 1) * 4
+  local at = 3 + (i - 1) * 4
   local kind, limit = ARGV[at + 1], tonumber(ARGV[at + 2])
   local period, burst = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   local key = KEYS[i]
@@ -127,8 +148,12 @@ for i = 1, #KEYS do
       first = first + 1
     end
     if size - first > limit then first = size - limit end
-    if first > 0 then redis.call('LTRIM', key, first, -1) end
     local count = size - first
+    -- Times that have left the window go; a peek counts past them instead.
+    if first > 0 and not peek then
+      redis.call('LTRIM', key, first, -1)
+      first = 0
+    end
     if count + cost <= limit then
       allowed, remaining, reset = 1, limit - count - cost, (now + period) - now
       writes[#writes + 1] = {'s', key, fmt(now), ttl_ms(period)}
@@ -136,7 +161,7 @@ for i = 1, #KEYS do
       if cost > limit then
         retry = math.huge
       else
-        local oldest = tonumber(redis.call('LINDEX', key, count - (limit - cost) - 1))
+        local oldest = tonumber(redis.call('LINDEX', key, first + count - (limit - cost) - 1))
         retry = wait(now, oldest + period)
       end
       remaining = math.max(0, limit - count)
@@ -167,7 +192,7 @@ for i = 1, #KEYS do
   reply[#reply + 1] = fmt(retry)
   reply[#reply + 1] = fmt(reset)
 end
-if all then
+if all and not peek then
   for _, w in ipairs(writes) do
     if w[1] == 's' then
       for _ = 1, cost do redis.call('RPUSH', w[2], w[3]) end
@@ -190,38 +215,109 @@ _KIND = {
 Checks = Sequence[tuple[RateLimitSpec, str]]
 
 
-class RedisRateLimits:
-    """Builds the script call for a set of limits and reads its reply."""
+Run = Callable[[Call], Awaitable[Any]]
+"""How a call is sent: :meth:`Pipeline.run <policy_engine.state.redis_pipeline.Pipeline.run>`."""
 
-    def __init__(self, client: Redis, prefix: str) -> None:
+
+class RedisRateLimits:
+    """Builds the script calls for a set of limits and reads their replies.
+
+    ``by_slot`` (on a Redis Cluster) judges limits in different slots by peek and commit,
+    as the module says; otherwise one script judges them all.
+    """
+
+    def __init__(self, client: RedisClient, prefix: str, *, by_slot: bool = False) -> None:
         self.prefix = prefix
+        self.by_slot = by_slot
         self._check = client.register_script(CHECK)
 
     def key(self, spec: RateLimitSpec, key: str) -> str:
         """Where one rule's state for one key lives (by name, never by parameters)."""
-        return f"{self.prefix}:rl:{spec.name}:{key}:{_KIND[spec.algorithm]}"
+        return state_key(self.prefix, spec, key)
 
     def check(
-        self, checks: Checks, now: float | None, cost: int = 1
+        self, checks: Checks, now: float | None, cost: int = 1, *, peek: bool = False
     ) -> tuple[Call, Callable[[Any], CombinedDecision]]:
         """The call judging every (rule, key) together, and how to read its reply."""
+        call, read = self._call(checks, now, cost, peek=peek)
+        return call, lambda reply: ratelimit.combine(read(reply))
+
+    async def judge(
+        self, checks: Checks, now: float | None, run: Run, cost: int = 1
+    ) -> CombinedDecision:
+        """Judge every (rule, key), all or none, running the calls with ``run``."""
+        groups = self._groups(checks)
+        if len(groups) <= 1:
+            call, read = self.check(checks, now, cost)
+            return read(await run(call))
+        peeked = await self._run_all(groups, checks, now, cost, run, peek=True)
+        if all(decision.allowed for _, decision in peeked):
+            return ratelimit.combine(await self._run_all(groups, checks, now, cost, run))
+        return ratelimit.combine(peeked)
+
+    def _groups(self, checks: Checks) -> list[list[int]]:
+        """The positions of the checks, grouped by the slot of their state."""
+        if not self.by_slot:
+            return [list(range(len(checks)))]
+        slots: dict[int, list[int]] = {}
+        for index, (spec, key) in enumerate(checks):
+            slots.setdefault(key_slot(hash_tag(spec.name, key).encode()), []).append(index)
+        return list(slots.values())
+
+    async def _run_all(
+        self,
+        groups: list[list[int]],
+        checks: Checks,
+        now: float | None,
+        cost: int,
+        run: Run,
+        *,
+        peek: bool = False,
+    ) -> list[tuple[str, RateDecision]]:
+        """Every group's script at once; the decisions back in the order of ``checks``."""
+        calls = [self._call([checks[i] for i in group], now, cost, peek=peek) for group in groups]
+        replies = await asyncio.gather(*(run(call) for call, _ in calls))
+        decisions: list[tuple[str, RateDecision] | None] = [None] * len(checks)
+        for group, (_, read), reply in zip(groups, calls, replies, strict=True):
+            for index, decision in zip(group, read(reply), strict=True):
+                decisions[index] = decision
+        return [decision for decision in decisions if decision is not None]
+
+    def _call(
+        self, checks: Checks, now: float | None, cost: int, *, peek: bool
+    ) -> tuple[Call, Callable[[Any], list[tuple[str, RateDecision]]]]:
         if cost < 1:
             raise ValueError(f"a request costs at least 1, got {cost}")
-        args: list[str | int] = ["" if now is None else repr(float(now)), cost]
+        args: list[str | int] = ["" if now is None else repr(float(now)), cost, int(peek)]
         for spec, _ in checks:
             args += [_KIND[spec.algorithm], spec.rate.limit, repr(spec.rate.period), spec.burst]
         keys = [self.key(spec, key) for spec, key in checks]
         names = [spec.name for spec, _ in checks]
 
-        def read(reply: Any) -> CombinedDecision:
+        def read(reply: Any) -> list[tuple[str, RateDecision]]:
             decisions = []
             for index, name in enumerate(names):
                 allowed, remaining, retry, reset = reply[4 * index : 4 * index + 4]
                 decision = RateDecision(bool(allowed), int(remaining), _float(retry), _float(reset))
                 decisions.append((name, decision))
-            return ratelimit.combine(decisions)
+            return decisions
 
         return Call(self._check, keys, args), read
+
+
+def state_key(prefix: str, spec: RateLimitSpec, key: str) -> str:
+    """The key of a rule's state for one key under ``prefix``: see the module."""
+    tag = hash_tag(spec.name, key)
+    return f"{prefix}:rl:{{{tag}}}:{spec.name}:{key}:{_KIND[spec.algorithm]}"
+
+
+def hash_tag(rule: str, key: str) -> str:
+    """The hash tag of a (rule, key)'s states: which Redis Cluster slot holds them."""
+    digest = hashlib.blake2b(digest_size=6)
+    digest.update(rule.encode())
+    digest.update(b"\0")
+    digest.update(key.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def _float(value: bytes | str) -> float:

@@ -12,25 +12,46 @@ another's result.
 A script Redis does not know (a restarted server, a flushed script cache) is loaded and
 the calls that met ``NOSCRIPT`` are sent again, once. A caller that gives up (its
 ``store_timeout``) only stops waiting: its call may still run in Redis.
+
+On a Redis Cluster a batch is split by the node that holds each call's keys (a call's keys
+share one slot: see :mod:`policy_engine.state.redis_scripts`), and each node gets its part
+as one pipeline, all nodes at once: still one round trip per batch per node. A node that
+fails fails only the calls sent to it. redis-py follows ``MOVED`` and ``ASK`` for the
+calls they answer; after a failure that says the cluster changed (a node unreachable, a
+slot not served) the map of slots to nodes is read again, so that calls go to the nodes
+that took over once the cluster has.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+)
+
+from policy_engine.state.redis_clients import RedisClient
 
 Arg = str | bytes | int | float
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One script run: the script (registered on the client) with its keys and arguments."""
+    """One script run: the script (registered on the client) with its keys and arguments.
+
+    On a Redis Cluster the keys must share one slot, and there must be one at least.
+    """
 
     script: AsyncScript
     keys: Sequence[str]
@@ -39,20 +60,25 @@ class Call:
 
 Pending = tuple[Call, "asyncio.Future[Any]"]
 
+SLOTS_REREAD_INTERVAL = 1.0
+"""Seconds between two readings of a cluster's slots after failures."""
+
 
 class Pipeline:
     """Batches :class:`Call` runs on one client; see the module's docstring."""
 
-    def __init__(self, client: Redis, *, window: float = 0.0, limit: int = 128) -> None:
+    def __init__(self, client: RedisClient, *, window: float = 0.0, limit: int = 128) -> None:
         if window < 0 or limit < 1:
             raise ValueError(f"window must be >= 0 and limit >= 1, got {window}, {limit}")
         self.client = client
         self.window = window
         self.limit = limit
-        self.batches = 0  # pipelines sent, and calls in them: round trips per call
+        self.batches = 0  # batches made, and calls in them: round trips per call
         self.calls = 0
+        self.round_trips = 0  # pipelines sent: one per batch, or per batch per node
         self._pending: list[Pending] = []
         self._scheduled = False
+        self._slots_read_at = -math.inf  # when a cluster's slots were last read again
 
     async def run(self, call: Call) -> Any:
         """The script's reply; raises what Redis or the connection raised for it."""
@@ -79,39 +105,117 @@ class Pipeline:
             task.add_done_callback(_retrieve)
 
     async def _execute(self, batch: list[Pending]) -> None:
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            await self._settle(batch)
+            return
+        try:
+            parts = await _by_node(client, batch)
+        except BaseException as exc:  # the cluster's map of slots could not be had
+            _fail(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+            await self._reread_slots(client)
+            return
+        await asyncio.gather(*(self._settle(part) for part in parts))
+
+    async def _settle(self, batch: list[Pending]) -> None:
+        """Send one pipeline and hand each caller its reply (or the pipeline's failure)."""
         try:
             replies = await self._replies([call for call, _ in batch])
         except BaseException as exc:  # the connection failed: every call in it did
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            _fail(batch, exc)
             if not isinstance(exc, Exception):
                 raise
-            return
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue  # its caller stopped waiting
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+            replies = [exc]
+        else:
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if future.done():
+                    continue  # its caller stopped waiting
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        client = self.client
+        if isinstance(client, RedisCluster) and any(_moved_on(reply) for reply in replies):
+            await self._reread_slots(client)
 
     async def _replies(self, calls: list[Call]) -> list[Any]:
         replies = await self._pipeline(calls)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            for script in {id(calls[i].script): calls[i].script for i in missing}.values():
-                await self.client.script_load(script.script)
+            await self._load([calls[i] for i in missing])
             again = await self._pipeline([calls[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
+    async def _load(self, calls: list[Call]) -> None:
+        """Load the scripts of these calls where they are to run."""
+        client = self.client
+        if not isinstance(client, RedisCluster):
+            for script in {id(call.script): call.script for call in calls}.values():
+                await client.script_load(script.script)
+            return
+        where: dict[tuple[int, str], tuple[AsyncScript, ClusterNode]] = {}
+        for call in calls:
+            node = _node_of(client, call)
+            where[id(call.script), node.name] = (call.script, node)
+        await asyncio.gather(
+            *(
+                client.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
+                for script, node in where.values()
+            )
+        )
+
+    async def _reread_slots(self, client: RedisCluster) -> None:
+        """Read the cluster's map of slots to nodes again, keeping the connections it has.
+
+        At most once per ``SLOTS_REREAD_INTERVAL``, however many batches fail meanwhile (a
+        node down fails every batch that has calls for it). A reading that fails (no node
+        answers) is left for a later failure to try again.
+        """
+        now = time.monotonic()
+        if now - self._slots_read_at < SLOTS_REREAD_INTERVAL:
+            return
+        self._slots_read_at = now
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
+            await client.nodes_manager.initialize()
+
     async def _pipeline(self, calls: list[Call]) -> list[Any]:
+        self.round_trips += 1
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+async def _by_node(client: RedisCluster, batch: list[Pending]) -> list[list[Pending]]:
+    """The batch split by the node that holds each call's slot, as the client knows it."""
+    await client.initialize()  # at once unless it has yet to (or must again) read the map
+    parts: dict[str, list[Pending]] = {}
+    for pending in batch:
+        parts.setdefault(_node_of(client, pending[0]).name, []).append(pending)
+    return list(parts.values())
+
+
+def _node_of(client: RedisCluster, call: Call) -> ClusterNode:
+    """The master that serves the slot of the call's keys."""
+    node = client.get_node_from_key(call.keys[0])
+    if node is None:  # only asked of replicas
+        raise SlotNotCoveredError(f"no node serves the key {call.keys[0]!r}")
+    return node
+
+
+def _fail(batch: list[Pending], exc: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
+
+
+def _moved_on(reply: object) -> bool:
+    """Whether a failure says the cluster's slots may have moved to other nodes."""
+    return isinstance(reply, (*RedisCluster.ERRORS_ALLOW_RETRY, RedisClusterException))
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

@@ -4,24 +4,34 @@ Kept apart from :mod:`policy_engine.state.redis_store` because they are another 
 each script's comment says what its ``KEYS`` and ``ARGV`` hold and what it returns, which is
 the whole contract between the two.
 
-Keys (``prefix`` is ``policy-engine`` unless given; rule names never contain ``:``), by
-rule name and key, never by a rule's parameters, so a hot reload that keeps a rule keeps
-its state::
+Keys, by rule name and key, never by a rule's parameters, so a hot reload that keeps a
+rule keeps its state. ``P`` is the prefix (``policy-engine`` unless given; no braces in
+it), ``R`` a rule name (never with ``:``), ``K`` a limit's or a sign-in's key, ``A`` an
+algorithm's letter (see redis_limits), ``U`` a user, ``I`` a client address, ``S`` a
+replay stream, ``D`` a process id. Braces are written as they are: they make a Redis
+Cluster hash tag, the part of a name Redis Cluster puts the key by (a script may only
+touch keys of one slot). The same names serve on one Redis, where tags mean nothing::
 
-    {prefix}:rl:{rule}:{key}:{a}  rate-limit state, per algorithm a (see redis_limits),
-                                  expires when empty again
-    {prefix}:cb:{rule}            circuit breaker state, a hash (see redis_breaker_scripts)
-    {prefix}:conn:total           connections counted, all live processes together
-    {prefix}:conn:user:{user}     connections per user (deleted at zero)
-    {prefix}:conn:ip:{ip}         connections per client address (deleted at zero)
-    {prefix}:conn:proc:{id}       one process's share of those counts (see redis_connections)
-    {prefix}:conn:leases          processes scored by when their lease ends
-    {prefix}:auth:{key}           authentication failures: sorted set scored by time
-    {prefix}:replay:{stream}      replay buffer: list of JSON [id, time, event, data]
-    {prefix}:replay-id:{stream}   a stream's last id: outlives its buffer for twice its TTL
-    {prefix}:replay-streams       streams scored by their newest event, to drop idle ones
-    {prefix}:replay-bytes         bytes buffered per stream (a hash)
-    {prefix}:replay-total         bytes buffered in all streams
+    P:rl:{T}:R:K:A        rate-limit state, expires when empty again; T is a short hash
+                          of R and K, so that the keys spread over a cluster's nodes
+    P:cb:R                circuit breaker state, a hash (see redis_breaker_scripts)
+    {P:conn}:total        connections counted, all live processes together
+    {P:conn}:user:U       connections per user (deleted at zero)
+    {P:conn}:ip:I         connections per client address (deleted at zero)
+    {P:conn}:proc:D       one process's share of those counts (see redis_connections)
+    {P:conn}:leases       processes scored by when their lease ends
+    P:auth:K              authentication failures: sorted set scored by time
+    {P:replay}:stream:S   replay buffer: list of JSON [id, time, event, data]
+    {P:replay}:id:S       a stream's last id: outlives its buffer for twice its TTL
+    {P:replay}:streams    streams scored by their newest event, to drop idle ones
+    {P:replay}:bytes      bytes buffered per stream (a hash)
+    {P:replay}:total      bytes buffered in all streams
+
+A breaker and a key's sign-in failures are one key each, in any slot. All connection
+counts share the tag ``{P:conn}``, and all replay buffers ``{P:replay}``: their scripts
+touch keys they compute (a dead process's counts, the idle streams to drop), so on a
+Redis Cluster each of the two lives whole on one node. The rate limits of one event may
+be in several slots: see redis_limits for how they are judged together.
 """
 
 RECORD_AUTH_FAILURE = """

@@ -5,8 +5,9 @@ It answers every :class:`~policy_engine.state.protocol.StateStore` call as
 the same Redis, and turns every Redis failure into :class:`~policy_engine.errors.StoreError`
 within its socket timeout, so the engine applies the policy's ``on_store_error`` instead of
 waiting. Nothing about a connection is cached between calls: once Redis answers again, the
-next call works (redis-py reconnects; the pipeline reloads a script a restarted server
-forgot).
+next call works (redis-py reconnects, to the master the Sentinels name now; the pipeline
+reloads a script a restarted server forgot, and reads a cluster's slots again after a
+failure).
 
 Every decision is one Lua script that Redis runs whole: all the rate limits an event meets
 (:mod:`policy_engine.state.redis_limits`), a breaker's permit, outcome or release
@@ -19,15 +20,19 @@ time go to Redis as one pipeline (:mod:`policy_engine.state.redis_pipeline`), an
 limit refused are answered locally until their ``retry_after``
 (:mod:`policy_engine.state.near_cache`).
 
-Rate limits and breakers decide on Redis's clock (``TIME``), so processes need no clock
-agreement; ``server_clock=False`` makes them decide at the callers' ``now`` instead (the
-tests compare the two stores on the same instants that way). Replay buffers and sign-in
-failures are timed by the callers' wall clock (``time.time()``).
+Rate limits and breakers decide on Redis's clock (``TIME``; on a cluster, the clock of the
+node that holds the key), so processes need no clock agreement; ``server_clock=False``
+makes them decide at the callers' ``now`` instead (the tests compare the two stores on the
+same instants that way). Replay buffers and sign-in failures are timed by the callers'
+wall clock (``time.time()``).
 
-The keys are listed in :mod:`policy_engine.state.redis_scripts`. The scheme is flat, without
-hash tags: the scripts touch several keys, so the store needs one Redis (with replicas or
-Sentinel for availability), not Redis Cluster. Rate-limit keys are bounded by their TTLs
-rather than ``max_keys`` per rule.
+The store runs on one Redis, on a Redis Cluster, or on the master a set of Sentinels
+names (:mod:`policy_engine.state.redis_clients` reads the URLs). The keys, listed in
+:mod:`policy_engine.state.redis_scripts`, carry hash tags so that every script's keys
+share a slot; only the rate limits of one event can be in several slots, and a cluster
+then judges them by peek and commit (:mod:`policy_engine.state.redis_limits`), all or
+none except in a race it describes. Rate-limit keys are bounded by their TTLs rather than
+``max_keys`` per rule.
 """
 
 from __future__ import annotations
@@ -41,10 +46,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from policy_engine.algorithms import ratelimit
 from policy_engine.algorithms.breaker import BreakerState, Permit, Transition
@@ -56,6 +59,7 @@ from policy_engine.state.codec import decode_payload, encode_payload
 from policy_engine.state.near_cache import OverLimitCache
 from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent
 from policy_engine.state.redis_breakers import RedisBreakers
+from policy_engine.state.redis_clients import Connected, RedisClient, connect
 from policy_engine.state.redis_connections import DEFAULT_LEASE_TTL, ConnectionLeases
 from policy_engine.state.redis_limits import RedisRateLimits
 from policy_engine.state.redis_pipeline import Pipeline
@@ -76,13 +80,17 @@ _SWEEP_LIMIT = 256
 
 
 class RedisStore:
-    """The shared :class:`~policy_engine.state.protocol.StateStore`, in one Redis.
+    """The shared :class:`~policy_engine.state.protocol.StateStore`, in Redis.
 
-    ``url`` is a redis-py URL (``redis://``, ``rediss://``, ``unix://``; query options such
-    as ``socket_timeout`` override the defaults here). A ``client`` passed in is used as
-    is, with its own timeouts, and left open by :meth:`close`. ``socket_timeout`` bounds
-    connecting and every reply, so a Redis that is gone fails a call within it; redis-py's
-    own retries are off, since a command retried after a lost reply could count twice.
+    ``url`` is a redis-py URL (``redis://``, ``rediss://``, ``unix://``), a Redis Cluster's
+    (``redis+cluster://``) or Sentinels' (``redis+sentinel://``): see
+    :mod:`policy_engine.state.redis_clients`. Query options such as ``socket_timeout``
+    override the defaults here. A ``client`` passed in (a ``Redis`` or a ``RedisCluster``)
+    is used as is, with its own timeouts, and left open by :meth:`close`. ``socket_timeout``
+    bounds connecting and every reply, so a Redis that is gone fails a call within it;
+    redis-py's own retries are off, since a command retried after a lost reply could
+    count twice. ``prefix`` starts every key and may not hold braces (they would change
+    the keys' hash tags).
     """
 
     def __init__(
@@ -90,7 +98,7 @@ class RedisStore:
         url: str,
         *,
         prefix: str = "policy-engine",
-        client: Redis | None = None,
+        client: RedisClient | None = None,
         socket_timeout: float = 0.5,
         server_clock: bool = True,
         pipeline_window: float = 0.0,
@@ -98,22 +106,19 @@ class RedisStore:
         near_cache: bool = True,
         lease_ttl: float = DEFAULT_LEASE_TTL,
     ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"a store prefix holds no braces, got {prefix!r}")
         self.url = url
         self.prefix = prefix
-        self._owns_client = client is None
-        self._client = (
-            client
-            if client is not None
-            else Redis.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
-        )
+        self._connected: Connected | None = None
+        if client is None:
+            self._connected = connect(url, socket_timeout=socket_timeout)
+            client = self._connected.client
+        self._client = client
         self.server_clock = server_clock
-        self._pipeline = Pipeline(self._client, window=pipeline_window, limit=pipeline_limit)
-        self._limits = RedisRateLimits(self._client, prefix)
+        self._pipeline = Pipeline(client, window=pipeline_window, limit=pipeline_limit)
+        by_slot = isinstance(client, RedisCluster)
+        self._limits = RedisRateLimits(client, prefix, by_slot=by_slot)
         self._breakers = RedisBreakers(self._client, prefix)
         self._connections = ConnectionLeases(self._client, prefix, lease_ttl=lease_ttl)
         self._renewing: asyncio.Task[None] | None = None
@@ -132,7 +137,9 @@ class RedisStore:
     async def check_rate_limits(
         self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
     ) -> CombinedDecision:
-        """Judge every (rule, key) together in one script; consume from all or none.
+        """Judge every (rule, key) together, in one script unless a cluster holds them in
+        several slots; consume from all or none (see :mod:`~policy_engine.state.redis_limits`
+        for the one race a cluster leaves).
 
         A key refused within its ``retry_after`` is refused again here without asking
         Redis (the near cache): it cannot pass before then, whoever else spends from it.
@@ -144,9 +151,8 @@ class RedisStore:
         refused = near.refusal(checks, local_now) if near is not None else None
         if refused is not None:
             return refused
-        call, read = self._limits.check(checks, self._now(now))
         with _answering("check_rate_limits"):
-            decision = read(await self._pipeline.run(call))
+            decision = await self._limits.judge(checks, self._now(now), self._pipeline.run)
         if not decision.allowed and near is not None:
             near.remember(checks, decision, local_now)
         return decision
@@ -262,7 +268,7 @@ class RedisStore:
             _number(now - retain) if finite else "",
             _ttl_ms(retain),
             _ttl_ms(_ID_RETENTION_FACTOR * retain),
-            f"{self.prefix}:replay:",
+            self._replay_key(""),
             _SWEEP_LIMIT,
             _ceiling(max_bytes),
             _ceiling(max_total_bytes),
@@ -270,9 +276,9 @@ class RedisStore:
         keys = [
             self._replay_key(stream),
             self._replay_id_key(stream),
-            self._replay_index_key(),
-            f"{self.prefix}:replay-bytes",
-            f"{self.prefix}:replay-total",
+            f"{self._replay_tag}:streams",
+            f"{self._replay_tag}:bytes",
+            f"{self._replay_tag}:total",
         ]
         with _answering("append_replay"):
             return int(await self._append_replay(keys=keys, args=args))
@@ -302,14 +308,16 @@ class RedisStore:
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             raise StoreError(f"redis store: unreadable replay buffer {keys[0]!r}") from exc
 
+    @property
+    def _replay_tag(self) -> str:
+        """What every replay key starts with: one hash tag, so one slot, for them all."""
+        return f"{{{self.prefix}:replay}}"
+
     def _replay_key(self, stream: str) -> str:
-        return f"{self.prefix}:replay:{stream}"
+        return f"{self._replay_tag}:stream:{stream}"
 
     def _replay_id_key(self, stream: str) -> str:
-        return f"{self.prefix}:replay-id:{stream}"
-
-    def _replay_index_key(self) -> str:
-        return f"{self.prefix}:replay-streams"
+        return f"{self._replay_tag}:id:{stream}"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -328,17 +336,18 @@ class RedisStore:
                 await renewing
             with contextlib.suppress(StoreError):
                 await self._connections.release_all()
-        if self._owns_client:
+        if self._connected is not None:
             with _answering("close"):
-                await self._client.aclose()
+                await self._connected.aclose()
 
 
 @contextlib.contextmanager
 def _answering(operation: str) -> Iterator[None]:
-    """Turn every failure to reach Redis into StoreError (timeouts are OSErrors too)."""
+    """Turn every failure to reach Redis into StoreError (timeouts are OSErrors too; a
+    cluster whose nodes cannot be found raises RedisClusterException)."""
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise StoreError(f"redis store: {operation} failed: {exc!r}") from exc
 
 
