@@ -4,7 +4,7 @@
 
 For each ``on_store_error`` mode, ``--tasks`` connections decide ``oh_user_action`` events
 without pause (the shipped policy's decision, with its per-conversation limit enforced and
-global, and ``store_timeout: 20ms``) against a Redis this benchmark starts on a free
+global, and its ``store_timeout: 20ms``) against a Redis this benchmark starts on a free
 loopback port. Two seconds in, Redis is SIGKILLed; two seconds later it is started again
 on the same port; three seconds after that it is SIGSTOPped for five seconds. It reports,
 per phase, the decisions made, their outcomes, the slowest and the 99th percentile, any
@@ -48,8 +48,9 @@ class Phase:
 def policy_text(mode: str) -> str:
     text = Path(SHIPPED).read_text(encoding="utf-8")
     text = text.replace("    mode: shadow              # watch before enforcing\n", "", 1)
-    defaults = f"defaults:\n  on_store_error: {mode}\n  store_timeout: 20ms\n"
-    return text.replace("version: 1\n", "version: 1\n" + defaults, 1)
+    shipped = "  on_store_error: fail_open   # the shared store is down: let traffic through\n"
+    assert shipped in text, "the shipped policy's on_store_error line changed"
+    return text.replace(shipped, f"  on_store_error: {mode}\n", 1)
 
 
 class Redis:
@@ -65,7 +66,9 @@ class Redis:
     def start(self) -> None:
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         argv += ["--appendonly", "no", "--dir", self.directory]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
         time.sleep(0.2)
 
     def signal(self, number: int) -> None:
@@ -85,7 +88,7 @@ async def run_mode(mode: str, tasks: int) -> None:
     with tempfile.TemporaryDirectory() as directory:
         redis = Redis(directory)
         redis.start()
-        policy = compile_text(policy_text(mode), source=str(SHIPPED)).policy
+        policy = compile_text(policy_text(mode), str(SHIPPED), base_dir=Path(SHIPPED).parent).policy
         engine = Engine(policy, RedisStore(redis.url), clock=time.time)
         changes: list[tuple[float, bool]] = []
         engine.store_health.listeners.append(

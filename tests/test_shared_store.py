@@ -393,3 +393,52 @@ async def test_connection_ceilings_and_breakers_follow_on_store_error(
         Outcome.REJECT,
         Outcome.ALLOW,
     )
+
+
+GUARDED = """
+version: 1
+defaults: {store_timeout: 2s, on_store_error: fail_closed}
+rate_limits:
+  - {name: everyone, hook: event, when: 'event.name == "echo"', key: '"all"',
+     limit: 2/minute, burst: 2}
+circuit_breakers:
+  - {name: echo-backend, match: 'event.name == "echo"', failure_rate: 50%,
+     window: {calls: 10}, minimum_calls: 10, open_for: 30s, half_open_calls: 1}
+"""
+
+
+async def test_limits_and_permits_share_one_round_trip_and_refused_events_hand_back_theirs(
+    tmp_path: Path, own_redis_server: RedisServer
+) -> None:
+    store = RedisStore(own_redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    served = start_server(policy_path(tmp_path, GUARDED), setup=echo_app, store=store)
+    pipeline = store._pipeline
+    client = await connect(served)
+    try:
+        trips = []
+        answers = []
+        for n in range(3):
+            before = (pipeline.batches, pipeline.calls)
+            answers.append(await echo(client, n))
+            await eventually(lambda since=before[1]: pipeline.calls - since >= 3)
+            trips.append((pipeline.batches - before[0], pipeline.calls - before[1]))
+        before = (pipeline.batches, pipeline.calls)
+        answers.append(await echo(client, 3))  # refused by the near cache: nothing asked
+        trips.append((pipeline.batches - before[0], pipeline.calls - before[1]))
+        breaker = await served.run(store.fetch_breaker_state("echo-backend"))
+    finally:
+        await client.disconnect()
+        await served.run(store.close())
+        served.live.stop()
+
+    assert answers[:2] == [0, 1]
+    assert refused(answers[2])
+    # Admitted: the limit and the permit in one batch, then the outcome: 3 calls, 2 batches.
+    assert trips[:2] == [(2, 3), (2, 3)]
+    # Refused by the limit: the permit asked beside it is handed back (limit, permit, release).
+    assert trips[2] == (2, 3)
+    # Refused again while the key is over its limit: the near cache answers, no permit asked.
+    assert refused(answers[3])
+    assert trips[3] == (0, 0)
+    assert breaker.window is not None
+    assert (breaker.window.calls, breaker.permits) == (2, 0)

@@ -177,6 +177,15 @@ class EventDispatch:
         engine = self.engine
         if isinstance(verdict, EventVerdict):
             decision = verdict.decision
+        elif (
+            verdict.plan.breakers
+            and engine.state.shared
+            and not engine.state.refused_locally(verdict.rates.enforced, verdict.rates.now)
+        ):
+            decided = await self._settle_with_permits(verdict, conn, claims, event)
+            if decided is not None:
+                return decided
+            decision = await engine.settle_event(verdict)
         else:
             decision = await engine.settle_event(verdict)
         waited = 0.0
@@ -190,6 +199,35 @@ class EventDispatch:
         if isinstance(permits, BreakerGuard):
             return decision, permits, waited
         return permits, NO_GUARD, waited
+
+    async def _settle_with_permits(
+        self,
+        verdict: PendingEvent,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+    ) -> tuple[Decision, BreakerGuard, float] | None:
+        """The shared store's rate-limit answers and the breakers' permits asked at once,
+        so that they share one pipeline (one round trip) instead of two in a row.
+
+        A permit taken for an event the limits then refuse is handed back. None when the
+        event is to be delayed: its permits are asked for after the delay, as always.
+        """
+        engine = self.engine
+        asking = asyncio.ensure_future(engine.before_call(conn, claims, event))
+        try:
+            decision = await engine.settle_event(verdict)
+        except BaseException:
+            await _give_back(engine, asking)
+            raise
+        outcome = decision.outcome
+        if outcome is not _ALLOW:
+            await _give_back(engine, asking)
+            return None if outcome is _DELAY else (decision, NO_GUARD, 0.0)
+        permits = await asking
+        if isinstance(permits, BreakerGuard):
+            return decision, permits, 0.0
+        return permits, NO_GUARD, 0.0
 
     def _report_error(
         self,
@@ -264,3 +302,13 @@ def _cancelled_from_outside() -> bool:
     the cancellation is not the handler's failure and must go on."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+async def _give_back(engine: Engine, asking: asyncio.Future[BreakerGuard | Decision]) -> None:
+    """Hand back the permits of a call that will not run (its event was refused)."""
+    try:
+        permits = await asking
+    except Exception:  # the store failed: there is nothing held to give back
+        return
+    if isinstance(permits, BreakerGuard):
+        await engine.release_permits(permits)

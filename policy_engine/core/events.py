@@ -341,6 +341,12 @@ class EventHooks:
             return finish(permits.decision, [], recorder)
         return permits
 
+    async def release_permits(self, guard: BreakerGuard) -> None:
+        """Hand back permits taken for a call that will not run (half-open probes go back)."""
+        for spec in guard.permits:
+            if self.state.release_now(spec) is ASK:
+                await self.state.release(spec)
+
     async def after_call(
         self,
         guard: BreakerGuard,

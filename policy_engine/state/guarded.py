@@ -159,6 +159,12 @@ class GuardedStore:
                 answer = CombinedDecision(allowed, retry_after, shared[0][0].name, None)
         return answer if decided is None or not answer.allowed else decided
 
+    def refused_locally(self, checks: Checks, now: float) -> bool:
+        """Whether the shared store refuses these checks without a round trip (its near
+        cache of keys over their limit): then nothing else need be asked of it."""
+        peek = getattr(self.store, "refused_nearby", None)
+        return peek is not None and bool(peek(checks, now))
+
     # -- circuit breakers --------------------------------------------------------------------
 
     async def permit(self, spec: CircuitBreakerSpec, now: float) -> Permit | None:

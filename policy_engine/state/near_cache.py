@@ -55,6 +55,12 @@ class OverLimitCache:
             return CombinedDecision(False, wait, spec.name, RateDecision(False, 0, wait, wait))
         return None
 
+    def holds(self, checks: Sequence[tuple[RateLimitSpec, str]], now: float) -> bool:
+        """Whether some key of these checks is still over its limit at ``now`` (a peek:
+        nothing counted, nothing dropped)."""
+        until = self._until
+        return bool(until) and any(until.get(_entry(s, k), now) > now for s, k in checks)
+
     def remember(
         self, checks: Sequence[tuple[RateLimitSpec, str]], decision: CombinedDecision, now: float
     ) -> None:

@@ -134,6 +134,13 @@ class RedisStore:
 
     # -- rate limits -----------------------------------------------------------------------
 
+    def refused_nearby(self, checks: Sequence[tuple[RateLimitSpec, str]], now: float) -> bool:
+        """Whether the near cache refuses these checks without asking Redis (a peek)."""
+        near = self._over_limit
+        if near is None:
+            return False
+        return near.holds(checks, time.monotonic() if self.server_clock else now)
+
     async def check_rate_limits(
         self, checks: Sequence[tuple[RateLimitSpec, str]], now: float
     ) -> CombinedDecision:
