@@ -62,7 +62,7 @@ from policy_engine.state.redis_breakers import RedisBreakers
 from policy_engine.state.redis_clients import Connected, RedisClient, connect
 from policy_engine.state.redis_connections import DEFAULT_LEASE_TTL, ConnectionLeases
 from policy_engine.state.redis_limits import RedisRateLimits
-from policy_engine.state.redis_pipeline import Pipeline
+from policy_engine.state.redis_pipeline import Call, Pipeline
 
 _AUTH_FAILURES_KEPT = 1000
 """The newest failures kept per key, as many as the memory store keeps."""
@@ -223,14 +223,14 @@ class RedisStore:
             _AUTH_FAILURES_KEPT,
         ]
         with _answering("record_auth_failure"):
-            count = await self._record_auth_failure(keys=[self._auth_key(key)], args=args)
+            call = Call(self._record_auth_failure, [self._auth_key(key)], args)
+            count = await self._pipeline.run(call)
         return int(count)
 
     async def auth_failures(self, key: str, window: float, now: float) -> tuple[int, float]:
         with _answering("auth_failures"):
-            count, newest = await self._auth_failures(
-                keys=[self._auth_key(key)], args=[_number(now - window)]
-            )
+            call = Call(self._auth_failures, [self._auth_key(key)], [_number(now - window)])
+            count, newest = await self._pipeline.run(call)
         return (int(count), float(newest)) if count else (0, 0.0)
 
     async def clear_auth_failures(self, key: str) -> None:
@@ -288,7 +288,7 @@ class RedisStore:
             f"{self._replay_tag}:total",
         ]
         with _answering("append_replay"):
-            return int(await self._append_replay(keys=keys, args=args))
+            return int(await self._pipeline.run(Call(self._append_replay, keys, args)))
 
     async def replay_since(
         self, stream: str, after_id: int, max_age: float, now: float
@@ -296,7 +296,7 @@ class RedisStore:
         """Events after ``after_id``, in order; None when they cannot all be replayed."""
         keys = [self._replay_key(stream), self._replay_id_key(stream)]
         with _answering("replay_since"):
-            reply = await self._replay_since(keys=keys, args=[after_id])
+            reply = await self._pipeline.run(Call(self._replay_since, keys, [after_id]))
         status = reply[0]
         if status == -1:  # never seen, or its last id outlived by far
             return [] if after_id <= 0 else None
