@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.decision_bench
 	$(BIN)/python -m benchmarks.hook_bench
 	$(BIN)/python -m benchmarks.store_bench
+	$(BIN)/python -m benchmarks.store_faults
 	$(BIN)/python -m benchmarks.echo_bench throughput
 	$(BIN)/python -m benchmarks.echo_bench memory
 	$(BIN)/python -m benchmarks.cluster_bench
