@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import math
 import multiprocessing
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 from uuid import uuid4
 
@@ -48,15 +48,6 @@ T = TypeVar("T")
 WAIT = 10.0  # a ceiling against hangs, never a measure of speed
 
 # -- fixtures and helpers ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the module; tests keep apart by key prefix."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -33,14 +33,6 @@ WORKER = Path(__file__).resolve().parent / "lease_worker.py"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
     redis = Redis.from_url(redis_server.url)

@@ -13,7 +13,6 @@ import asyncio
 import functools
 import multiprocessing
 import time
-from collections.abc import Iterator
 from typing import Any
 from uuid import uuid4
 
@@ -28,14 +27,6 @@ from policy_engine.algorithms.ratelimit import RateState
 from policy_engine.compiler.pipeline import compile_text
 from policy_engine.language.model import RateLimitSpec
 from policy_engine.state.redis_limits import RedisRateLimits
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @functools.cache
