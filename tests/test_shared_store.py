@@ -442,3 +442,38 @@ async def test_limits_and_permits_share_one_round_trip_and_refused_events_hand_b
     assert trips[3] == (0, 0)
     assert breaker.window is not None
     assert (breaker.window.calls, breaker.permits) == (2, 0)
+
+
+DELAYED = """
+version: 1
+defaults: {store_timeout: 2s}
+shedding:
+  - {name: slow-down, hook: event, when: 'load.loop_lag_ms >= 0 && event.name == "echo"',
+     action: delay, delay: 1ms, max_priority: normal}
+rate_limits:
+  - {name: watch, hook: event, when: 'event.name == "echo"', key: '"all"', limit: 1/minute,
+     mode: shadow}
+circuit_breakers:
+  - {name: echo-backend, match: 'event.name == "echo"', failure_rate: 50%,
+     window: {calls: 10}, minimum_calls: 10, open_for: 30s, half_open_calls: 1}
+"""
+
+
+async def test_a_delayed_event_on_a_shared_store_is_judged_once(
+    tmp_path: Path, own_redis_server: RedisServer
+) -> None:
+    store = RedisStore(own_redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    served = start_server(policy_path(tmp_path, DELAYED), setup=echo_app, store=store)
+    client = await connect(served)
+    try:
+        answers = [await echo(client, n) for n in range(2)]
+    finally:
+        await client.disconnect()
+        await served.run(store.close())
+        served.live.stop()
+
+    decisions = [d for hook, d, _ in served.observer.decisions if hook == "event"]
+    assert answers == [0, 1]
+    assert [d.outcome for d in decisions] == [Outcome.DELAY, Outcome.DELAY]
+    # The second is over the shadow limit: reported once, not once per judgement.
+    assert [d.shadowed for d in decisions] == [(), ("rate_limits/watch",)]

@@ -182,10 +182,10 @@ class EventDispatch:
             and engine.state.shared
             and not engine.state.refused_locally(verdict.rates.enforced, verdict.rates.now)
         ):
-            decided = await self._settle_with_permits(verdict, conn, claims, event)
-            if decided is not None:
-                return decided
-            decision = await engine.settle_event(verdict)
+            settled = await self._settle_with_permits(verdict, conn, claims, event)
+            if not isinstance(settled, Decision):
+                return settled
+            decision = settled  # to be delayed: its permits are asked for after the delay
         else:
             decision = await engine.settle_event(verdict)
         waited = 0.0
@@ -206,12 +206,13 @@ class EventDispatch:
         conn: Mapping[str, Any],
         claims: Mapping[str, Any],
         event: dict[str, Any],
-    ) -> tuple[Decision, BreakerGuard, float] | None:
+    ) -> tuple[Decision, BreakerGuard, float] | Decision:
         """The shared store's rate-limit answers and the breakers' permits asked at once,
         so that they share one pipeline (one round trip) instead of two in a row.
 
-        A permit taken for an event the limits then refuse is handed back. None when the
-        event is to be delayed: its permits are asked for after the delay, as always.
+        A permit taken for an event the limits then refuse is handed back. The bare
+        decision of an event to be delayed: its permits are asked for after the delay, as
+        always.
         """
         engine = self.engine
         asking = asyncio.ensure_future(engine.before_call(conn, claims, event))
@@ -223,7 +224,7 @@ class EventDispatch:
         outcome = decision.outcome
         if outcome is not _ALLOW:
             await _give_back(engine, asking)
-            return None if outcome is _DELAY else (decision, NO_GUARD, 0.0)
+            return decision if outcome is _DELAY else (decision, NO_GUARD, 0.0)
         permits = await asking
         if isinstance(permits, BreakerGuard):
             return decision, permits, 0.0
