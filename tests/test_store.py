@@ -802,3 +802,14 @@ async def test_a_redis_that_stops_answering_fails_within_the_socket_timeout(
         assert await asyncio.wait_for(admitted(store, spec, "ip2", 102.0), WAIT)
     finally:
         await store.close()
+
+
+async def test_a_key_with_a_lone_surrogate_is_counted_like_any_other(
+    redis_stores: Callable[..., RedisStore],
+) -> None:
+    """A custom key expression may carry client text Redis's UTF-8 cannot hold as is."""
+    store = redis_stores()
+    spec = rate_limit("per-key 1/minute gcra")
+    assert await admitted(store, spec, "k\ud800", 1000.0)
+    assert not await admitted(store, spec, "k\ud800", 1000.0)
+    assert await admitted(store, spec, "k\udc00", 1000.0)  # another key

@@ -268,8 +268,8 @@ def _packed(calls: list[Call]) -> bytes:
 def _word(value: Arg) -> bytes:
     if isinstance(value, bytes):
         return value
-    if isinstance(value, str):
-        return value.encode()
+    if isinstance(value, str):  # a key from client input may hold a lone surrogate
+        return value.encode("utf-8", "surrogatepass")
     if isinstance(value, float):
         return repr(value).encode()
     return b"%d" % value
