@@ -25,7 +25,9 @@ def served(tmp_path: Path) -> Iterator[tuple[Served, LogCapture]]:
 
 
 @pytest.mark.parametrize("transport", ["websocket", "polling"])
-@pytest.mark.parametrize("text", ["9garbage", "\u202e", "", "7", "x42[]", "2probe", "0", "6"])
+@pytest.mark.parametrize(
+    "text", ["9garbage", "\u202e", "", "7", "x42[]", "2probe", "0", "6", "bÌÆU", "b1"]
+)
 def test_a_packet_engineio_cannot_read_leaves_the_connection_served(
     served: tuple[Served, LogCapture], transport: str, text: str
 ) -> None:

@@ -4,6 +4,7 @@ the policy answer a frame too large for Engine.IO."""
 
 from __future__ import annotations
 
+import binascii
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -227,7 +228,13 @@ WebSocket it is ignored."""
 
 def _readable(packet: bytes) -> bool:
     """Whether Engine.IO can take one packet of a long-polling body."""
-    if packet[:1] == b"b":  # base64-encoded binary
+    if packet[:1] == b"b":  # base64-encoded binary: Engine.IO decodes it as ASCII text
+        if not packet.isascii():
+            return False
+        try:
+            binascii.a2b_base64(packet[1:])
+        except binascii.Error:
+            return False
         return True
     try:
         text = packet.decode()
