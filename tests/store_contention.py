@@ -10,12 +10,15 @@ It reports what it was answered and what its store health saw.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 from typing import Any
 
 from policy_engine.compiler.pipeline import compile_text
 from policy_engine.language.model import StoreFailureMode
 from policy_engine.state.guarded import GuardedStore
+from policy_engine.state.redis_breakers import RedisBreakers
+from policy_engine.state.redis_clients import connect
 from policy_engine.state.redis_store import RedisStore
 
 POLICY = """
@@ -56,3 +59,35 @@ def decide(url: str, prefix: str, in_flight: int, start_at: float, out: Any) -> 
         }
 
     out.put(asyncio.run(main()))
+
+
+def contend(url: str, prefix: str, processes: int, in_flight: int) -> list[dict[str, int]]:
+    """Run :func:`decide` in ``processes`` spawned processes at once; their reports."""
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    start_at = time.time() + 2.0  # every process started and waiting by then
+    workers = [
+        context.Process(target=decide, args=(url, prefix, in_flight, start_at, out))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    reports = [out.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=10)
+    return reports
+
+
+def recorded_outcomes(url: str, prefix: str) -> int:
+    """The calls the shared breaker's window holds."""
+
+    async def read() -> int:
+        client = connect(url, socket_timeout=10.0).client
+        try:
+            state = await RedisBreakers(client, prefix).fetch_state("agent")
+        finally:
+            await client.aclose()
+        assert state.window is not None
+        return state.window.calls
+
+    return asyncio.run(read())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import multiprocessing
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +23,7 @@ import test_store
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis_server import ClusterServers, wait_for
-from store_contention import decide
+from store_contention import contend, recorded_outcomes
 from test_store import admitted, circuit_breaker, open_the_breaker, rate_limit, rate_limits
 
 from policy_engine.algorithms import ratelimit
@@ -34,7 +33,6 @@ from policy_engine.errors import StoreError
 from policy_engine.language.model import RateLimitSpec
 from policy_engine.server.app import open_store
 from policy_engine.state.memory import ConnectionLimits, MemoryStore
-from policy_engine.state.redis_breakers import RedisBreakers
 from policy_engine.state.redis_clients import connect
 from policy_engine.state.redis_connections import ConnectionLeases
 from policy_engine.state.redis_limits import RedisRateLimits, hash_tag, state_key
@@ -377,30 +375,10 @@ def test_four_processes_on_one_key_get_exactly_the_allowance_and_lose_no_outcome
     cluster: ClusterServers,
 ) -> None:
     prefix = f"t-{uuid4().hex}"
-    context = multiprocessing.get_context("spawn")
-    out = context.Queue()
-    start_at = time.time() + 2.0
-    workers = [
-        context.Process(target=decide, args=(cluster.url, prefix, IN_FLIGHT, start_at, out))
-        for _ in range(PROCESSES)
-    ]
-    for worker in workers:
-        worker.start()
-    reports = [out.get(timeout=60) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=10)
-
-    async def window_calls() -> int:
-        client = connect(cluster.url, socket_timeout=WAIT).client
-        try:
-            state = await RedisBreakers(client, prefix).fetch_state("agent")
-        finally:
-            await client.aclose()
-        assert state.window is not None
-        return state.window.calls
+    reports = contend(cluster.url, prefix, PROCESSES, IN_FLIGHT)
 
     # 100 an hour with a burst of 100: exactly 100 of the 400, whatever the interleaving.
     assert sum(report["admitted"] for report in reports) == 100
     assert [report["failures"] for report in reports] == [0] * PROCESSES
     assert [report["unavailable"] for report in reports] == [0] * PROCESSES
-    assert asyncio.run(window_calls()) == PROCESSES * IN_FLIGHT  # no outcome lost
+    assert recorded_outcomes(cluster.url, prefix) == PROCESSES * IN_FLIGHT  # none lost
