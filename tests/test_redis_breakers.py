@@ -39,7 +39,6 @@ from policy_engine.algorithms.breaker import (
 )
 from policy_engine.compiler.pipeline import compile_text
 from policy_engine.language.model import CircuitBreakerSpec, WindowSpec
-from policy_engine.state.codec import dumps_state
 from policy_engine.state.redis_breakers import RedisBreakers
 from policy_engine.state.redis_pipeline import Call, Pipeline
 
@@ -384,7 +383,7 @@ async def test_a_key_holding_something_else_counts_as_a_closed_breaker(
     spec = circuit_breaker()
     key = breakers.key(spec.name)
     # What the JSON store kept under the same key: another type, replaced on the next write.
-    await client.set(key, dumps_state(BreakerState(Circuit.OPEN, 100.0)))
+    await client.set(key, '{"t":"breaker","circuit":"open","since":100.0,"permits":0}')
     assert await breakers.fetch_state(spec.name) == BreakerState()
     assert await run(breakers.acquire(spec, 110.0)) == Permit(True, 0.0, Circuit.CLOSED)
     assert await run(breakers.record(spec, 110.0, failed=True, duration=FAST)) is None

@@ -10,6 +10,7 @@ an outage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import time
@@ -21,17 +22,13 @@ import pytest
 from redis.asyncio import Redis
 from redis_server import RedisServer
 
-from policy_engine.algorithms.breaker import BreakerState, Circuit, CountWindow, Reason, TimeWindow
-from policy_engine.algorithms.ratelimit import FixedWindowState, GcraState, SlidingLogState
+from policy_engine.algorithms.breaker import Circuit, Reason
 from policy_engine.compiler.pipeline import compile_text
 from policy_engine.errors import StoreError
 from policy_engine.language.model import CircuitBreakerSpec, PolicySet, RateLimitSpec
 from policy_engine.state.codec import (
-    StateCodecError,
     decode_payload,
-    dumps_state,
     encode_payload,
-    loads_state,
 )
 from policy_engine.state.memory import ConnectionLimits, MemoryStore, StateStore
 from policy_engine.state.redis_limits import RedisRateLimits
@@ -42,22 +39,31 @@ WAIT = 5.0  # a ceiling against hangs, never a measure of speed
 # -- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def redis_stores(redis_server: RedisServer) -> AsyncIterator[Callable[..., RedisStore]]:
-    """``make(**options)``: RedisStores on the module's server sharing one fresh prefix."""
+@contextlib.asynccontextmanager
+async def store_maker(url: str) -> AsyncIterator[Callable[..., RedisStore]]:
+    """``make(**options)``: RedisStores on ``url`` sharing one fresh prefix, closed after."""
     prefix = f"test-{uuid4().hex}"
     made: list[RedisStore] = []
 
     def make(**options: Any) -> RedisStore:
         options.setdefault("prefix", prefix)
         options.setdefault("server_clock", False)  # the tests name their instants
-        store = RedisStore(redis_server.url, **options)
+        store = RedisStore(url, **options)
         made.append(store)
         return store
 
-    yield make
-    for store in made:
-        await store.close()
+    try:
+        yield make
+    finally:
+        for store in made:
+            await store.close()
+
+
+@pytest.fixture
+async def redis_stores(redis_server: RedisServer) -> AsyncIterator[Callable[..., RedisStore]]:
+    """``make(**options)``: RedisStores on the module's server sharing one fresh prefix."""
+    async with store_maker(redis_server.url) as make:
+        yield make
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -590,34 +596,7 @@ async def test_payloads_come_back_as_they_were_sent(store: StateStore, data: Any
     assert replayed[0].data == data
 
 
-# -- the state codec -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "state",
-    [
-        GcraState(1234.5678901234567),
-        SlidingLogState((1.0, 1.0, 2.5)),
-        SlidingLogState(()),
-        FixedWindowState(960.0, 3),
-        BreakerState(),
-        BreakerState(Circuit.OPEN, 100.25, None, 0),
-        BreakerState(Circuit.HALF_OPEN, 130.0, CountWindow(2, 0b10, 0b01), 2),
-        BreakerState(Circuit.CLOSED, 0.0, CountWindow(100, (1 << 99) | 1, 0), 0),
-        BreakerState(Circuit.CLOSED, 0.0, TimeWindow(((100, 3, 1, 0), (101, 1, 1, 1)), 4, 2, 1)),
-    ],
-)
-def test_states_round_trip_exactly(state: Any) -> None:
-    assert loads_state(dumps_state(state)) == state
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [b"", b"not json", b"[]", b'{"t": "gcra"}', b'{"t": "gcra", "tat": "soon"}', b'{"t": "x"}'],
-)
-def test_values_that_are_not_states_are_refused(raw: bytes) -> None:
-    with pytest.raises(StateCodecError):
-        loads_state(raw)
+# -- the payload codec ---------------------------------------------------------------------------
 
 
 def test_payload_encoding_is_plain_json_without_bytes() -> None:

@@ -24,7 +24,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis_server import ClusterServers, wait_for
 from store_contention import contend, recorded_outcomes
-from test_store import admitted, circuit_breaker, open_the_breaker, rate_limit, rate_limits
+from test_store import (
+    admitted,
+    circuit_breaker,
+    open_the_breaker,
+    rate_limit,
+    rate_limits,
+    store_maker,
+)
 
 from policy_engine.algorithms import ratelimit
 from policy_engine.algorithms.breaker import Circuit
@@ -61,19 +68,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterServers
 @pytest.fixture
 async def cluster_stores(cluster: ClusterServers) -> AsyncIterator[Callable[..., RedisStore]]:
     """``make(**options)``: RedisStores on the cluster sharing one fresh prefix."""
-    prefix = f"test-{uuid4().hex}"
-    made: list[RedisStore] = []
-
-    def make(**options: Any) -> RedisStore:
-        options.setdefault("prefix", prefix)
-        options.setdefault("server_clock", False)  # the tests name their instants
-        store = RedisStore(cluster.url, **options)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        await store.close()
+    async with store_maker(cluster.url) as make:
+        yield make
 
 
 @pytest.fixture
