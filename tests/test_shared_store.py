@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
+import redis
 import socketio
 from redis_server import RedisServer
 from servers import WAIT, Served, echo_app, eventually, policy_path, start_server
@@ -28,6 +29,8 @@ from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import BreakerGuard, Engine, conn_context, event_context
 from policy_engine.language.contexts import Hook
 from policy_engine.server.app import build_app, open_store
+from policy_engine.state import redis_breaker_scripts as breaker_scripts
+from policy_engine.state.redis_limits import CHECK
 from policy_engine.state.redis_store import RedisStore
 
 LIMIT = 4
@@ -411,6 +414,10 @@ async def test_limits_and_permits_share_one_round_trip_and_refused_events_hand_b
     tmp_path: Path, own_redis_server: RedisServer
 ) -> None:
     store = RedisStore(own_redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    with redis.Redis.from_url(own_redis_server.url) as loader:  # no NOSCRIPT reload counted
+        scripts = breaker_scripts.ACQUIRE, breaker_scripts.RECORD, breaker_scripts.RELEASE
+        for source in (CHECK, *scripts):
+            loader.script_load(source)
     served = start_server(policy_path(tmp_path, GUARDED), setup=echo_app, store=store)
     pipeline = store._pipeline
     client = await connect(served)

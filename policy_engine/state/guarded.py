@@ -99,6 +99,7 @@ class GuardedStore:
         )
         self.timeout = 0.05
         self.on_error = StoreFailureMode.FAIL_OPEN
+        self._store_times_calls = False
         # Where each open connection was counted, so its disconnect releases that count.
         self._counted_in: dict[str, StateStore] = {}
         # The synchronous answers (ASK: await the coroutine of the same name instead), chosen
@@ -112,6 +113,12 @@ class GuardedStore:
 
     def configure(self, timeout: float, on_error: StoreFailureMode) -> None:
         self.timeout, self.on_error = timeout, on_error
+        # A store that bounds its own calls (one timer per connection, not one per call)
+        # is told the timeout; the calls it bounds are then awaited with no timer here.
+        answer_within = getattr(type(self.store), "answer_within", None)  # its own method
+        self._store_times_calls = (
+            bool(answer_within(self.store, timeout)) if answer_within else False
+        )
 
     def default_clock(self) -> Callable[[], float]:
         """Processes sharing a store compare each other's times, so they read the wall
@@ -148,7 +155,7 @@ class GuardedStore:
         if not shared or (decided is not None and not decided.allowed):
             return decided or self.local.check_rate_limits_now((), now)
         try:
-            answer = await self._call(self.store.check_rate_limits(shared, now))
+            answer = await self._call(self.store.check_rate_limits(shared, now), timed=True)
         except StoreError:
             mode = self.on_error
             if mode is StoreFailureMode.LOCAL:
@@ -173,7 +180,7 @@ class GuardedStore:
         if not self.shared:
             return self.local.breaker_acquire_now(spec, now)
         try:
-            return await self._call(self.store.breaker_acquire(spec, now))
+            return await self._call(self.store.breaker_acquire(spec, now), timed=True)
         except StoreError:
             if self.on_error is StoreFailureMode.FAIL_CLOSED:
                 return STORE_REFUSED
@@ -187,7 +194,7 @@ class GuardedStore:
 
     async def release(self, spec: CircuitBreakerSpec) -> None:
         if self.release_now(spec) is ASK:
-            await self._answer(self.store.breaker_release(spec), None)
+            await self._answer(self.store.breaker_release(spec), None, timed=True)
 
     async def record(
         self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
@@ -196,7 +203,7 @@ class GuardedStore:
         if answer is not ASK:
             return answer
         call = self.store.breaker_record(spec, now, failed=failed, duration=duration)
-        return await self._answer(call, None)
+        return await self._answer(call, None, timed=True)
 
     async def circuit(self, name: str) -> str:
         """A breaker's circuit for status pages; "unknown" when the store cannot tell."""
@@ -223,7 +230,7 @@ class GuardedStore:
         store: StateStore = self.store
         try:
             if self.shared:
-                ceiling = await self._call(store.open_connection(limits))
+                ceiling = await self._call(store.open_connection(limits), timed=True)
             else:
                 ceiling = await store.open_connection(limits)
         except StoreError:
@@ -241,7 +248,7 @@ class GuardedStore:
     async def close_connection(self, sid: str, user: str, ip: str) -> None:
         store = self._counted_in.pop(sid, None)
         if store is not None:
-            await self._answer(store.close_connection(user, ip), None, store)
+            await self._answer(store.close_connection(user, ip), None, store, timed=True)
 
     # -- authentication failures -------------------------------------------------------------
 
@@ -323,9 +330,14 @@ class GuardedStore:
             OSError,
             ConnectionError,
         ),
+        timed: bool = False,
     ) -> T:
         """A shared-store call within ``timeout``, told to :attr:`health` and the breaker;
-        StoreError when it fails or is late, and at once while the breaker is open."""
+        StoreError when it fails or is late, and at once while the breaker is open.
+
+        ``timed``: a call the store bounds by ``timeout`` itself when it said it would
+        (:meth:`configure`), so no timer is set for it here.
+        """
         breaker = self.breaker
         if breaker is not None and breaker.is_open:
             if inspect.iscoroutine(awaitable):
@@ -333,8 +345,11 @@ class GuardedStore:
             self.health.failures += 1
             raise StoreError("state store unavailable (its breaker is open)")
         try:
-            async with asyncio.timeout(self.timeout):  # no task per call, as wait_for makes
+            if timed and self._store_times_calls:
                 answer = await awaitable
+            else:
+                async with asyncio.timeout(self.timeout):  # no task per call, as wait_for
+                    answer = await awaitable
         except StoreError as exc:
             self._failed(exc)
             raise
@@ -355,12 +370,17 @@ class GuardedStore:
             self.breaker.failed(error)
 
     async def _answer(
-        self, awaitable: Awaitable[T], fallback: T, store: StateStore | None = None
+        self,
+        awaitable: Awaitable[T],
+        fallback: T,
+        store: StateStore | None = None,
+        *,
+        timed: bool = False,
     ) -> T:
         """A call's answer, or ``fallback`` when the shared store fails (memory never does)."""
         if (store or self.store) is self.local:
             return await awaitable
         try:
-            return await self._call(awaitable)
+            return await self._call(awaitable, timed=timed)
         except StoreError:
             return fallback

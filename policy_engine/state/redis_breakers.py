@@ -36,7 +36,7 @@ from policy_engine.algorithms.breaker import (
 from policy_engine.language.model import CircuitBreakerSpec
 from policy_engine.state import redis_breaker_scripts as scripts
 from policy_engine.state.redis_clients import RedisClient
-from policy_engine.state.redis_pipeline import Arg, Call
+from policy_engine.state.redis_pipeline import Arg, Call, SpecArgs
 
 _CLOSED = BreakerState()
 
@@ -56,6 +56,7 @@ class RedisBreakers:
         self._record = register(scripts.RECORD)
         self._release = register(scripts.RELEASE)
         self._read = register(scripts.READ)
+        self._spec_args = SpecArgs[CircuitBreakerSpec](_own_args)
 
     def __repr__(self) -> str:
         return f"RedisBreakers(prefix={self.prefix!r})"
@@ -67,7 +68,7 @@ class RedisBreakers:
         self, spec: CircuitBreakerSpec, now: float | None
     ) -> tuple[Call, Callable[[Any], Permit]]:
         """Ask to make one call, as :func:`~policy_engine.algorithms.breaker.acquire`."""
-        return Call(self._acquire, [self.key(spec.name)], _spec_args(spec, now)), _permit
+        return Call(self._acquire, [self.key(spec.name)], self._args(spec, now)), _permit
 
     def record(
         self, spec: CircuitBreakerSpec, now: float | None, *, failed: bool, duration: float
@@ -81,12 +82,16 @@ class RedisBreakers:
             raise ValueError(
                 f"circuit breaker {spec.name!r} has neither window.calls nor window.time"
             )
-        args = [*_spec_args(spec, now), "1" if failed else "0", _number(duration)]
+        args = [*self._args(spec, now), "1" if failed else "0", _number(duration)]
         return Call(self._record, [self.key(spec.name)], args), _transition
 
     def release(self, spec: CircuitBreakerSpec) -> tuple[Call, Callable[[Any], None]]:
         """Give back a permit whose call never ran, as ``breaker.release``."""
         return Call(self._release, [self.key(spec.name)], []), _nothing
+
+    def _args(self, spec: CircuitBreakerSpec, now: float | None) -> list[Arg]:
+        """``ARGV[1]`` to ``ARGV[9]``: ``now``, then the spec's own, kept per spec."""
+        return ["" if now is None else _number(now), *self._spec_args(spec)]
 
     async def fetch_state(self, name: str) -> BreakerState:
         """The breaker's stored state (closed and empty when none): for status pages."""
@@ -109,6 +114,11 @@ def _spec_args(spec: CircuitBreakerSpec, now: float | None) -> list[Arg]:
         _number(spec.open_for),
         str(spec.half_open_calls),
     ]
+
+
+def _own_args(spec: CircuitBreakerSpec) -> tuple[Arg, ...]:
+    """``ARGV[2]`` to ``ARGV[9]``: the spec's own, the same on every call."""
+    return tuple(_spec_args(spec, None)[1:])
 
 
 def _permit(reply: Sequence[Any]) -> Permit:

@@ -51,7 +51,7 @@ from policy_engine.algorithms import ratelimit
 from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision
 from policy_engine.language.model import RateAlgorithm, RateLimitSpec
 from policy_engine.state.redis_clients import RedisClient
-from policy_engine.state.redis_pipeline import Call
+from policy_engine.state.redis_pipeline import Arg, Call, SpecArgs
 
 _FLOAT_HELPERS = """
 local function fmt(x)
@@ -230,6 +230,7 @@ class RedisRateLimits:
         self.prefix = prefix
         self.by_slot = by_slot
         self._check = client.register_script(CHECK)
+        self._spec_args = SpecArgs[RateLimitSpec](_spec_args)
 
     def key(self, spec: RateLimitSpec, key: str) -> str:
         """Where one rule's state for one key lives (by name, never by parameters)."""
@@ -288,9 +289,10 @@ class RedisRateLimits:
     ) -> tuple[Call, Callable[[Any], list[tuple[str, RateDecision]]]]:
         if cost < 1:
             raise ValueError(f"a request costs at least 1, got {cost}")
-        args: list[str | int] = ["" if now is None else repr(float(now)), cost, int(peek)]
+        args: list[Arg] = ["" if now is None else repr(float(now)), cost, int(peek)]
+        spec_args = self._spec_args
         for spec, _ in checks:
-            args += [_KIND[spec.algorithm], spec.rate.limit, repr(spec.rate.period), spec.burst]
+            args += spec_args(spec)
         keys = [self.key(spec, key) for spec, key in checks]
         names = [spec.name for spec, _ in checks]
 
@@ -303,6 +305,10 @@ class RedisRateLimits:
             return decisions
 
         return Call(self._check, keys, args), read
+
+
+def _spec_args(spec: RateLimitSpec) -> tuple[Arg, ...]:
+    return (_KIND[spec.algorithm], spec.rate.limit, repr(spec.rate.period), spec.burst)
 
 
 def state_key(prefix: str, spec: RateLimitSpec, key: str) -> str:

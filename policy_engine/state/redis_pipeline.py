@@ -28,9 +28,9 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -44,6 +44,7 @@ from redis.exceptions import (
 )
 
 from policy_engine.state.redis_clients import RedisClient
+from policy_engine.state.redis_wire import Wire, pack
 
 Arg = str | bytes | int | float
 
@@ -62,6 +63,30 @@ class Call:
 
 Pending = tuple[Call, "asyncio.Future[Any]"]
 
+S = TypeVar("S")
+
+
+class SpecArgs(Generic[S]):
+    """A rule's script arguments, formatted once per spec object: the same on every call.
+
+    Specs are kept by identity; a reload makes new ones, and past ``limit`` the kept
+    ones are dropped all at once (the policy in force formats its own again).
+    """
+
+    def __init__(self, format_spec: Callable[[S], tuple[Arg, ...]], limit: int = 256) -> None:
+        self._format = format_spec
+        self._limit = limit
+        self._kept: dict[int, tuple[S, tuple[Arg, ...]]] = {}
+
+    def __call__(self, spec: S) -> tuple[Arg, ...]:
+        kept = self._kept.get(id(spec))
+        if kept is None or kept[0] is not spec:
+            if len(self._kept) >= self._limit:
+                self._kept.clear()
+            kept = self._kept[id(spec)] = (spec, self._format(spec))
+        return kept[1]
+
+
 SLOTS_REREAD_INTERVAL = 1.0
 """Seconds between two readings of a cluster's slots after failures."""
 
@@ -69,10 +94,18 @@ SLOTS_REREAD_INTERVAL = 1.0
 class Pipeline:
     """Batches :class:`Call` runs on one client; see the module's docstring."""
 
-    def __init__(self, client: RedisClient, *, window: float = 0.0, limit: int = 128) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        window: float = 0.0,
+        limit: int = 128,
+        wire: Wire | None = None,
+    ) -> None:
         if window < 0 or limit < 1:
             raise ValueError(f"window must be >= 0 and limit >= 1, got {window}, {limit}")
         self.client = client
+        self.wire = wire
         self.window = window
         self.limit = limit
         self.batches = 0  # batches made, and calls in them: round trips per call
@@ -81,9 +114,33 @@ class Pipeline:
         self._pending: list[Pending] = []
         self._scheduled = False
         self._slots_read_at = -math.inf  # when a cluster's slots were last read again
+        self._loading: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     async def run(self, call: Call) -> Any:
-        """The script's reply; raises what Redis or the connection raised for it."""
+        """The script's reply; raises what Redis or the connection raised for it.
+
+        A script Redis does not know (restarted, or its script cache flushed) is loaded
+        where the call runs, and the call sent again, once.
+        """
+        try:
+            return await self._queue(call)
+        except NoScriptError:
+            await self._load_once(call)
+            return await self._queue(call)
+
+    async def _load_once(self, call: Call) -> None:
+        """Load the call's script where it runs: once, however many calls met NOSCRIPT at
+        about the same time (after a restart, every call in flight does)."""
+        client = self.client
+        where = _node_of(client, call).name if isinstance(client, RedisCluster) else ""
+        key = (call.script.sha, where)
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = self._loading[key] = asyncio.ensure_future(self._load([call]))
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+        await asyncio.shield(loading)
+
+    def _queue(self, call: Call) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((call, future))
         if len(self._pending) >= self.limit:
@@ -95,7 +152,7 @@ class Pipeline:
                 loop.call_later(self.window, self._send)
             else:
                 loop.call_soon(self._send)
-        return await future
+        return future
 
     def _send(self) -> None:
         self._scheduled = False
@@ -103,6 +160,11 @@ class Pipeline:
         if batch:
             self.batches += 1
             self.calls += len(batch)
+            wire = self.wire
+            if wire is not None:  # written at once; the replies settle the futures
+                self.round_trips += 1
+                wire.send(_packed([call for call, _ in batch]), [future for _, future in batch])
+                return
             task = asyncio.ensure_future(self._execute(batch))
             task.add_done_callback(_retrieve)
 
@@ -124,7 +186,7 @@ class Pipeline:
     async def _settle(self, batch: list[Pending]) -> None:
         """Send one pipeline and hand each caller its reply (or the pipeline's failure)."""
         try:
-            replies = await self._replies([call for call, _ in batch])
+            replies = await self._pipeline([call for call, _ in batch])
         except BaseException as exc:  # the connection failed: every call in it did
             _fail(batch, exc)
             if not isinstance(exc, Exception):
@@ -142,19 +204,18 @@ class Pipeline:
         if isinstance(client, RedisCluster) and any(_moved_on(reply) for reply in replies):
             await self._reread_slots(client)
 
-    async def _replies(self, calls: list[Call]) -> list[Any]:
-        replies = await self._pipeline(calls)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:
-            await self._load([calls[i] for i in missing])
-            again = await self._pipeline([calls[i] for i in missing])
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
-        return replies
-
     async def _load(self, calls: list[Call]) -> None:
         """Load the scripts of these calls where they are to run."""
         client = self.client
+        wire = self.wire
+        if wire is not None:
+            scripts = list({id(call.script): call.script for call in calls}.values())
+            loop = asyncio.get_running_loop()
+            loaded: list[asyncio.Future[Any]] = [loop.create_future() for _ in scripts]
+            words = [(b"SCRIPT", b"LOAD", _source(script)) for script in scripts]
+            wire.send(b"".join(pack(*command) for command in words), loaded)
+            await asyncio.gather(*loaded)
+            return
         if not isinstance(client, RedisCluster):
             for script in {id(call.script): call.script for call in calls}.values():
                 await client.script_load(script.script)
@@ -255,21 +316,30 @@ async def _send_and_read(client: Redis, calls: list[Call]) -> list[Any]:
 def _packed(calls: list[Call]) -> bytes:
     """The calls as RESP arrays of bulk strings, one after the other."""
     out: list[bytes] = []
+    add = out.append
     for call in calls:
-        words = [b"EVALSHA", call.script.sha.encode(), b"%d" % len(call.keys)]
-        words += [_word(key) for key in call.keys]
-        words += [_word(arg) for arg in call.args]
-        out.append(b"*%d\r\n" % len(words))
-        for word in words:
-            out.append(b"$%d\r\n%s\r\n" % (len(word), word))
+        keys, args = call.keys, call.args
+        count = b"%d" % len(keys)
+        add(
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%s\r\n"
+            % (3 + len(keys) + len(args), call.script.sha.encode(), len(count), count)
+        )
+        for value in (*keys, *args):
+            word = _word(value)
+            add(b"$%d\r\n%s\r\n" % (len(word), word))
     return b"".join(out)
 
 
+def _source(script: AsyncScript) -> bytes:
+    source = script.script
+    return source.encode() if isinstance(source, str) else bytes(source)
+
+
 def _word(value: Arg) -> bytes:
-    if isinstance(value, bytes):
-        return value
     if isinstance(value, str):  # a key from client input may hold a lone surrogate
         return value.encode("utf-8", "surrogatepass")
+    if isinstance(value, int):
+        return b"%d" % value
     if isinstance(value, float):
         return repr(value).encode()
-    return b"%d" % value
+    return value

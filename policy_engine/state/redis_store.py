@@ -63,6 +63,7 @@ from policy_engine.state.redis_clients import Connected, RedisClient, connect
 from policy_engine.state.redis_connections import DEFAULT_LEASE_TTL, ConnectionLeases
 from policy_engine.state.redis_limits import RedisRateLimits
 from policy_engine.state.redis_pipeline import Call, Pipeline
+from policy_engine.state.redis_wire import wire_for
 
 _AUTH_FAILURES_KEPT = 1000
 """The newest failures kept per key, as many as the memory store keeps."""
@@ -116,7 +117,12 @@ class RedisStore:
             client = self._connected.client
         self._client = client
         self.server_clock = server_clock
-        self._pipeline = Pipeline(client, window=pipeline_window, limit=pipeline_limit)
+        # A plain Redis carries the scripts over one connection of the store's own
+        # (redis_wire); a cluster, Sentinel or TLS over redis-py's.
+        self._wire = wire_for(client, socket_timeout)
+        self._pipeline = Pipeline(
+            client, window=pipeline_window, limit=pipeline_limit, wire=self._wire
+        )
         by_slot = isinstance(client, RedisCluster)
         self._limits = RedisRateLimits(client, prefix, by_slot=by_slot)
         self._breakers = RedisBreakers(self._client, prefix)
@@ -187,6 +193,16 @@ class RedisStore:
         """The breaker's stored state (closed and empty when none): for status pages."""
         with _answering("fetch_breaker_state"):
             return await self._breakers.fetch_state(name)
+
+    def answer_within(self, seconds: float) -> bool:
+        """Bound every script call (connecting included) by ``seconds``, the policy's
+        ``store_timeout``, and say whether it can: over its own connection (a plain Redis)
+        one timer serves every call in flight; redis-py's connections cannot."""
+        wire = self._wire
+        if wire is None:
+            return False
+        wire.timeout = wire.connect_timeout = seconds
+        return True
 
     def _now(self, now: float) -> float | None:
         """The time a script decides at: None (Redis's own clock) unless told otherwise."""
@@ -343,6 +359,8 @@ class RedisStore:
                 await renewing
             with contextlib.suppress(StoreError):
                 await self._connections.release_all()
+        if self._wire is not None:
+            await self._wire.aclose()
         if self._connected is not None:
             with _answering("close"):
                 await self._connected.aclose()
