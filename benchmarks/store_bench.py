@@ -34,6 +34,7 @@ from policy_engine.core.engine import BreakerGuard, Engine, conn_context, event_
 from policy_engine.language.model import PolicySet
 from policy_engine.state.memory import StateStore
 from policy_engine.state.redis_store import RedisStore
+from policy_engine.state.redis_wire import pack
 
 PAYLOAD = {"action": "run", "args": {"command": "ls"}}
 
@@ -125,6 +126,22 @@ async def throughput(policy: PolicySet, store: StateStore | None, tasks: int, ea
     return tasks * each / (time.perf_counter() - started)
 
 
+async def pings(store: RedisStore, count: int) -> list[float]:
+    """``PING`` round trips one at a time over the connection the store's scripts use: the
+    floor of one decision that needs Redis on this machine today."""
+    wire = store._wire
+    assert wire is not None
+    loop = asyncio.get_running_loop()
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter_ns()
+        answer: asyncio.Future[Any] = loop.create_future()
+        wire.send(pack(b"PING"), [answer])
+        await answer
+        samples.append((time.perf_counter_ns() - started) / 1000)
+    return samples
+
+
 async def run(url: str, events: int, tasks: int, rounds: int) -> None:
     policy = compile_file(SHIPPED).policy
     redis_store = RedisStore(url)
@@ -132,11 +149,13 @@ async def run(url: str, events: int, tasks: int, rounds: int) -> None:
     print(f"{events} oh_user_action decisions one at a time; {tasks} connections at once;")
     print(f"{rounds} rounds, the two stores alternating")
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in stores}
+    ping_medians = []
     for store in stores.values():
         await latencies(policy, store, 200)  # warm up
     pipeline = redis_store._pipeline
     batches = calls = decided = 0
     for _ in range(rounds):
+        ping_medians.append(summary(await pings(redis_store, events))[0])
         for name, store in stores.items():
             median, p99 = summary(await latencies(policy, store, events))
             before = (pipeline.batches, pipeline.calls)
@@ -154,6 +173,11 @@ async def run(url: str, events: int, tasks: int, rounds: int) -> None:
             f"{statistics.median(columns[2]):.0f} [{min(columns[2]):.0f}-{max(columns[2]):.0f}]"
         ]
         print(f"{name:<8} {cells[0]:>22} {cells[1]:>22} {cells[2]:>24}")
+    low, high = min(ping_medians), max(ping_medians)
+    print(
+        f"PING over the store's connection, one at a time: median "
+        f"{statistics.median(ping_medians):.1f} us [{low:.1f}-{high:.1f}]"
+    )
     if decided:
         print(
             f"redis at {tasks} in flight: {calls / decided:.2f} script calls and "

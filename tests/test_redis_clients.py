@@ -10,7 +10,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from policy_engine.server.app import open_store
-from policy_engine.state.redis_clients import Connected, connect, is_redis_url, pubsub_url
+from policy_engine.state.redis_clients import (
+    Connected,
+    connect,
+    is_redis_url,
+    pubsub_url,
+    store_options,
+)
+from policy_engine.state.redis_store import RedisStore
 
 
 async def closed(connected: Connected) -> Connected:
@@ -102,7 +109,25 @@ def test_other_schemes_are_not_redis() -> None:
         ("redis+cluster://u:p@a:1,b:2", ("redis://u:p@a:1/0", 0)),
         ("redis+sentinel://h:1,h:2/mymaster/2", ("redis+sentinel://h:1,h:2/2/mymaster", 2)),
         ("redis+sentinel://h:1/mymaster", ("redis+sentinel://h:1/0/mymaster", 0)),
+        ("redis://h:1/2?lease_ttl=5&socket_timeout=1", ("redis://h:1/2?socket_timeout=1", 2)),
     ],
 )
 def test_the_socketio_manager_reaches_the_same_redis(url: str, expected: tuple[str, int]) -> None:
     assert pubsub_url(url) == expected
+
+
+async def test_the_stores_own_options_in_the_url_are_taken_out_before_redis_py_reads_it() -> None:
+    url = "redis://127.0.0.1:6390/1?lease_ttl=4.5&pipeline_window=0.0002&socket_timeout=0.3"
+    assert store_options(url) == (
+        "redis://127.0.0.1:6390/1?socket_timeout=0.3",
+        {"lease_ttl": 4.5, "pipeline_window": 0.0002},
+    )
+    store = RedisStore(f"{url}&pipeline_limit=16")
+    try:
+        assert store._connections.lease_ttl == 4.5
+        assert (store._pipeline.window, store._pipeline.limit) == (0.0002, 16)
+        assert store._client.connection_pool.connection_kwargs["socket_timeout"] == 0.3
+    finally:
+        await store.close()
+    with pytest.raises(ValueError, match="lease_ttl"):
+        store_options("redis://h:1/0?lease_ttl=soon")

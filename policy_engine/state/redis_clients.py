@@ -12,6 +12,9 @@
 Every form takes redis-py's query options (``?socket_timeout=0.2``, ...) and a
 ``user:password@`` before the hosts: for a cluster, the nodes' credentials; for Sentinel,
 the master's (the Sentinels are asked without). Query options override the defaults here.
+The store's own options (:data:`STORE_OPTIONS`: ``lease_ttl``, ``pipeline_window``,
+``pipeline_limit``) may be given the same way; :func:`store_options` takes them out before
+redis-py reads the URL.
 
 Every client is built with the same policy as the single Redis one: ``socket_timeout``
 bounds connecting and every reply, and redis-py retries nothing, since a command retried
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -39,6 +42,27 @@ RedisClient = Redis | RedisCluster
 CLUSTER_SCHEME = "redis+cluster"
 SENTINEL_SCHEME = "redis+sentinel"
 SCHEMES = ("redis", "rediss", "unix", CLUSTER_SCHEME, SENTINEL_SCHEME)
+
+
+STORE_OPTIONS = {"lease_ttl": float, "pipeline_window": float, "pipeline_limit": int}
+"""Query options of a store URL that are the store's, not redis-py's, and their types."""
+
+
+def store_options(url: str) -> tuple[str, dict[str, float]]:
+    """The URL without the store's own query options, and those options; raises ValueError
+    for one that is not a number."""
+    parts = urlsplit(url)
+    kept, options = [], {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        kind = STORE_OPTIONS.get(name)
+        if kind is None:
+            kept.append((name, value))
+            continue
+        try:
+            options[name] = kind(value)
+        except ValueError as exc:
+            raise ValueError(f"store option {name}={value!r} is not a number") from exc
+    return urlunsplit(parts._replace(query=urlencode(kept))), options
 
 
 def is_redis_url(url: str) -> bool:
@@ -144,6 +168,7 @@ def pubsub_url(url: str) -> tuple[str, int]:
     its database: a Cluster is reached through its first node (a publish on any node
     reaches the subscribers of all), a Sentinel URL is written the manager's way
     (``redis+sentinel://hosts/db/service``)."""
+    url = store_options(url)[0]
     parts = urlsplit(url)
     if parts.scheme == CLUSTER_SCHEME:
         credentials = parts.netloc.rpartition("@")[0]

@@ -59,7 +59,7 @@ from policy_engine.state.codec import decode_payload, encode_payload
 from policy_engine.state.near_cache import OverLimitCache
 from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent
 from policy_engine.state.redis_breakers import RedisBreakers
-from policy_engine.state.redis_clients import Connected, RedisClient, connect
+from policy_engine.state.redis_clients import Connected, RedisClient, connect, store_options
 from policy_engine.state.redis_connections import DEFAULT_LEASE_TTL, ConnectionLeases
 from policy_engine.state.redis_limits import RedisRateLimits
 from policy_engine.state.redis_pipeline import Call, Pipeline
@@ -91,7 +91,8 @@ class RedisStore:
     bounds connecting and every reply, so a Redis that is gone fails a call within it;
     redis-py's own retries are off, since a command retried after a lost reply could
     count twice. ``prefix`` starts every key and may not hold braces (they would change
-    the keys' hash tags).
+    the keys' hash tags). ``lease_ttl``, ``pipeline_window`` and ``pipeline_limit`` may
+    also be set in the URL's query (``?lease_ttl=10``), over the arguments.
     """
 
     def __init__(
@@ -111,9 +112,13 @@ class RedisStore:
             raise ValueError(f"a store prefix holds no braces, got {prefix!r}")
         self.url = url
         self.prefix = prefix
+        redis_url, options = store_options(url)
+        lease_ttl = options.get("lease_ttl", lease_ttl)
+        pipeline_window = options.get("pipeline_window", pipeline_window)
+        pipeline_limit = int(options.get("pipeline_limit", pipeline_limit))
         self._connected: Connected | None = None
         if client is None:
-            self._connected = connect(url, socket_timeout=socket_timeout)
+            self._connected = connect(redis_url, socket_timeout=socket_timeout)
             client = self._connected.client
         self._client = client
         self.server_clock = server_clock
