@@ -23,6 +23,7 @@ from policy_engine.language.model import (
     CircuitBreakerSpec,
     ConnectionsSpec,
     DefaultsSpec,
+    DrainSpec,
     ErrorRuleSpec,
     EventSpec,
     IdentitySpec,
@@ -34,7 +35,7 @@ from policy_engine.language.model import (
     SlowCallSpec,
 )
 from policy_engine.language.schema import policy_schema
-from policy_engine.language.units import parse_duration, parse_percent, parse_size
+from policy_engine.language.units import parse_duration, parse_percent, parse_rate, parse_size
 
 # Each object of the schema whose properties have defaults, and the record they fill.
 RECORDS: Mapping[str, type] = {
@@ -51,6 +52,7 @@ RECORDS: Mapping[str, type] = {
     "/$defs/connections/properties/outbound": OutboundSpec,
     "/$defs/connections/properties/protocol": ProtocolSpec,
     "/$defs/recovery": RecoverySpec,
+    "/$defs/drain": DrainSpec,
     "/$defs/event_rule": EventSpec,
     "/$defs/authorization": AuthorizationSpec,
     "/$defs/authorization/properties/rules/items": AuthzRuleSpec,
@@ -64,6 +66,7 @@ UNITS: Mapping[str, Callable[[Any], Any]] = {
     "#/$defs/duration": parse_duration,
     "#/$defs/percent": parse_percent,
     "#/$defs/size": parse_size,
+    "#/$defs/rate": parse_rate,
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,13 @@ from policy_engine.adapter.authentication import ConnectAuthentication, environ_
 from policy_engine.adapter.connection import ConnectionState
 from policy_engine.adapter.connections import ConnectionHooks
 from policy_engine.adapter.cors import CorsPolicy
+from policy_engine.adapter.drain import (
+    DrainReport,
+    drain_notice,
+    drain_sessions,
+    sessions_of,
+    states_on,
+)
 from policy_engine.adapter.events import EventDispatch
 from policy_engine.adapter.gate import HandshakeGate
 from policy_engine.adapter.identity import ClaimsLoader
@@ -74,6 +82,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         self._events_received = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self.draining = False  # letting its clients go: new sessions are refused
         self.outgoing = Outgoing(
             sio, engine, self.observer, buffer=self._buffer_for_replay, spawn=self._spawn
         )
@@ -148,6 +157,31 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.release_all()
+
+    async def drain(self, deadline: float) -> DrainReport:
+        """Let every client go by ``deadline`` (on the loop's clock), as the policy's
+        ``drain`` says: see :mod:`policy_engine.adapter.drain`. New sessions are refused
+        from now on (the handshake gate answers ``SERVER_DRAINING``)."""
+        self.draining = True
+        policy = self.engine.policy
+        spec = policy.drain
+        rng = random.Random()
+
+        async def tell(eio_sid: str) -> None:
+            for state in states_on(self._states, eio_sid):
+                if not state.close_event:
+                    state.close_event, state.close_reason = "drained", "drain"
+                    await self._notify(state.sid, state.namespace, drain_notice(policy, spec, rng))
+
+        loop = asyncio.get_running_loop()
+        return await drain_sessions(
+            sessions_of(self._states.values()),
+            spec,
+            deadline,
+            tell,
+            self._end_transport,
+            loop.time,
+        )
 
     async def shed_tick(self) -> int:
         """Disconnect what the policy's ``action: disconnect`` rules pick; returns how many."""

@@ -59,6 +59,7 @@ def plan(
         shedding=shedding,
         connections=sections.connections,
         recovery=sections.recovery,
+        drain=sections.drain,
         events=sections.events,
         authorization=sections.authorization,
         authentication=sections.authentication,

@@ -167,6 +167,14 @@ RECOVERY_UNAVAILABLE = Notice(
     "Missed events can no longer be replayed; reload the conversation.",
     False,
 )
+# The server is stopping: the client did nothing wrong and is served elsewhere (or here
+# again, once restarted) if it comes back after its advised delay.
+SERVER_DRAINING = Notice(
+    "SERVER_DRAINING",
+    Category.SYSTEM,
+    "The server is restarting; reconnect after the advised delay.",
+    True,
+)
 CONNECTION_REFUSED = Notice(
     "CONNECTION_REFUSED", Category.CONNECTION, "The server refused the connection.", False
 )

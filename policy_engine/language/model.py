@@ -351,6 +351,23 @@ class RecoverySpec:
 
 
 @dataclass(frozen=True, slots=True)
+class DrainSpec:
+    """How a server that was asked to stop (SIGTERM) lets its clients go.
+
+    Readiness fails at once and new sessions are refused; after ``grace`` (for a load
+    balancer to notice) every connected client is told to reconnect, after a random
+    ``jitter`` at most and to ``reconnect_url`` when there is one, and its transport is
+    closed, ``close_rate`` per second; the process exits by ``deadline`` whatever is left.
+    """
+
+    deadline: float = 30.0
+    grace: float = 0.0
+    close_rate: Rate = Rate(1000, 1.0)
+    jitter: float = 2.0
+    reconnect_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EventSpec:
     name: str
     max_bytes: int | None = None
@@ -474,6 +491,7 @@ class PolicySet:
     authorization: AuthorizationSpec
     default_event: EventSpec
     authentication: AuthenticationSpec = field(default_factory=AuthenticationSpec)
+    drain: DrainSpec = field(default_factory=DrainSpec)
     by_hook: HookIndex = field(compare=False, repr=False, kw_only=True)
     event_plans: EventPlans = field(compare=False, repr=False, kw_only=True)
     # Whether any expression reads ``conn.connected_ms``: only then is it kept current on

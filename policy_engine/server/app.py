@@ -21,8 +21,9 @@ served on the separate operations listener (:attr:`PolicyServer.operations_app`,
 loopback by default), or on the public one only with the operator's bearer token.
 
 :func:`serve` runs it all under uvicorn, with SIGHUP reloading the policy and SIGTERM or
-SIGINT shutting down gracefully (readiness drops, uvicorn drains, the lifespan stops the
-sampler and adapter).
+SIGINT draining (:meth:`PolicyServer.drain`: readiness drops, every client is told and let
+go at the policy's pace) before uvicorn stops and the lifespan stops the sampler and
+adapter.
 """
 
 from __future__ import annotations
@@ -128,6 +129,28 @@ class PolicyServer:
         with contextlib.suppress(Exception):
             await self.engine.state.close()
         self.started = False
+
+    async def drain(self) -> None:
+        """Stop as the policy's ``drain`` says: readiness fails and new sessions are refused
+        at once; after ``grace`` every client is told to reconnect and let go, at the
+        policy's pace; then the server stops, all within ``deadline``."""
+        self.draining = True
+        self.adapter.draining = True
+        spec = self.engine.policy.drain
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.deadline
+        try:
+            await asyncio.sleep(spec.grace)
+            report = await self.adapter.drain(deadline)
+            _log.info(
+                "server.drained",
+                sessions=report.sessions,
+                paced=report.paced,
+                at_deadline=report.at_deadline,
+                audit=False,
+            )
+        finally:
+            self.shutdown()
 
     def shutdown(self, *, force: bool = False) -> None:
         """Stop serving: readiness drops at once, then uvicorn drains and the lifespan stops.
@@ -470,9 +493,16 @@ async def serve(
     loop = asyncio.get_running_loop()
     exit_signals = (signal.SIGTERM, signal.SIGINT)
 
+    draining: list[asyncio.Task[None]] = []
+
     def request_exit(signum: int) -> None:
+        """The first signal drains (see :meth:`PolicyServer.drain`); a second one stops at
+        once, and a second SIGINT does not wait for open connections either."""
         _log.info("server.stopping", signal=signal.Signals(signum).name, audit=False)
-        server.shutdown(force=runner.should_exit and signum == signal.SIGINT)
+        if not draining:
+            draining.append(loop.create_task(server.drain()))
+            return
+        server.shutdown(force=signum == signal.SIGINT)
 
     if install_signals:
         server.reloader.install_sighup(loop)
@@ -482,6 +512,8 @@ async def serve(
     try:
         await runner.serve()
     finally:
+        for task in draining:
+            task.cancel()
         server._runner = None
         for listener in listeners[1:]:
             listener.should_exit = True

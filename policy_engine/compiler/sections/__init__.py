@@ -20,6 +20,7 @@ from policy_engine.compiler.sections.backoff import backoff_names, build_backoff
 from policy_engine.compiler.sections.circuit_breakers import build_circuit_breakers
 from policy_engine.compiler.sections.connections import build_connections
 from policy_engine.compiler.sections.defaults import build_defaults
+from policy_engine.compiler.sections.drain import build_drain
 from policy_engine.compiler.sections.errors import build_errors
 from policy_engine.compiler.sections.events import ANY_EVENT, build_events
 from policy_engine.compiler.sections.identity import build_identity
@@ -34,6 +35,7 @@ from policy_engine.language.model import (
     CircuitBreakerSpec,
     ConnectionsSpec,
     DefaultsSpec,
+    DrainSpec,
     ErrorRuleSpec,
     EventSpec,
     IdentitySpec,
@@ -64,6 +66,7 @@ class Sections:
     default_event: EventSpec = field(default_factory=lambda: EventSpec(ANY_EVENT))
     authorization: AuthorizationSpec = field(default_factory=AuthorizationSpec)
     authentication: AuthenticationSpec = field(default_factory=AuthenticationSpec)
+    drain: DrainSpec = field(default_factory=DrainSpec)
 
 
 def build_sections(c: Compilation) -> Sections:
@@ -84,6 +87,7 @@ def build_sections(c: Compilation) -> Sections:
         shedding=build_shedding(c, data.get("shedding"), defaults),
         connections=build_connections(c, c.section("connections"), names),
         recovery=build_recovery(c, c.section("recovery")),
+        drain=build_drain(c, c.section("drain")),
         events=events,
         default_event=default_event,
         authorization=build_authorization(
