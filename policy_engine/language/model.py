@@ -350,6 +350,10 @@ class RecoverySpec:
     events: tuple[str, ...] = ()
 
 
+DRAIN_CLOSE_RATE = Rate(1000, 1.0)
+"""Clients a drain lets go per second by default: 10,000 in 10 s."""
+
+
 @dataclass(frozen=True, slots=True)
 class DrainSpec:
     """How a server that was asked to stop (SIGTERM) lets its clients go.
@@ -362,7 +366,7 @@ class DrainSpec:
 
     deadline: float = 30.0
     grace: float = 0.0
-    close_rate: Rate = Rate(1000, 1.0)
+    close_rate: Rate = DRAIN_CLOSE_RATE
     jitter: float = 2.0
     reconnect_url: str | None = None
 
