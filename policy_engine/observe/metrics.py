@@ -156,6 +156,13 @@ class MetricsObserver:
             namespace=ns,
             registry=reg,
         )
+        self.alerts = Counter(
+            "alerts",
+            "Errors whose classification says alert: true, by code and category.",
+            ["code", "category"],
+            namespace=ns,
+            registry=reg,
+        )
         self.breaker_state = Gauge(
             "circuit_breaker_state",
             "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
@@ -200,6 +207,12 @@ class MetricsObserver:
         )
         self.active_connections = Gauge(
             "active_connections", "Socket.IO connections open now.", namespace=ns, registry=reg
+        )
+        self.max_connections = Gauge(
+            "max_connections",
+            "The policy's connections.max_total; 0 when it sets none.",
+            namespace=ns,
+            registry=reg,
         )
         self.connection_events = Counter(
             "connection_events",
@@ -262,6 +275,8 @@ class MetricsObserver:
         conn: Mapping[str, Any] | None,  # noqa: ARG002
     ) -> None:
         self.errors.labels(classification.code, classification.category.value).inc()
+        if classification.alert:
+            self.alerts.labels(classification.code, classification.category.value).inc()
 
     def breaker_transition(self, name: str, transition: Transition) -> None:
         self._breakers.add(name)
@@ -296,12 +311,24 @@ class MetricsObserver:
     # -- wiring -----------------------------------------------------------------------------
 
     def install_policy(self, policy: PolicySet, source: str | None = None) -> None:
-        """Describe the policy now in force: its version, and a state for every breaker.
+        """Describe the policy now in force: its version, its connection ceiling, a state for
+        every breaker, and a zero for every counter an alert rule watches.
 
         A breaker not seen before starts at closed; one that kept its name keeps its gauge
         (its state carried over); one the policy dropped disappears from the output.
         """
         self.policy.info({"version": policy.version, "source": source or policy.source})
+        self.max_connections.set(policy.connections.max_total or 0)
+        # Series an alert counts the increase of exist from the start, at 0: the first
+        # refused reload, alerting error or disconnect shed is then an increase too.
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        for rule in policy.errors:
+            if rule.alert:
+                self.alerts.labels(rule.code, rule.category.value)
+        for spec in policy.shedding:
+            if spec.hook is None:
+                self.shed_total.labels(f"shedding/{spec.name}", "disconnect")
         self.track_breakers(spec.name for spec in policy.circuit_breakers)
 
     def track_breakers(self, names: Iterable[str]) -> None:
