@@ -85,9 +85,12 @@ class Observed:
         self.live.stop()
 
 
-def start_observed(tmp_path: Path, store: StateStore | None = None) -> Observed:
+def start_observed(
+    tmp_path: Path, store: StateStore | None = None, *, ops_token: str | None = None
+) -> Observed:
     """Serve the demo app, plus ``ping`` (answers) and ``store`` (raises OSError), under
-    :data:`OBSERVED_POLICY`; the operations endpoints answer on the public listener."""
+    :data:`OBSERVED_POLICY`; the operations endpoints answer on the public listener, to
+    anyone or, with ``ops_token``, to that bearer token only."""
     policy = tmp_path / "observed.yaml"
     policy.write_text(OBSERVED_POLICY, encoding="utf-8")
     sio = demo.create_server()
@@ -101,7 +104,12 @@ def start_observed(tmp_path: Path, store: StateStore | None = None) -> Observed:
     sio.on("ping", ping)
     sio.on("store", store_event)
     server = build_app(
-        sio, policy, store=store, public_operations=True, sample_interval=0.05
+        sio,
+        policy,
+        store=store,
+        ops_token=ops_token,
+        public_operations=ops_token is None,
+        sample_interval=0.05,
     )
     live = LiveServer(server)
     live.start()

@@ -95,12 +95,13 @@ def dashboard_expressions(board: dict[str, Any]) -> list[tuple[str, str]]:
         for annotation in board["annotations"]["list"]
         if "expr" in annotation
     ]
-    substituted = []
-    for where, expr in found:
-        for variable, value in GRAFANA_VARIABLES.items():
-            expr = expr.replace(variable, value)
-        substituted.append((where, expr))
-    return substituted
+    return [(where, grafana_substituted(expr)) for where, expr in found]
+
+
+def grafana_substituted(expr: str) -> str:
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
 
 
 def dashboard_metric_names(board: dict[str, Any]) -> set[str]:
@@ -237,9 +238,7 @@ def test_the_provisioning_example_points_at_the_dashboard_folder() -> None:
 
 
 @pytest.fixture
-async def observed_on_redis(
-    tmp_path: Path, redis_server: RedisServer
-) -> Iterator[Observed]:
+async def observed_on_redis(tmp_path: Path, redis_server: RedisServer) -> Iterator[Observed]:
     """The observed server on a shared store, so that the store's health is exported."""
     observed = start_observed(tmp_path, RedisStore(redis_server.url, prefix=tmp_path.name))
     yield observed

@@ -11,7 +11,8 @@ itself and hands everything else to the Socket.IO app behind the policy:
 * ``/metrics``: Prometheus text;
 * ``/status``: JSON: policy version, source, load time, reload counts, breaker states,
   active connections, the state store (and on a shared one, whether it answers) and the
-  current load sample.
+  current load sample;
+* ``/dashboard``: the live status page, drawn from ``/status`` (:mod:`.dashboard`).
 
 The operations endpoints sit in front of the adapter's overload gate: a health check must
 get an answer precisely when the server sheds Socket.IO traffic. Health and readiness are
@@ -60,7 +61,7 @@ from policy_engine.observe.logs import (
 )
 from policy_engine.observe.metrics import MetricsObserver
 from policy_engine.observe.observer import Observer
-from policy_engine.server import demo, relay
+from policy_engine.server import dashboard, demo, relay
 from policy_engine.server.reload import PolicyReloader
 from policy_engine.server.sampler import LoadSampler
 from policy_engine.state.memory import StateStore
@@ -110,6 +111,7 @@ class PolicyServer:
             "/readyz": self._readyz,
             "/metrics": self._metrics,
             "/status": self._status,
+            "/dashboard": dashboard.page,
         }
         self._ops_token = ops_token.encode() if ops_token else None
         self._public_operations = public_operations
