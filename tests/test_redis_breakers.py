@@ -198,7 +198,7 @@ async def _compare(
                 current = (current + 1) % len(specs)
                 if (spec.window.calls is None) != (specs[current].window.calls is None):
                     event("reloaded to the other kind of window")
-            assert await breakers.fetch_state(spec.name) == state
+            assert await run(breakers.fetch_state(spec.name)) == state
     finally:
         await client.aclose()
 
@@ -247,7 +247,9 @@ async def test_concurrent_clients_lose_no_outcome(redis_server: RedisServer) -> 
             asyncio.gather(*(record(worker, i) for i in range(100) for worker in range(4))), WAIT
         )
         assert transitions == [None] * 400
-        assert window_counts(await breakers[0].fetch_state("shared")) == expected_window(4, 100)
+        assert window_counts(await run(breakers[0].fetch_state("shared"))) == expected_window(
+            4, 100
+        )
         assert all(pipeline.batches < pipeline.calls for pipeline in pipelines)  # batched
     finally:
         for client in clients:
@@ -288,7 +290,7 @@ def test_concurrent_processes_lose_no_outcome(redis_server: RedisServer) -> None
     async def stored() -> BreakerState:
         client = Redis.from_url(redis_server.url)
         try:
-            return await RedisBreakers(client, prefix).fetch_state("shared")
+            return await run(RedisBreakers(client, prefix).fetch_state("shared"))
         finally:
             await client.aclose()
 
@@ -319,7 +321,7 @@ async def test_the_server_clock_opens_the_breaker_and_times_its_reopening(
     after = await server_time(client)
 
     assert before <= opened.at <= after
-    assert (await breakers.fetch_state(spec.name)).since == opened.at
+    assert (await run(breakers.fetch_state(spec.name))).since == opened.at
     assert not refused.permitted
     assert refused.circuit is Circuit.OPEN
     # Asked between opening and ``after``: the rest of open_for from then.
@@ -340,7 +342,7 @@ async def test_the_server_clock_fills_a_time_window(breakers: RedisBreakers, cli
         assert await run(breakers.record(spec, None, failed=failed, duration=duration)) is None
     after = await server_time(client)
 
-    state = await breakers.fetch_state(spec.name)
+    state = await run(breakers.fetch_state(spec.name))
     assert isinstance(state.window, TimeWindow)
     assert (state.window.calls, state.window.failed, state.window.slow) == (3, 1, 2)
     seconds = [second for second, *_ in state.window.buckets]
@@ -360,7 +362,7 @@ async def test_an_endless_open_for_and_awkward_floats_round_trip(breakers: Redis
     assert opened.at == now
     refused = await run(breakers.acquire(spec, now + 1e9))
     assert refused == Permit(False, math.inf, Circuit.OPEN)
-    assert await breakers.fetch_state(spec.name) == BreakerState(Circuit.OPEN, now, None, 0)
+    assert await run(breakers.fetch_state(spec.name)) == BreakerState(Circuit.OPEN, now, None, 0)
 
 
 async def test_a_refusal_waits_exactly_until_the_circuit_reopens(
@@ -384,18 +386,18 @@ async def test_a_key_holding_something_else_counts_as_a_closed_breaker(
     key = breakers.key(spec.name)
     # What the JSON store kept under the same key: another type, replaced on the next write.
     await client.set(key, '{"t":"breaker","circuit":"open","since":100.0,"permits":0}')
-    assert await breakers.fetch_state(spec.name) == BreakerState()
+    assert await run(breakers.fetch_state(spec.name)) == BreakerState()
     assert await run(breakers.acquire(spec, 110.0)) == Permit(True, 0.0, Circuit.CLOSED)
     assert await run(breakers.record(spec, 110.0, failed=True, duration=FAST)) is None
-    assert await breakers.fetch_state(spec.name) == BreakerState(
+    assert await run(breakers.fetch_state(spec.name)) == BreakerState(
         Circuit.CLOSED, 0.0, CountWindow(1, 0b1, 0), 0
     )
     # A hash these scripts did not write.
     await client.delete(key)
     await client.hset(key, mapping={"circuit": "ajar", "since": "1"})
-    assert await breakers.fetch_state(spec.name) == BreakerState()
+    assert await run(breakers.fetch_state(spec.name)) == BreakerState()
     assert await run(breakers.record(spec, 120.0, failed=False, duration=FAST)) is None
-    assert await breakers.fetch_state(spec.name) == BreakerState(
+    assert await run(breakers.fetch_state(spec.name)) == BreakerState(
         Circuit.CLOSED, 0.0, CountWindow(1, 0, 0), 0
     )
 
@@ -408,7 +410,7 @@ async def test_release_hands_a_probe_back(breakers: RedisBreakers) -> None:
     assert not (await run(breakers.acquire(spec, 11.5))).permitted
     assert await run(breakers.release(spec)) is None
     assert (await run(breakers.acquire(spec, 11.5))).permitted
-    assert (await breakers.fetch_state(spec.name)).permits == 1
+    assert (await run(breakers.fetch_state(spec.name))).permits == 1
 
 
 async def test_a_spec_without_a_window_is_refused_before_reaching_redis(

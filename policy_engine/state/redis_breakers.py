@@ -93,10 +93,9 @@ class RedisBreakers:
         """``ARGV[1]`` to ``ARGV[9]``: ``now``, then the spec's own, kept per spec."""
         return ["" if now is None else _number(now), *self._spec_args(spec)]
 
-    async def fetch_state(self, name: str) -> BreakerState:
-        """The breaker's stored state (closed and empty when none): for status pages."""
-        reply = await self._read(keys=[self.key(name)])
-        return _state(reply)
+    def fetch_state(self, name: str) -> tuple[Call, Callable[[Any], BreakerState]]:
+        """Read the breaker's stored state (closed and empty when none): for status pages."""
+        return Call(self._read, [self.key(name)], []), _state
 
 
 def _spec_args(spec: CircuitBreakerSpec, now: float | None) -> list[Arg]:

@@ -140,6 +140,17 @@ class Pipeline:
             loading.add_done_callback(lambda _: self._loading.pop(key, None))
         await asyncio.shield(loading)
 
+    async def ping(self) -> None:
+        """``PING`` on the connection the scripts take (a store breaker's probe must find
+        what the calls find)."""
+        wire = self.wire
+        if wire is None:
+            await self.client.ping()
+            return
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        wire.send(pack(b"PING"), [answer])
+        await answer
+
     def _queue(self, call: Call) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((call, future))

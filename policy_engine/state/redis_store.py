@@ -196,8 +196,9 @@ class RedisStore:
 
     async def fetch_breaker_state(self, name: str) -> BreakerState:
         """The breaker's stored state (closed and empty when none): for status pages."""
+        call, read = self._breakers.fetch_state(name)
         with _answering("fetch_breaker_state"):
-            return await self._breakers.fetch_state(name)
+            return read(await self._pipeline.run(call))
 
     def answer_within(self, seconds: float) -> bool:
         """Bound every script call (connecting included) by ``seconds``, the policy's
@@ -352,7 +353,7 @@ class RedisStore:
     async def ping(self) -> None:
         """Raise StoreError unless Redis answers: for readiness checks."""
         with _answering("ping"):
-            await self._client.ping()
+            await self._pipeline.ping()
 
     async def close(self) -> None:
         """Stop renewing this process's lease and give back what it still counts, then close
