@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 import socketio
 import uvicorn
 
+from policy_engine.adapter.admission import ADVICE_EVENT, ADVICE_NAMESPACE
 from policy_engine.adapter.attach import PolicyAdapter, attach
 from policy_engine.adapter.identity import ClaimsLoader
 from policy_engine.algorithms.breaker import Transition
@@ -261,7 +262,7 @@ class Clients:
             target,
             auth=auth,
             headers=dict(headers or {}),
-            namespaces=list(namespaces) if namespaces else None,
+            namespaces=list(namespaces or ["/"]),
             transports=list(transports),
             wait_timeout=WAIT,
         )
@@ -286,6 +287,13 @@ class Clients:
                 inbox.disconnects += 1
                 inbox.notify()
 
+        @client.on(ADVICE_EVENT, namespace=ADVICE_NAMESPACE)
+        async def refused(payload: Any) -> None:
+            # A refusal retrying can fix closes the session after this advice instead of
+            # sending connect_error: recorded as connect_error would have carried it.
+            inbox.errors.append({"message": payload.get("message"), "data": payload})
+            inbox.notify()
+
         self.opened.append(client)
         return client, inbox
 
@@ -305,7 +313,7 @@ class Clients:
                 target,
                 transports=["websocket"],
                 wait_timeout=WAIT,
-                namespaces=list(namespaces) if namespaces else None,
+                namespaces=list(namespaces or ["/"]),
                 **kwargs,
             )
         except socketio.exceptions.ConnectionError:

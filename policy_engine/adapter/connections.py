@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import engineio
 import socketio
 
 from policy_engine.adapter.admission import admit, advice_packet, retried_by_transport
@@ -204,18 +205,30 @@ class ConnectionHooks:
         manager reconnects with its own backoff). python-socketio's ``connect_error`` that
         follows finds no session to go to.
 
-        Closing waits at most ``CLOSE_WAIT`` for the packets to leave: a long-polling
-        client that stopped polling must not hold the connect handler.
+        A long-polling client gets the advice and the close packet in its next polls (for
+        at most ``CLOSE_WAIT``: one that stopped polling must not hold the connect handler)
+        before the session goes; closed at once, its poll would find no session and lose
+        the advice. Over a WebSocket, socket.io-client ignores a close packet and waits for
+        the socket to close, which python-engineio leaves to the client: the ``None`` its
+        writer takes as the end makes it close the WebSocket once the advice is out.
         """
-        if not self._eio_open(eio_sid):
-            return
         eio = self.sio.eio
+        socket = eio.sockets.get(eio_sid)
+        if socket is None or socket.closing or socket.closed:
+            return
         await eio.send(eio_sid, advice_packet(payload))
-        try:
-            async with asyncio.timeout(CLOSE_WAIT):
-                await eio.disconnect(eio_sid)
-        except TimeoutError:
-            _log.debug("closing refused session %s timed out", eio_sid)
+        if socket.upgraded:
+            await socket.close(wait=False)
+            socket.queue.put_nowait(None)
+        else:
+            await socket.send(engineio.packet.Packet(engineio.packet.CLOSE))
+            try:
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await socket.queue.join()
+            except TimeoutError:
+                _log.debug("refused session %s stopped polling", eio_sid)
+            await socket.close(wait=False, abort=True)
+        eio.sockets.pop(eio_sid, None)
 
     def _session_open(self, state: ConnectionState) -> bool:
         """Whether the connection is still tracked and its Engine.IO session still up."""
