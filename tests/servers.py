@@ -305,18 +305,26 @@ class Clients:
         namespaces: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Attempt a connection that must fail; returns the ``connect_error`` data."""
+        """Attempt a connection that must fail; returns the ``connect_error`` data (or the
+        advice of a refusal that closed the session, which python-socketio's client only
+        notices when its ``wait_timeout`` runs out: the attempt ends at the advice)."""
         client, inbox = self.new(namespaces=namespaces)
         target = f"{url}?{urlencode(query)}" if query else url
-        try:
-            await client.connect(
+        attempt = asyncio.ensure_future(
+            client.connect(
                 target,
                 transports=["websocket"],
                 wait_timeout=WAIT,
                 namespaces=list(namespaces or ["/"]),
                 **kwargs,
             )
-        except socketio.exceptions.ConnectionError:
+        )
+        await inbox.until(lambda: bool(inbox.errors) or attempt.done())
+        if not attempt.done():
+            attempt.cancel()
+        try:
+            await attempt
+        except (socketio.exceptions.ConnectionError, asyncio.CancelledError):
             pass
         else:
             raise AssertionError("the connection was accepted")
