@@ -212,9 +212,7 @@ def test_a_broken_queue_setting_is_rejected_with_its_location(setting):
     assert diagnostic.hint or diagnostic.message
 
 
-async def test_a_connect_over_the_ceiling_waits_and_is_admitted_when_a_slot_frees(
-    serve, clients
-):
+async def test_a_connect_over_the_ceiling_waits_and_is_admitted_when_a_slot_frees(serve, clients):
     served = serve(queue_policy())
     holder, _ = await clients.connect(served.url)
     waiter, _ = clients.new()
@@ -251,7 +249,7 @@ async def test_a_connect_the_full_queue_cannot_hold_is_told_the_lines_real_wait(
 
 
 async def test_a_client_that_leaves_while_queued_gives_its_place_up(serve, clients):
-    served = serve(queue_policy())
+    served = serve(queue_policy("60s"))  # longer than eventually(): only leaving frees it
     holder, _ = await clients.connect(served.url)
     leaver, _ = clients.new()
     leaving = asyncio.ensure_future(
@@ -259,7 +257,7 @@ async def test_a_client_that_leaves_while_queued_gives_its_place_up(serve, clien
     )
     await eventually(lambda: served.adapter.admission.waiting == 1)
 
-    await leaver.eio.disconnect(abort=True)
+    await leaver.eio.disconnect()
     await eventually(lambda: served.adapter.admission.waiting == 0)
     leaving.cancel()
     await holder.disconnect()
@@ -270,9 +268,7 @@ async def test_a_client_that_leaves_while_queued_gives_its_place_up(serve, clien
     assert served.adapter.admission.sessions == {}
 
 
-async def test_a_refused_ceiling_is_answered_at_the_http_handshake_until_a_release(
-    serve, clients
-):
+async def test_a_refused_ceiling_is_answered_at_the_http_handshake_until_a_release(serve, clients):
     served = serve(queue_policy("0s"))
     holder, _ = await clients.connect(served.url)
     error = await clients.refused(served.url)

@@ -150,7 +150,11 @@ async def admit(  # noqa: PLR0917 (the queue's parties, all passed)
                 if not isinstance(joined, Ticket):
                     return _refused(queue, key, scope, decision, joined)
                 ticket = joined
-            if not await ticket.turn(hint, deadline) or not session_open():
+            turn = await ticket.turn(hint, deadline)
+            if ticket.left or not session_open():
+                # Gone while it waited: nobody to tell, and nothing for the gate to repeat.
+                return with_retry(decision, queue.wait_for(key, hint))
+            if not turn:
                 return _refused(queue, key, scope, decision, queue.wait_for(key, hint))
             decision = await judge()
     finally:

@@ -416,6 +416,35 @@ class ConnectionHooks:
         sio._handle_eio_disconnect = session_ended
         if sio.eio.handlers.get("disconnect") == original:
             sio.eio.handlers["disconnect"] = session_ended
+        self._connect_aside()
+
+    def _connect_aside(self) -> None:
+        """Under an admission queue, judge each namespace connect in a task of its own.
+
+        python-socketio awaits a connect in the Engine.IO message handler, so while a
+        connect waits its turn, nothing more is read from its session: a client that leaves
+        would be noticed only when the wait ends. Aside, the session's close is read at
+        once, and the wait gives its place up (see ``_release_session``). A client sends
+        nothing more to a namespace before its connect is answered.
+        """
+        sio = self.sio
+        original = sio._handle_connect
+        running: set[asyncio.Task[Any]] = set()
+
+        async def handle_connect(eio_sid: str, namespace: str | None, data: Any) -> None:
+            if self.engine.policy.connections.queue.max_wait <= 0:
+                await original(eio_sid, namespace, data)
+                return
+            task = asyncio.ensure_future(original(eio_sid, namespace, data))
+            running.add(task)
+            task.add_done_callback(settled)
+
+        def settled(task: asyncio.Task[Any]) -> None:
+            running.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                _log.error("connect failed", exc_info=task.exception())
+
+        sio._handle_connect = handle_connect
 
     async def release_all(self) -> None:
         """Release every connection still tracked: the server is stopping.
