@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import engineio
 import socketio
 
 from policy_engine.adapter.admission import admit, advice_packet, retried_by_transport
@@ -39,8 +38,6 @@ from policy_engine.observe.observer import Observer
 
 _NO_CLAIMS: Mapping[str, Any] = {}
 
-CLOSE_WAIT = 2.0
-"""Seconds a refused session's last packets may take to leave before it is let go."""
 
 # The adapter's one logger, whichever of its modules reports.
 _log = logging.getLogger("policy_engine.adapter.attach")
@@ -201,16 +198,17 @@ class ConnectionHooks:
 
     async def _close_transport(self, eio_sid: str, payload: Mapping[str, Any]) -> None:
         """Refuse a connect so that a plain socket.io-client retries it: the advice as an
-        event on the advice namespace, then the Engine.IO session closed (the client's
+        event on the advice namespace, then the Engine.IO session ended (the client's
         manager reconnects with its own backoff). python-socketio's ``connect_error`` that
         follows finds no session to go to.
 
-        A long-polling client gets the advice and the close packet in its next polls (for
-        at most ``CLOSE_WAIT``: one that stopped polling must not hold the connect handler)
-        before the session goes; closed at once, its poll would find no session and lose
-        the advice. Over a WebSocket, socket.io-client ignores a close packet and waits for
-        the socket to close, which python-engineio leaves to the client: the ``None`` its
-        writer takes as the end makes it close the WebSocket once the advice is out.
+        Over a WebSocket the advice goes out, then the WebSocket closes: socket.io-client
+        ignores a close packet there and waits for the socket to close, which
+        python-engineio leaves to the client, so the ``None`` its writer takes as the end
+        closes it now. A long-polling session is ended at once: a poll already waiting
+        carries the advice, the next request finds no session and fails, and the client
+        reconnects; the gate then answers its new handshake with the same advice (see
+        ``admission``), so nothing waits on a client that may have stopped polling.
         """
         eio = self.sio.eio
         socket = eio.sockets.get(eio_sid)
@@ -221,14 +219,7 @@ class ConnectionHooks:
             await socket.close(wait=False)
             socket.queue.put_nowait(None)
         else:
-            await socket.send(engineio.packet.Packet(engineio.packet.CLOSE))
-            try:
-                async with asyncio.timeout(CLOSE_WAIT):
-                    await socket.queue.join()
-            except TimeoutError:
-                _log.debug("refused session %s stopped polling", eio_sid)
             await socket.close(wait=False, abort=True)
-        eio.sockets.pop(eio_sid, None)
 
     def _session_open(self, state: ConnectionState) -> bool:
         """Whether the connection is still tracked and its Engine.IO session still up."""

@@ -37,6 +37,7 @@ socket.on("disconnect", (reason) => log("disconnect", { reason }));
 
 const finish = (event, fields) => {
   log(event, fields);
+  socket.off("disconnect");
   socket.disconnect();
   clearTimeout(watchdog);
 };
