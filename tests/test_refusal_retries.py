@@ -51,7 +51,8 @@ def of(lines: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
 
 
 def refusals(served: Served, rule: str) -> int:
-    return sum(1 for hook, d, _ in served.observer.decisions if hook == "connect" and d.rule == rule)
+    decisions = served.observer.decisions
+    return sum(1 for hook, d, _ in decisions if hook == "connect" and d.rule == rule)
 
 
 async def refused_then_freed(
@@ -85,9 +86,7 @@ async def test_a_connection_ceiling_is_retried_until_a_slot_frees(serve, clients
     served = serve(CEILING)
     holder, _ = await clients.connect(served.url)
 
-    lines = await refused_then_freed(
-        served, transports, "connections/max_total", holder.disconnect
-    )
+    lines = await refused_then_freed(served, transports, "connections/max_total", holder.disconnect)
 
     assert_retried_then_connected(lines)
     # The first refusal ends the session (over a WebSocket, after its advice); later ones
@@ -148,9 +147,7 @@ async def test_overload_judged_at_the_namespace_closes_the_session_and_is_retrie
     async def calm() -> None:
         served.engine.load = {**served.engine.load, "loop_lag_ms": 0}
 
-    lines = await refused_then_freed(
-        served, "websocket", "shedding/overloaded-anonymous", calm
-    )
+    lines = await refused_then_freed(served, "websocket", "shedding/overloaded-anonymous", calm)
 
     assert_retried_then_connected(lines)
     assert of(lines, "advice")[0]["payload"]["code"] == "OVERLOADED"
