@@ -262,7 +262,7 @@ class Clients:
             target,
             auth=auth,
             headers=dict(headers or {}),
-            namespaces=list(namespaces or ["/"]),
+            namespaces=list(namespaces) if namespaces else None,
             transports=list(transports),
             wait_timeout=WAIT,
         )
@@ -287,12 +287,17 @@ class Clients:
                 inbox.disconnects += 1
                 inbox.notify()
 
-        @client.on(ADVICE_EVENT, namespace=ADVICE_NAMESPACE)
-        async def refused(payload: Any) -> None:
-            # A refusal retrying can fix closes the session after this advice instead of
-            # sending connect_error: recorded as connect_error would have carried it.
-            inbox.errors.append({"message": payload.get("message"), "data": payload})
-            inbox.notify()
+        original = client._trigger_event
+
+        async def trigger(event: str, namespace: str | None = None, *args: Any) -> Any:
+            if event == ADVICE_EVENT and namespace == ADVICE_NAMESPACE and args:
+                # A refusal retrying can fix ends the session after this advice instead of
+                # sending connect_error: recorded as connect_error would have carried it.
+                inbox.errors.append({"message": args[0].get("message"), "data": args[0]})
+                inbox.notify()
+            return await original(event, namespace, *args)
+
+        client._trigger_event = trigger  # as sio.instrument() does: no namespace to join
 
         self.opened.append(client)
         return client, inbox
@@ -315,7 +320,7 @@ class Clients:
                 target,
                 transports=["websocket"],
                 wait_timeout=WAIT,
-                namespaces=list(namespaces or ["/"]),
+                namespaces=list(namespaces) if namespaces else None,
                 **kwargs,
             )
         )

@@ -22,17 +22,21 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from policy_engine.cel.analysis import names_read
-from policy_engine.core.admission import AdmissionQueue, LineKey, Ticket, retry_after_ms
+from policy_engine.core.admission import (
+    ADVICE_EVENT,
+    ADVICE_NAMESPACE,
+    AdmissionQueue,
+    LineKey,
+    Ticket,
+    retry_after_ms,
+)
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.evaluation import evaluate_value
 from policy_engine.core.payload import STORE_UNAVAILABLE
 from policy_engine.errors import EvaluationError
 from policy_engine.language.model import PolicySet, RateLimitSpec
 
-ADVICE_NAMESPACE = "/policy-engine"
-"""The namespace whose ``refused`` event carries the advice of a transport-level refusal."""
-
-ADVICE_EVENT = "refused"
+__all__ = ["ADVICE_EVENT", "ADVICE_NAMESPACE", "admit", "advice_packet", "retried_by_transport"]
 
 CEILINGS = frozenset(
     {"connections/max_total", "connections/max_per_ip", "connections/max_per_user"}

@@ -29,6 +29,12 @@ from typing import Any
 
 from policy_engine.language.model import AdmissionSpec
 
+ADVICE_NAMESPACE = "/policy-engine"
+"""The namespace whose :data:`ADVICE_EVENT` carries the advice of a connect refusal that
+ends the session (a namespace no client joins: plain clients ignore it)."""
+
+ADVICE_EVENT = "refused"
+
 LineKey = tuple[str, str]
 """A line: the refusing rule (``rate_limits/connect-global``, ``connections/max_total``)
 and the key it refused under (the rate limit's key, the address, the user; ``""``)."""
