@@ -12,13 +12,16 @@ that same round.
     python -m benchmarks.storm_bench [--clients 500] [--rounds 3] [--limit 60]
 
 Modes: ``bare``; ``policy`` (the shipped policy); ``queue`` (the shipped policy with an
-admission queue: ``connections.queue: {max_wait: 10s, max_length: 5000}``).
+admission queue: ``connections.queue: {max_wait: 10s, max_length: 5000}``). Every client
+sends ``X-Forwarded-For`` with an address of its own and both policies trust the loopback
+as a proxy, so per-address limits apply per client as they would behind a proxy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import shutil
 import signal
@@ -42,10 +45,15 @@ SHIPPED = ROOT / "policies" / "policies.yaml"
 STORM = ROOT / "tests" / "js" / "storm.mjs"
 
 
-def queue_policy(folder: Path) -> Path:
+def bench_policy(folder: Path, mode: str) -> Path:
+    """The shipped policy, believing the loopback's ``X-Forwarded-For`` (each client names
+    an address of its own, as behind a proxy); ``queue`` adds the admission queue."""
     document = yaml.safe_load(SHIPPED.read_text(encoding="utf-8"))
-    document.setdefault("connections", {})["queue"] = {"max_wait": "10s", "max_length": 5000}
-    path = folder / "queue.yaml"
+    document["identity"]["trusted_proxies"] = ["127.0.0.1/32"]
+    if mode == "queue":
+        document["connections"]["queue"] = {"max_wait": "10s", "max_length": 5000}
+    # Beside the shipped file, whose key and schema paths are relative to its folder.
+    path = SHIPPED.parent / f".storm-{os.getpid()}-{mode}.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path
 
@@ -54,12 +62,13 @@ def server_argv(mode: str, port: int, folder: Path) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks.echo_server", "--port", str(port)]
     if mode == "bare":
         return [*argv, "--mode", "bare"]
-    policies = SHIPPED if mode == "policy" else queue_policy(folder)
-    return [*argv, "--mode", "policy", "--policies", str(policies)]
+    return [*argv, "--mode", "policy", "--policies", str(bench_policy(folder, mode))]
 
 
 def start_server(argv: list[str], port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 30
     while True:
         if process.poll() is not None:
@@ -135,6 +144,16 @@ def storm(mode: str, count: int, limit: float, transports: str, folder: Path) ->
         process.wait()
 
 
+@contextmanager
+def removing(folder: Path, pattern: str) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for path in folder.glob(pattern):
+            if f"-{os.getpid()}-" in path.name:
+                path.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=500)
@@ -146,7 +165,7 @@ def main() -> None:
     modes = args.modes.split(",")
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     ratios: dict[str, list[float]] = {mode: [] for mode in modes if mode != "bare"}
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, removing(SHIPPED.parent, ".storm-*.yaml"):
         for round_ in range(args.rounds):
             order = modes if round_ % 2 == 0 else modes[::-1]
             measured: dict[str, dict[str, Any]] = {}

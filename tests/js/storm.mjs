@@ -20,8 +20,13 @@ for (let i = 0; i < total; i += 1) {
     transports: transports.split(","),
     forceNew: true,
     query: { conversation_id: `storm-${i % 50}` },
+    // One address per client, as behind a proxy the policy trusts (the bench's policy
+    // lists the loopback as one): per-address limits apply to each client, not to all.
+    extraHeaders: { "x-forwarded-for": `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}` },
   });
+  let up = false;
   socket.on("connect", () => {
+    up = true;
     connected += 1;
     if (connected === total) {
       whole = true;
@@ -29,6 +34,8 @@ for (let i = 0; i < total; i += 1) {
     }
   });
   socket.on("disconnect", () => {
+    if (!up) return; // a refused connect also ends in "disconnect"
+    up = false;
     connected -= 1;
     if (whole) {
       whole = false;
