@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from servers import WAIT, eventually
 
+from policy_engine.adapter.admission import sized_backoff
 from policy_engine.compiler.pipeline import compile_text
 from policy_engine.core.admission import AdmissionQueue, Ticket
 from policy_engine.errors import PolicyError
@@ -176,6 +177,16 @@ def test_a_rate_refusal_stands_at_the_gate_only_until_its_retry_time():
     assert not queue.has_gate_lines
 
 
+@pytest.mark.parametrize(("retry_ms", "cap"), [(4000, 8000), (100, 500), (60_000, 30_000)])
+def test_the_advised_backoff_stops_growing_past_twice_the_lines_wait(retry_ms, cap):
+    backoff = {"strategy": "full_jitter", "base_ms": 500, "max_ms": 30_000, "max_attempts": 10}
+
+    sized = sized_backoff(backoff, retry_ms)
+
+    assert sized == {**backoff, "max_ms": cap}
+    assert sized_backoff(None, retry_ms) is None
+
+
 QUEUE_POLICY = """
 version: 1
 connections:
@@ -245,6 +256,7 @@ async def test_a_connect_the_full_queue_cannot_hold_is_told_the_lines_real_wait(
     assert payload["code"] == "TOO_MANY_CONNECTIONS"
     # One waiting and itself, at one admission per 2 s (nothing admitted yet): 4 s.
     assert payload["retry_after_ms"] == 4000
+    assert payload["backoff"]["max_ms"] == 8000  # the shipped 30 s cap, sized to the line
     waiting.cancel()
 
 

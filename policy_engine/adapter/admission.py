@@ -113,9 +113,24 @@ def hint_of(decision: Decision, fallback: float) -> float:
 
 
 def with_retry(decision: Decision, seconds: float) -> Decision:
-    """The refusal, advising to come back after ``seconds``."""
-    payload = {**(decision.payload or {}), "retry_after_ms": retry_after_ms(seconds)}
+    """The refusal, advising to come back after ``seconds`` (what the line needs), with a
+    backoff capped at twice that: a client that follows the advice must not back off far
+    past the moment the server can take it (see :func:`sized_backoff`)."""
+    payload = dict(decision.payload or {})
+    payload["retry_after_ms"] = retry_after_ms(seconds)
+    payload["backoff"] = sized_backoff(payload.get("backoff"), payload["retry_after_ms"])
     return Decision(Outcome.REJECT, decision.rule, payload, key=decision.key)
+
+
+def sized_backoff(backoff: Any, retry_ms: int) -> Any:
+    """The advised backoff with ``max_ms`` no more than twice ``retry_ms`` (and never under
+    ``base_ms``): the spread the jitter gives stays, the growth past the need goes."""
+    if not isinstance(backoff, Mapping):
+        return backoff
+    base, cap = backoff.get("base_ms"), backoff.get("max_ms")
+    if not isinstance(base, int | float) or not isinstance(cap, int | float):
+        return dict(backoff)
+    return {**backoff, "max_ms": min(cap, max(base, 2 * retry_ms))}
 
 
 async def admit(  # noqa: PLR0917 (the queue's parties, all passed)
