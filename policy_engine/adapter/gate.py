@@ -40,6 +40,7 @@ from policy_engine.core.admission import AdmissionQueue, retry_after_ms
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import Engine
 from policy_engine.core.evaluation import matches
+from policy_engine.core.payload import new_correlation_id
 from policy_engine.core.shedding import shed_payload
 from policy_engine.language.contexts import Hook
 from policy_engine.language.model import Mode, ShedAction
@@ -141,7 +142,11 @@ class HandshakeGate:
         if standing is None:
             return None
         payload, left = standing
-        advice = {**payload, "retry_after_ms": retry_after_ms(left)}
+        advice = {
+            **payload,
+            "retry_after_ms": retry_after_ms(left),
+            "correlation_id": new_correlation_id(),  # this refusal's own log record
+        }
         return Decision(Outcome.REJECT, str(payload.get("policy", "")), advice)
 
     def status_of(self, decision: Decision) -> int:
