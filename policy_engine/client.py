@@ -28,6 +28,7 @@ from typing import Any
 import socketio
 
 from policy_engine.algorithms.backoff import Random, compute_delay
+from policy_engine.core.admission import ADVICE_EVENT, ADVICE_NAMESPACE
 from policy_engine.errors import PolicyEngineError
 from policy_engine.language.model import BackoffSpec, BackoffStrategy
 
@@ -206,6 +207,7 @@ async def connect_with_policy(
         raise socketio.exceptions.ConnectionError("Already connected")
     connect_kwargs["retry"] = False
     plan = RetryPlan(rand=rand, max_attempts=max_attempts)
+    advised: Mapping[str, Any] | None = None
     while True:
         refusals: list[Any] = []
         try:
@@ -213,15 +215,18 @@ async def connect_with_policy(
                 await client.connect(url, **connect_kwargs)
         except socketio.exceptions.ConnectionError as exc:
             payload = _binding(refusals)
+            # A retry the gate refuses at the handshake fails as a transport over a
+            # WebSocket, whose refusal python-engineio does not read: the last advice holds.
+            advised = payload or advised
             if payload is None and client.failed_namespaces:
                 # Refused by a server that sent no advice: nothing says a retry would help.
                 raise ConnectionRefused(_raw(refusals)) from exc
             if payload is not None and payload.get("retryable") is not True:
                 raise ConnectionRefused(payload) from exc
-            delay = plan.next_delay(payload)
+            delay = plan.next_delay(payload or advised)
             if delay is None:
-                if payload is not None:
-                    raise ConnectionRefused(payload) from exc
+                if advised is not None:
+                    raise ConnectionRefused(advised) from exc
                 raise
             _log.info(
                 "connect attempt %d failed (%s); retrying in %.3fs",
@@ -276,7 +281,8 @@ async def call_with_policy(
 
 @contextlib.contextmanager
 def _connect_errors(client: socketio.AsyncClient, sink: list[Any]) -> Iterator[None]:
-    """Record the ``connect_error`` data of one attempt without displacing app handlers.
+    """Record the ``connect_error`` data of one attempt without displacing app handlers,
+    and the advice of a refusal that ends the session instead (it ends the attempt).
 
     ``connect`` raises only "One or more namespaces failed to connect", without the data;
     the data reaches nothing but the handlers. Wrapping the instance's ``_trigger_event``
@@ -289,6 +295,13 @@ def _connect_errors(client: socketio.AsyncClient, sink: list[Any]) -> Iterator[N
     async def trigger(event: str, namespace: str | None = None, *args: Any) -> Any:
         if event == "connect_error":
             sink.append(args[0] if len(args) == 1 else list(args))
+        elif event == ADVICE_EVENT and namespace == ADVICE_NAMESPACE and args:
+            # A refusal retrying can fix: the server ends the session after this advice,
+            # which python-socketio's client would notice only at ``wait_timeout``.
+            sink.append(args[0])
+            pending = set(client.connection_namespaces) - set(client.namespaces)
+            client.failed_namespaces.extend(sorted(pending - set(client.failed_namespaces)))
+            client._connect_event.set()
         return await original(event, namespace, *args)
 
     client._trigger_event = trigger

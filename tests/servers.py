@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 import socketio
 import uvicorn
 
+from policy_engine.adapter.admission import ADVICE_EVENT, ADVICE_NAMESPACE
 from policy_engine.adapter.attach import PolicyAdapter, attach
 from policy_engine.adapter.identity import ClaimsLoader
 from policy_engine.algorithms.breaker import Transition
@@ -286,6 +287,18 @@ class Clients:
                 inbox.disconnects += 1
                 inbox.notify()
 
+        original = client._trigger_event
+
+        async def trigger(event: str, namespace: str | None = None, *args: Any) -> Any:
+            if event == ADVICE_EVENT and namespace == ADVICE_NAMESPACE and args:
+                # A refusal retrying can fix ends the session after this advice instead of
+                # sending connect_error: recorded as connect_error would have carried it.
+                inbox.errors.append({"message": args[0].get("message"), "data": args[0]})
+                inbox.notify()
+            return await original(event, namespace, *args)
+
+        client._trigger_event = trigger  # as sio.instrument() does: no namespace to join
+
         self.opened.append(client)
         return client, inbox
 
@@ -297,18 +310,26 @@ class Clients:
         namespaces: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Attempt a connection that must fail; returns the ``connect_error`` data."""
+        """Attempt a connection that must fail; returns the ``connect_error`` data (or the
+        advice of a refusal that closed the session, which python-socketio's client only
+        notices when its ``wait_timeout`` runs out: the attempt ends at the advice)."""
         client, inbox = self.new(namespaces=namespaces)
         target = f"{url}?{urlencode(query)}" if query else url
-        try:
-            await client.connect(
+        attempt = asyncio.ensure_future(
+            client.connect(
                 target,
                 transports=["websocket"],
                 wait_timeout=WAIT,
                 namespaces=list(namespaces) if namespaces else None,
                 **kwargs,
             )
-        except socketio.exceptions.ConnectionError:
+        )
+        await inbox.until(lambda: bool(inbox.errors) or attempt.done())
+        if not attempt.done():
+            attempt.cancel()
+        try:
+            await attempt
+        except (socketio.exceptions.ConnectionError, asyncio.CancelledError):
             pass
         else:
             raise AssertionError("the connection was accepted")

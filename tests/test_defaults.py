@@ -16,6 +16,7 @@ from policy_engine.language.authentication import (
     SessionSpec,
 )
 from policy_engine.language.model import (
+    AdmissionSpec,
     AuthFailureSpec,
     AuthorizationSpec,
     AuthzRuleSpec,
@@ -51,6 +52,7 @@ RECORDS: Mapping[str, type] = {
     "/$defs/connections/properties/auth_failures": AuthFailureSpec,
     "/$defs/connections/properties/outbound": OutboundSpec,
     "/$defs/connections/properties/protocol": ProtocolSpec,
+    "/$defs/connections/properties/queue": AdmissionSpec,
     "/$defs/recovery": RecoverySpec,
     "/$defs/drain": DrainSpec,
     "/$defs/event_rule": EventSpec,

@@ -110,10 +110,10 @@ async def test_under_overload_a_new_handshake_gets_503_retry_after_and_the_paylo
         http(query=b"EIO=4&transport=polling&sid=abc"),  # an existing session
         http(query=b"sid=abc&EIO=4"),
         http(path="/api/health"),  # not Socket.IO
-        {**http(), "type": "websocket"},  # its client could not read a refusal
+        {**http(query=b"EIO=4&transport=websocket&sid=abc"), "type": "websocket"},  # upgrade
     ],
 )
-async def test_existing_sessions_other_paths_and_websockets_pass(scope):
+async def test_existing_sessions_their_upgrades_and_other_paths_pass(scope):
     gate, engine, inner, _ = make_gate()
     overload(engine, loop_lag_ms=500)
 
@@ -190,16 +190,55 @@ async def test_a_refused_polling_handshake_on_a_real_server(serve, clients):
     assert served.adapter.active_connections() == 0
 
 
-async def test_a_websocket_client_hears_the_same_refusal_in_connect_error(serve, clients):
+async def ws_call(gate: HandshakeGate, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await gate(scope, receive, send)
+    return sent
+
+
+def ws(extensions: dict[str, Any] | None) -> dict[str, Any]:
+    scope = {**http(query=b"EIO=4&transport=websocket"), "type": "websocket"}
+    if extensions is not None:
+        scope["extensions"] = extensions
+    return scope
+
+
+async def test_a_new_websocket_handshake_is_refused_with_an_http_response_where_offered():
+    gate, engine, inner, _ = make_gate()
+    overload(engine, loop_lag_ms=500)
+
+    start, body = await ws_call(gate, ws({"websocket.http.response": {}}))
+    (closed,) = await ws_call(gate, ws(None))
+
+    assert start["type"] == "websocket.http.response.start"
+    assert start["status"] == 503
+    assert dict(start["headers"])[b"retry-after"] == b"5"
+    assert json.loads(body["body"])["code"] == "OVERLOADED"
+    assert closed == {"type": "websocket.close", "code": 1013}
+    assert inner.scopes == []
+
+
+async def test_a_websocket_only_client_is_refused_at_the_upgrade_on_a_real_server(serve, clients):
     served = serve(GATE_POLICY)
     overload(served.engine, loop_lag_ms=500)
+    url = f"{served.url.replace('http', 'ws')}/socket.io/?EIO=4&transport=websocket"
 
-    error = await clients.refused(served.url)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url)
     overload(served.engine, loop_lag_ms=0)
-    client, _ = await clients.connect(served.url, transports=("polling", "websocket"))
+    client, _ = await clients.connect(served.url, transports=("websocket",))
 
-    assert error["data"]["code"] == "OVERLOADED"
-    assert error["data"]["policy"] == "shedding/overloaded"
+    assert refused.value.status == 503
+    assert refused.value.headers is not None
+    assert refused.value.headers["Retry-After"] == "5"
     assert client.connected
 
 

@@ -104,6 +104,7 @@ CONNECT_KEYED_PER_CONNECTION = """\
 version: 1
 connections:
   max_per_ip: 1
+  retry_after: 1ms  # so that each refusal is the connect hook's, not the gate's repeat
 rate_limits:
   - name: connects
     hook: connect

@@ -13,6 +13,7 @@ import pytest
 import socketio
 from prometheus_client import CollectorRegistry
 
+from policy_engine.core.admission import ADVICE_EVENT, ADVICE_NAMESPACE
 from policy_engine.observe.logs import configure_logging, redact_query
 from policy_engine.server.app import PolicyServer, build_app, serve
 from policy_engine.server.demo import create_server
@@ -56,12 +57,19 @@ async def connect(base: str, forwarded_for: str, **query: str) -> tuple[socketio
     client = socketio.AsyncClient(reconnection=False)
     refusals: asyncio.Queue[Any] = asyncio.Queue()
     client.on("connect_error", refusals.put)
+    # A ceiling ends the session after its advice on the advice namespace.
+    client.on(
+        ADVICE_EVENT,
+        lambda advice: refusals.put_nowait({"message": advice["message"], "data": advice}),
+        namespace=ADVICE_NAMESPACE,
+    )
     params = "&".join(f"{k}={v}" for k, v in {"conversation_id": "c1", **query}.items())
     try:
         await client.connect(
             f"{base}?{params}",
             headers={"X-Forwarded-For": forwarded_for},
             transports=["websocket"],
+            namespaces=["/"],
             wait_timeout=5,
         )
     except socketio.exceptions.ConnectionError:

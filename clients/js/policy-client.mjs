@@ -86,6 +86,10 @@ export class ConnectionRefused extends PolicyRefusedError {}
 /** An event was refused for good: not retryable, or out of attempts. */
 export class EventRefused extends PolicyRefusedError {}
 
+/** The namespace whose `refused` event carries the advice of a refusal that closed the session. */
+export const ADVICE_NAMESPACE = "/policy-engine";
+export const ADVICE_EVENT = "refused";
+
 /**
  * The contract payload in a value (an ack, or `connect_error`'s `err.data`), or `null`.
  * A payload is recognised by its `code` and `policy` keys.
@@ -309,6 +313,25 @@ export function connectWithPolicy(io, url, options = {}) {
       }
     });
 
+    // A refusal retrying can fix comes as the server closing the session, after its advice
+    // on the advice namespace: socket.io-client's own reconnection retries such a close.
+    let sessionAdvice = null;
+    socket.io.on("packet", (packet) => {
+      if (packet.nsp === ADVICE_NAMESPACE && Array.isArray(packet.data)) {
+        const [name, body] = packet.data;
+        if (name === ADVICE_EVENT) sessionAdvice = contractPayload(body);
+      }
+    });
+    socket.on("disconnect", () => {
+      const payload = sessionAdvice;
+      sessionAdvice = null;
+      if (payload === null) return;
+      advice = backoffFrom(payload.backoff) ?? advice;
+      tune(socket.io);
+      if (socket.io.reconnection()) return; // the built-in reconnection is in charge
+      retry(payload, new ConnectionRefused(payload));
+    });
+
     socket.on("connect_error", async (error) => {
       // socket.io-client drops a socket the server refused before it reports the refusal;
       // after a transport error the socket stays active.
@@ -324,6 +347,10 @@ export function connectWithPolicy(io, url, options = {}) {
       } else if (socket.io.reconnection()) {
         return; // a transport error while the built-in reconnection is in charge
       }
+      await retry(payload, error);
+    });
+
+    const retry = async (payload, error) => {
       if (payload && payload.retryable !== true) {
         giveUp(new ConnectionRefused(payload));
         return;
@@ -336,7 +363,7 @@ export function connectWithPolicy(io, url, options = {}) {
       onRetry({ attempt: plan.attempt, delayMs, payload, error });
       await sleep(delayMs);
       if (!signal?.aborted && !socket.connected) socket.connect();
-    });
+    };
 
     socket.connect();
   });

@@ -43,6 +43,7 @@ from policy_engine.adapter.inbound import Inbound
 from policy_engine.adapter.outgoing import Buffered, Outgoing
 from policy_engine.adapter.recovery import Recovery
 from policy_engine.auth.loader import HandshakeClaimsLoader
+from policy_engine.core.admission import AdmissionQueue
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import Engine
 from policy_engine.core.payload import IDLE_TIMEOUT, ClientPayload, backoff_for
@@ -79,6 +80,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         self.claims_loader = claims_loader
         self.authentication = ConnectAuthentication(claims_loader)
         self._states: dict[str, ConnectionState] = {}
+        self.admission = AdmissionQueue()
         self._events_received = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -138,6 +140,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
             socketio_path=socketio_path,
             observer=self.observer,
             cors=CorsPolicy.of(self.sio.eio),
+            admission=self.admission,
         )
         return Lifespan(gate, self.start, self.stop)
 

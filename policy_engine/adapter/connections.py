@@ -1,8 +1,11 @@
 """The connection lifecycle: a handshake judged, accepted or refused, and its release.
 
 Every way a connect can fail (the policy, the claims loader, the application's handler,
-a fault of the policy machinery) ends in one classified ``connect_error``, never in
-python-socketio's bare "Unexpected connection error"; and every way a connection ends
+a fault of the policy machinery) ends in one classified refusal, never in python-socketio's
+bare "Unexpected connection error": a ``connect_error``, or, for what retrying can fix, the
+session closed after its advice so a plain client reconnects (see ``admission``). A connect
+refused by a connect rate limit or a ceiling may first wait in the admission queue. Every
+way a connection ends
 (refused, disconnected, or its session gone while it was still connecting) releases what
 it held exactly once. These are
 :class:`~policy_engine.adapter.attach.PolicyAdapter`'s methods, kept in their own module;
@@ -19,11 +22,13 @@ from typing import Any
 
 import socketio
 
+from policy_engine.adapter.admission import admit, advice_packet, retried_by_transport
 from policy_engine.adapter.authentication import ConnectAuthentication
 from policy_engine.adapter.connection import ConnectionState
 from policy_engine.adapter.identity import ClaimsLoader, IdentityError, identify
 from policy_engine.adapter.outgoing import Outgoing, replayed_up_to
 from policy_engine.adapter.recovery import Recovery
+from policy_engine.core.admission import AdmissionQueue
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import Engine, conn_context
@@ -32,6 +37,7 @@ from policy_engine.language.contexts import Hook
 from policy_engine.observe.observer import Observer
 
 _NO_CLAIMS: Mapping[str, Any] = {}
+
 
 # The adapter's one logger, whichever of its modules reports.
 _log = logging.getLogger("policy_engine.adapter.attach")
@@ -47,6 +53,7 @@ class ConnectionHooks:
     authentication: ConnectAuthentication
     outgoing: Outgoing
     recovery: Recovery
+    admission: AdmissionQueue
     _states: dict[str, ConnectionState]
     _trigger: Callable[..., Awaitable[Any]]
     _report_error: Callable[
@@ -107,17 +114,29 @@ class ConnectionHooks:
             query=dict(identity.query),
         )
         started = time.perf_counter()
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         try:
             decision = await engine.on_connect(conn, claims)
+            if not decision.allowed:
+                decision = await admit(
+                    self.admission,
+                    policy,
+                    decision,
+                    {"conn": conn, "claims": claims, "load": engine.load},
+                    lambda: engine.on_connect(conn, claims),
+                    eio_sid,
+                    lambda: self._eio_open(eio_sid),
+                )
         except BaseException:
             await self._forget(conn)
             raise
         self.observer.decision("connect", decision, time.perf_counter() - started, conn)
         if not decision.allowed:
             await self._forget(conn)
+            if retried_by_transport(decision):
+                await self._close_transport(eio_sid, decision.payload or {})
             raise refusal(decision.payload)
         now = time.monotonic()
-        eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         state = ConnectionState(sid, namespace, eio_sid, conn, claims, now, now)
         # Tracked from the moment it is counted, so a session that ends from here on,
         # whichever way, finds it to release.
@@ -172,6 +191,35 @@ class ConnectionHooks:
             if link is not None:
                 link.outbox.release(replayed_up_to(conn["conversation_id"], replayed_to))
         return result
+
+    def _eio_open(self, eio_sid: str) -> bool:
+        socket = self.sio.eio.sockets.get(eio_sid)
+        return socket is not None and not socket.closing and not socket.closed
+
+    async def _close_transport(self, eio_sid: str, payload: Mapping[str, Any]) -> None:
+        """Refuse a connect so that a plain socket.io-client retries it: the advice as an
+        event on the advice namespace, then the Engine.IO session ended (the client's
+        manager reconnects with its own backoff). python-socketio's ``connect_error`` that
+        follows finds no session to go to.
+
+        Over a WebSocket the advice goes out, then the WebSocket closes: socket.io-client
+        ignores a close packet there and waits for the socket to close, which
+        python-engineio leaves to the client, so the ``None`` its writer takes as the end
+        closes it now. A long-polling session is ended at once: a poll already waiting
+        carries the advice, the next request finds no session and fails, and the client
+        reconnects; the gate then answers its new handshake with the same advice (see
+        ``admission``), so nothing waits on a client that may have stopped polling.
+        """
+        eio = self.sio.eio
+        socket = eio.sockets.get(eio_sid)
+        if socket is None or socket.closing or socket.closed:
+            return
+        await eio.send(eio_sid, advice_packet(payload))
+        if socket.upgraded:
+            await socket.close(wait=False)
+            socket.queue.put_nowait(None)
+        else:
+            await socket.close(wait=False, abort=True)
 
     def _session_open(self, state: ConnectionState) -> bool:
         """Whether the connection is still tracked and its Engine.IO session still up."""
@@ -319,6 +367,7 @@ class ConnectionHooks:
         if conversation:
             self.recovery.index.leave(conversation, time.monotonic())
         await self._forget(state.conn)
+        self.admission.released()
         if closed:
             self.observer.connection(
                 state.close_event or "closed", state.conn, state.close_reason or reason
@@ -358,6 +407,35 @@ class ConnectionHooks:
         sio._handle_eio_disconnect = session_ended
         if sio.eio.handlers.get("disconnect") == original:
             sio.eio.handlers["disconnect"] = session_ended
+        self._connect_aside()
+
+    def _connect_aside(self) -> None:
+        """Under an admission queue, judge each namespace connect in a task of its own.
+
+        python-socketio awaits a connect in the Engine.IO message handler, so while a
+        connect waits its turn, nothing more is read from its session: a client that leaves
+        would be noticed only when the wait ends. Aside, the session's close is read at
+        once, and the wait gives its place up (see ``_release_session``). A client sends
+        nothing more to a namespace before its connect is answered.
+        """
+        sio = self.sio
+        original = sio._handle_connect
+        running: set[asyncio.Task[Any]] = set()
+
+        async def handle_connect(eio_sid: str, namespace: str | None, data: Any) -> None:
+            if self.engine.policy.connections.queue.max_wait <= 0:
+                await original(eio_sid, namespace, data)
+                return
+            task = asyncio.ensure_future(original(eio_sid, namespace, data))
+            running.add(task)
+            task.add_done_callback(settled)
+
+        def settled(task: asyncio.Task[Any]) -> None:
+            running.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                _log.error("connect failed", exc_info=task.exception())
+
+        sio._handle_connect = handle_connect
 
     async def release_all(self) -> None:
         """Release every connection still tracked: the server is stopping.
@@ -369,6 +447,7 @@ class ConnectionHooks:
             await self._untrack(state, "server shutdown", closed=True)
 
     async def _release_session(self, eio_sid: str) -> None:
+        self.admission.abandon(eio_sid)
         manager = self.sio.manager
         for namespace in list(manager.get_namespaces()):
             sid = manager.sid_from_eio_sid(eio_sid, namespace)

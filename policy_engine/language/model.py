@@ -321,6 +321,16 @@ class ProtocolSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AdmissionSpec:
+    """The admission queue: how long a connect refused by a connect rate limit or a
+    connection ceiling may wait for its turn (``0``: no queue, refused at once), and how
+    many connects may wait at once in all."""
+
+    max_wait: float = 0.0
+    max_length: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionsSpec:
     max_total: int | None = None
     max_per_user: int | None = None
@@ -331,6 +341,7 @@ class ConnectionsSpec:
     outbound: OutboundSpec = OutboundSpec()
     protocol: ProtocolSpec = ProtocolSpec()
     retry_after: float = 5.0
+    queue: AdmissionSpec = AdmissionSpec()
 
 
 @dataclass(frozen=True, slots=True)

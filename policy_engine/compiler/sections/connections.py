@@ -1,5 +1,5 @@
 """``connections``: ceilings, idle timeout, shedding priority, auth-failure delays, outbox,
-protocol errors."""
+protocol errors, the admission queue."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from policy_engine.compiler.compilation import Compilation, Convert
 from policy_engine.compiler.expressions import expression
 from policy_engine.language.contexts import PRIORITY_VARIABLES
 from policy_engine.language.model import (
+    AdmissionSpec,
     AuthFailureSpec,
     ConnectionsSpec,
     OutboundSpec,
@@ -37,6 +38,10 @@ _OUTBOUND: Mapping[str, Convert] = {
     "on_overflow": OverflowAction,
     "disconnect_after_drops": int,
     "max_bytes": parse_size,
+}
+_QUEUE: Mapping[str, Convert] = {
+    "max_wait": parse_duration,
+    "max_length": int,
 }
 _PROTOCOL: Mapping[str, Convert] = {
     "max_errors": int,
@@ -70,6 +75,8 @@ def build_connections(
         values["protocol"] = c.record(
             ProtocolSpec, raw["protocol"], "/connections/protocol", _PROTOCOL
         )
+    if "queue" in raw:
+        values["queue"] = c.record(AdmissionSpec, raw["queue"], "/connections/queue", _QUEUE)
     return ConnectionsSpec(**values)
 
 
