@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import socketio
 from cluster import ServeProcess, answers
@@ -178,3 +179,24 @@ async def test_sigterm_fails_readiness_first_tells_every_client_and_exits_in_tim
     assert exit_code == 0
     assert all(not sio.connected for sio, _ in clients)
     assert [notices[0]["code"] for _, notices in clients] == ["SERVER_DRAINING"] * 20
+
+
+async def test_a_draining_server_refuses_new_sessions_with_its_advice(serve: Any) -> None:
+    served = serve(policy(), setup=echo_app)
+    await drain_for(served, 5.0)  # nobody connected: done at once, and still draining
+
+    async with aiohttp.ClientSession() as http:
+        url = f"{served.url}/socket.io/?EIO=4&transport=polling"
+        async with http.get(url) as response:
+            status, retry_after = response.status, response.headers.get("Retry-After")
+            body = await response.json()
+    sio = socketio.AsyncClient(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await sio.connect(served.url, transports=["websocket"], wait_timeout=WAIT)
+
+    assert status == 503
+    assert retry_after is not None
+    assert 0 <= int(retry_after) <= 2  # jitter 1.5 s, rounded up
+    assert body["code"] == "SERVER_DRAINING"
+    assert body["reconnect_url"] == "https://other.example/socket.io"
+    assert served.adapter.active_connections() == 0

@@ -141,6 +141,7 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
             observer=self.observer,
             cors=CorsPolicy.of(self.sio.eio),
             admission=self.admission,
+            draining=lambda: self.draining,
         )
         return Lifespan(gate, self.start, self.stop)
 

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 import urllib.parse
 from collections.abc import Callable
 
 from policy_engine.adapter.asgi import ASGIApp, Receive, Scope, Send
 from policy_engine.adapter.cors import CorsPolicy
+from policy_engine.adapter.drain import drain_notice
 from policy_engine.adapter.identity import address_key, client_ip, scope_headers
 from policy_engine.core.admission import AdmissionQueue, retry_after_ms
 from policy_engine.core.decision import Decision, Outcome
@@ -61,8 +63,10 @@ class HandshakeGate:
         clock: Callable[[], float] = time.monotonic,
         cors: CorsPolicy | None = None,
         admission: AdmissionQueue | None = None,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
+        self.draining = draining
         self.engine = engine
         self.observer: Observer = observer or NullObserver()
         self.status = status
@@ -105,8 +109,17 @@ class HandshakeGate:
         return "sid" not in urllib.parse.parse_qs(query.decode("utf-8", "replace"))
 
     def judge(self, scope: Scope | None = None) -> Decision | None:
-        """The refusal of a new handshake: from the load, then from the admission queue."""
+        """The refusal of a new handshake: the server letting its clients go, the load,
+        then the admission queue."""
+        if self.draining():
+            return self._drained()
         return self._shed() or (self._queued(scope) if scope is not None else None)
+
+    def _drained(self) -> Decision:
+        """A stopping server takes no new session: come back elsewhere (or here, restarted)."""
+        policy = self.engine.policy
+        notice = drain_notice(policy, policy.drain, random.Random())
+        return Decision(Outcome.REJECT, "drain", notice)
 
     def _shed(self) -> Decision | None:
         """The refusal a connect-hook shedding rule decides from the load alone, if any."""
