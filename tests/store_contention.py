@@ -84,7 +84,8 @@ def recorded_outcomes(url: str, prefix: str) -> int:
     async def read() -> int:
         client = connect(url, socket_timeout=10.0).client
         try:
-            state = await RedisBreakers(client, prefix).fetch_state("agent")
+            call, read_state = RedisBreakers(client, prefix).fetch_state("agent")
+            state = read_state(await call.script(keys=call.keys, args=call.args))
         finally:
             await client.aclose()
         assert state.window is not None

@@ -190,9 +190,10 @@ async def test_a_draining_server_refuses_new_sessions_with_its_advice(serve: Any
         async with http.get(url) as response:
             status, retry_after = response.status, response.headers.get("Retry-After")
             body = await response.json()
-    sio = socketio.AsyncClient(reconnection=False)
-    with pytest.raises(socketio.exceptions.ConnectionError):
-        await sio.connect(served.url, transports=["websocket"], wait_timeout=WAIT)
+    async with aiohttp.ClientSession() as http:  # closed here: the refused client won't
+        sio = socketio.AsyncClient(reconnection=False, http_session=http)
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await sio.connect(served.url, transports=["websocket"], wait_timeout=WAIT)
 
     assert status == 503
     assert retry_after is not None

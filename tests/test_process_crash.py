@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import socketio
 from cluster import ServeProcess, stop_all
@@ -64,16 +65,27 @@ def processes(tmp_path: Path) -> Iterator[tuple[ServeProcess, ServeProcess]]:
 
 
 class Client:
-    """A python-socketio client in conversation ``c`` that keeps what it is sent."""
+    """A python-socketio client in conversation ``c`` that keeps what it is sent; its HTTP
+    session is its own, closed by :meth:`close` even when the connect was refused."""
 
     def __init__(self) -> None:
-        self.sio = socketio.AsyncClient(reconnection=False)
+        self.http = aiohttp.ClientSession()
+        self.sio = socketio.AsyncClient(reconnection=False, http_session=self.http)
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.sio.on("oh_event", self.events.put)
 
     async def connect(self, url: str, latest: int | None = None) -> None:
         query = "conversation_id=c" + ("" if latest is None else f"&latest_event_id={latest}")
-        await self.sio.connect(f"{url}?{query}", transports=["websocket"], wait_timeout=WAIT)
+        try:
+            await self.sio.connect(f"{url}?{query}", transports=["websocket"], wait_timeout=WAIT)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self.sio.connected:
+            await self.sio.disconnect()
+        await self.http.close()
 
     async def next_event(self) -> dict[str, Any]:
         return await asyncio.wait_for(self.events.get(), WAIT)
@@ -119,9 +131,10 @@ async def test_a_killed_process_stops_counting_within_its_lease_and_its_client_r
                 assert time.monotonic() - killed_at < LEASE_TTL + WAIT, "never let back in"
                 await asyncio.sleep(0.2)
         missed = [await comeback.next_event(), await comeback.next_event()]
-        await comeback.sio.disconnect()
+        await comeback.close()
     finally:
-        await speaker.sio.disconnect()
+        await speaker.close()
+        await victim.close()
         await redis.aclose()
 
     assert [(event["action"]["action"], event["id"]) for event in missed] == [
