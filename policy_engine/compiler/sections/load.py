@@ -24,7 +24,12 @@ def build_load(c: Compilation, raw: Mapping[str, Any] | None) -> LoadSpec:
         return LoadSpec()
     values = c.read(raw, "/load", _FIELDS)
     if values.get("window") == 0:
-        c.error("/load/window", "bad-window", "window must be longer than 0", "e.g. 10s")
+        c.error(
+            "/load/window",
+            "bad-window",
+            "window must be longer than 0",
+            "the averages need a time to average over, e.g. 10s",
+        )
         del values["window"]
     if "overloaded" in raw:
         values["overloaded"] = _overloaded(c, raw["overloaded"])
@@ -43,6 +48,7 @@ def _overloaded(c: Compilation, raw: Mapping[str, Any]) -> OverloadSpec:
             "no-signal",
             "`overloaded` names no signal, so the server would never be overloaded",
             f"give at least one of {', '.join(_SIGNALS)} an enter and an exit threshold",
+            key=True,
         )
     return OverloadSpec(**values)
 
