@@ -368,7 +368,7 @@ class OverloadSpec:
     ``min_hold`` seconds. A signal without a threshold is not considered.
     """
 
-    loop_lag_avg_ms: ThresholdSpec | None = ThresholdSpec(enter=8000, exit=2000)
+    loop_lag_avg_ms: ThresholdSpec | None = ThresholdSpec(enter=15000, exit=4000)
     events_per_second_avg: ThresholdSpec | None = None
     connects_per_second_avg: ThresholdSpec | None = None
     min_hold: float = 10.0
