@@ -110,8 +110,14 @@ def test_each_sample_is_a_new_dict_with_every_load_field(engine_factory: EngineF
         "memory_mb": 64,
         "cpu_percent": 5,
         "overloaded_ms": 0,
+        "connects_per_second": 0,
+        "loop_lag_avg_ms": 2,
+        "events_per_second_avg": 0,
+        "connects_per_second_avg": 0,
+        "overloaded": False,
     }
     assert set(sample) == set(first)
+    assert type(sample.pop("overloaded")) is bool
     assert all(type(value) is int for value in sample.values())
 
 

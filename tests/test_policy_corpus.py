@@ -56,6 +56,10 @@ EXPECTED: dict[str, list[tuple[int, int | None, str, str]]] = {
     "semantic-missing-event-schema": [(4, 13, "missing-file", "'events/nope.json' cannot be read")],
     "semantic-event-schema-not-json": [(4, 13, "bad-event-schema", "is not JSON")],
     "semantic-event-schema-invalid": [(4, 13, "bad-event-schema", "is not a valid JSON Schema")],
+    "semantic-load-exit-above-enter": [(4, 41, "bad-hysteresis", "exit (800) is above enter")],
+    "semantic-load-no-signal": [(4, 3, "no-signal", "`overloaded` names no signal")],
+    "semantic-load-zero-window": [(3, 11, "bad-window", "window must be longer than 0")],
+    "schema-load-unknown-signal": [(4, 5, "schema-unknown-key", "unknown key 'loop_lag_ms'")],
     "semantic-minimum-calls-exceed-window": [
         (6, 20, "out-of-range", "minimum_calls (20) exceeds the window of 10 calls")
     ],

@@ -205,6 +205,11 @@ async def test_status_reports_policy_reloads_breakers_connections_and_load(
         "memory_mb",
         "cpu_percent",
         "overloaded_ms",
+        "connects_per_second",
+        "loop_lag_avg_ms",
+        "events_per_second_avg",
+        "connects_per_second_avg",
+        "overloaded",
     }
 
 

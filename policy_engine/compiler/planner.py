@@ -63,6 +63,7 @@ def plan(
         events=sections.events,
         authorization=sections.authorization,
         authentication=sections.authentication,
+        load=sections.load,
         default_event=sections.default_event,
         by_hook=index,
         event_plans=event_plans(sections, index),

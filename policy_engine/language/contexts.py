@@ -8,7 +8,7 @@ expression that passed the checker never meets a missing key.
 
 Numeric fields are integers (milliseconds, megabytes, whole percents) on purpose: CEL does
 not compare ``int`` with ``double`` in a checked expression, and operators write
-``load.loop_lag_ms > 200``, not ``200.0``.
+``load.loop_lag_avg_ms > 200``, not ``200.0``. ``load.overloaded`` is a bool.
 """
 
 from __future__ import annotations
@@ -112,6 +112,12 @@ LOAD = _message(
     memory_mb="int",
     cpu_percent="int",
     overloaded_ms="int",
+    # Smoothed over the policy's `load.window`, and the hysteresis state built on them.
+    connects_per_second="int",
+    loop_lag_avg_ms="int",
+    events_per_second_avg="int",
+    connects_per_second_avg="int",
+    overloaded="bool",
 )
 RAW_ERROR = _message(
     "Error",

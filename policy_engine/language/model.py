@@ -383,6 +383,52 @@ class DrainSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ThresholdSpec:
+    """Hysteresis on one smoothed signal: above ``enter`` starts overload, at or below
+    ``exit`` allows it to end; ``exit <= enter``, so the state cannot flap on one value."""
+
+    enter: int
+    exit: int
+
+
+@dataclass(frozen=True, slots=True)
+class OverloadSpec:
+    """When ``load.overloaded`` is true: the signals that decide it, and its minimum hold.
+
+    It becomes true when any signal with a threshold is above its ``enter``, and false
+    again only when every one is at or below its ``exit`` and it has been true for
+    ``min_hold`` seconds. A signal without a threshold is not considered.
+    """
+
+    loop_lag_avg_ms: ThresholdSpec | None = ThresholdSpec(enter=15000, exit=4000)
+    events_per_second_avg: ThresholdSpec | None = None
+    connects_per_second_avg: ThresholdSpec | None = None
+    min_hold: float = 10.0
+
+    def thresholds(self) -> tuple[tuple[str, ThresholdSpec], ...]:
+        """The signals that decide ``load.overloaded``, by their ``load`` field name."""
+        named = (
+            ("loop_lag_avg_ms", self.loop_lag_avg_ms),
+            ("events_per_second_avg", self.events_per_second_avg),
+            ("connects_per_second_avg", self.connects_per_second_avg),
+        )
+        return tuple((name, spec) for name, spec in named if spec is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """How the load sampler smooths its signals and when it calls the server overloaded.
+
+    The ``*_avg`` signals are exponentially weighted moving averages with time constant
+    ``window`` (seconds), weighted by the time each sample covers: a stall or a burst much
+    shorter than the window moves them by a fraction of its size, a sustained one fully.
+    """
+
+    window: float = 10.0
+    overloaded: OverloadSpec = OverloadSpec()
+
+
+@dataclass(frozen=True, slots=True)
 class EventSpec:
     name: str
     max_bytes: int | None = None
@@ -507,6 +553,7 @@ class PolicySet:
     default_event: EventSpec
     authentication: AuthenticationSpec = field(default_factory=AuthenticationSpec)
     drain: DrainSpec = field(default_factory=DrainSpec)
+    load: LoadSpec = field(default_factory=LoadSpec)
     by_hook: HookIndex = field(compare=False, repr=False, kw_only=True)
     event_plans: EventPlans = field(compare=False, repr=False, kw_only=True)
     # Whether any expression reads ``conn.connected_ms``: only then is it kept current on

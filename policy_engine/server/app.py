@@ -63,7 +63,7 @@ from policy_engine.observe.metrics import MetricsObserver
 from policy_engine.observe.observer import Observer
 from policy_engine.server import dashboard, demo, relay
 from policy_engine.server.reload import PolicyReloader
-from policy_engine.server.sampler import LoadSampler
+from policy_engine.server.sampler import EventCounter, LoadSampler
 from policy_engine.state.memory import StateStore
 
 Scope = MutableMapping[str, Any]
@@ -373,7 +373,10 @@ def build_app(
     def is_audit_error(classification: Classification) -> bool:
         return engine.counts_as_auth_failure(classification) or is_auth_error(classification)
 
-    observer = CompositeObserver(metrics, LogObserver(is_audit_error=is_audit_error), *observers)
+    connects = EventCounter()  # the adapter counts events; this counts judged connects
+    observer = CompositeObserver(
+        metrics, LogObserver(is_audit_error=is_audit_error), connects, *observers
+    )
     if engine.state.shared:
         engine.store_health.listeners.append(log_store_availability)
         metrics.track_store(engine.store_health)
@@ -392,6 +395,7 @@ def build_app(
         engine,
         adapter,
         sample_interval,
+        connects=connects,
         lag_threshold_ms=lag_threshold_ms,
         on_sample=[metrics.observe_load],
     )

@@ -1,6 +1,6 @@
 """The load sampler: measures the process on a timer and publishes the ``load`` context.
 
-Shedding rules read ``load.loop_lag_ms``, ``load.active_connections`` and friends on every
+Shedding rules read ``load.loop_lag_ms``, ``load.overloaded`` and friends on every
 decision, so those values must cost nothing to read: this module measures them in its own
 background task and the request path only looks up a dict. Each sample builds a **new**
 dict and assigns it to ``engine.load`` (one attribute assignment): a decision that already
@@ -10,8 +10,15 @@ CEL evaluation may be walking.
 Event-loop lag is measured the way a blocked loop shows itself: a short sleep that wakes up
 late. The sampler probes every ``probe_interval`` and reports the worst lag seen since the
 previous sample, so a stall shorter than the sampling interval is not missed.
-``overloaded_ms`` is how long the lag has stayed above ``lag_threshold_ms``, for rules that
-should only act on sustained overload.
+``overloaded_ms`` is how long that raw lag has stayed above ``lag_threshold_ms``.
+
+Raw samples are what a server rides out anyway (a GC pause, one burst of handshakes), so
+the policy's ``load`` section also gets smoothed signals (``loop_lag_avg_ms``,
+``events_per_second_avg``, ``connects_per_second_avg``: moving averages over its
+``window``) and ``overloaded``, true between the enter and exit thresholds of its
+``overloaded`` block and for at least its ``min_hold``: the signals shedding rules should
+act on. The section is read from the engine's policy at every sample, so a reload applies
+from the next one and keeps the averages.
 
 After each sample the sampler calls ``shed_tick()`` on the adapter, which disconnects what
 the policy's ``action: disconnect`` rules pick.
@@ -29,8 +36,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
+from policy_engine.algorithms.smoothing import MovingAverage, Overload
 from policy_engine.core.decision import Decision
 from policy_engine.core.engine import Engine
+from policy_engine.language.model import LoadSpec
 from policy_engine.observe.observer import NullObserver
 
 Clock = Callable[[], float]
@@ -54,15 +63,18 @@ class ConnectionSource(Protocol):
 
 
 class EventCounter(NullObserver):
-    """Counts incoming events, O(1) each, for ``load.events_per_second``.
+    """Counts incoming events and connects, O(1) each, for ``load.events_per_second`` and
+    ``load.connects_per_second``.
 
-    For a sampler without the adapter (which counts its own events): as an observer it
-    counts every event the engine judges; ``count_event()`` is for callers that count
-    events themselves.
+    As an observer it counts every event and every connect the engine judges (a refused
+    connect too: the rate is what arrives, not what is let in); ``count_event()`` is for
+    callers that count events themselves. The adapter counts its own events, not its
+    connects, so a server gives the sampler one of these for connects.
     """
 
     def __init__(self) -> None:
         self.total = 0
+        self.connects = 0
 
     def count_event(self) -> None:
         self.total += 1
@@ -76,6 +88,8 @@ class EventCounter(NullObserver):
     ) -> None:
         if hook == "event":
             self.total += 1
+        elif hook == "connect":
+            self.connects += 1
 
 
 class ProcessProbe:
@@ -142,7 +156,8 @@ class LoadSampler:
     ``connections`` is the adapter (its ``active_connections()`` and ``events_received()``
     are read and its ``shed_tick()`` called after every sample) or a plain callable
     returning the count (no shedding). ``events``, when given, is the counter behind
-    ``events_per_second`` instead of the adapter's.
+    ``events_per_second`` instead of the adapter's; ``connects`` is the counter behind
+    ``connects_per_second`` (``events`` when not given; without either, it stays 0).
     """
 
     def __init__(
@@ -152,6 +167,7 @@ class LoadSampler:
         interval: float = 0.5,
         *,
         events: EventCounter | None = None,
+        connects: EventCounter | None = None,
         lag_threshold_ms: int = 100,
         probe_interval: float = 0.05,
         process: ProcessProbe | None = None,
@@ -163,6 +179,8 @@ class LoadSampler:
         self.engine = engine
         counter = events if events is not None else EventCounter()
         self._events: Callable[[], int] = lambda: counter.total
+        connect_counter = connects if connects is not None else counter
+        self._connects: Callable[[], int] = lambda: connect_counter.connects
         if isinstance(connections, ConnectionSource):
             self._count: Callable[[], int] = connections.active_connections
             self._shed: Callable[[], Any] | None = connections.shed_tick
@@ -179,8 +197,14 @@ class LoadSampler:
         self._clock = clock
         self.samples = 0
         self._last_events = self._events()
+        self._last_connects = self._connects()
         self._last_at = clock()
         self._overloaded_since: float | None = None
+        self._spec: LoadSpec = engine.policy.load
+        self._lag_avg = MovingAverage(self._spec.window)
+        self._events_avg = MovingAverage(self._spec.window)
+        self._connects_avg = MovingAverage(self._spec.window)
+        self._overload = Overload(self._spec.overloaded)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -192,6 +216,7 @@ class LoadSampler:
         if self.running:
             return
         self._last_events = self._events()
+        self._last_connects = self._connects()
         self._last_at = self._clock()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="load-sampler")
 
@@ -217,10 +242,17 @@ class LoadSampler:
         else:
             self._overloaded_since = None
             overloaded_ms = 0
-        total = self._events()
+        events, connects = self._events(), self._connects()
         elapsed = now - self._last_at
-        rate = round((total - self._last_events) / elapsed) if elapsed > 0 else 0
-        self._last_events, self._last_at = total, now
+        rate = round((events - self._last_events) / elapsed) if elapsed > 0 else 0
+        connect_rate = round((connects - self._last_connects) / elapsed) if elapsed > 0 else 0
+        self._last_events, self._last_connects, self._last_at = events, connects, now
+        self._follow_policy()
+        smoothed = {
+            "loop_lag_avg_ms": round(self._lag_avg.update(lag_ms, elapsed)),
+            "events_per_second_avg": round(self._events_avg.update(rate, elapsed)),
+            "connects_per_second_avg": round(self._connects_avg.update(connect_rate, elapsed)),
+        }
         memory_mb, cpu_percent = self.process.sample()
         load = {
             "active_connections": int(self._count()),
@@ -229,12 +261,25 @@ class LoadSampler:
             "memory_mb": memory_mb,
             "cpu_percent": cpu_percent,
             "overloaded_ms": overloaded_ms,
+            "connects_per_second": connect_rate,
+            **smoothed,
+            "overloaded": self._overload.update(smoothed, now),
         }
         self.engine.load = load
         self.samples += 1
         for listener in self._listeners:
             listener(load)
         return load
+
+    def _follow_policy(self) -> None:
+        """Apply a reloaded policy's ``load`` section; the averages and the state carry on."""
+        spec = self.engine.policy.load
+        if spec is self._spec:
+            return
+        self._spec = spec
+        for average in (self._lag_avg, self._events_avg, self._connects_avg):
+            average.window = spec.window
+        self._overload.spec = spec.overloaded
 
     async def _run(self) -> None:
         clock = self._clock

@@ -24,6 +24,7 @@ from policy_engine.compiler.sections.drain import build_drain
 from policy_engine.compiler.sections.errors import build_errors
 from policy_engine.compiler.sections.events import ANY_EVENT, build_events
 from policy_engine.compiler.sections.identity import build_identity
+from policy_engine.compiler.sections.load import build_load
 from policy_engine.compiler.sections.rate_limits import build_rate_limits
 from policy_engine.compiler.sections.recovery import build_recovery
 from policy_engine.compiler.sections.shedding import build_shedding
@@ -39,6 +40,7 @@ from policy_engine.language.model import (
     ErrorRuleSpec,
     EventSpec,
     IdentitySpec,
+    LoadSpec,
     RateLimitSpec,
     RecoverySpec,
     SheddingRuleSpec,
@@ -67,6 +69,7 @@ class Sections:
     authorization: AuthorizationSpec = field(default_factory=AuthorizationSpec)
     authentication: AuthenticationSpec = field(default_factory=AuthenticationSpec)
     drain: DrainSpec = field(default_factory=DrainSpec)
+    load: LoadSpec = field(default_factory=LoadSpec)
 
 
 def build_sections(c: Compilation) -> Sections:
@@ -85,6 +88,7 @@ def build_sections(c: Compilation) -> Sections:
         rate_limits=build_rate_limits(c, data.get("rate_limits"), defaults),
         circuit_breakers=build_circuit_breakers(c, data.get("circuit_breakers"), defaults),
         shedding=build_shedding(c, data.get("shedding"), defaults),
+        load=build_load(c, c.section("load")),
         connections=build_connections(c, c.section("connections"), names),
         recovery=build_recovery(c, c.section("recovery")),
         drain=build_drain(c, c.section("drain")),
