@@ -6,17 +6,26 @@ Both engines' checks and the fast path read expressions through it (see
 
 from __future__ import annotations
 
+import os
 import re
 from functools import cache
 from pathlib import Path
 
 import celpy.celparser
+import lark
 from lark import Lark, Token
 
 
 @cache
 def parser() -> Lark:
-    """celpy's grammar, keeping every node's position so its text can be sliced out."""
+    """celpy's grammar, keeping every node's position so its text can be sliced out.
+
+    Building its LALR tables takes about a second, most of a server's start (and a server
+    that restarts slowly is one its clients' backoff waits longer for). Lark keeps the
+    tables it built in the file given as ``cache``, and checks the grammar's hash before
+    using them; the file lives in a cache folder only this user can write (never the
+    shared temporary folder: Lark's cache is a pickle).
+    """
     grammar = (Path(celpy.celparser.__file__).parent / "cel.lark").read_text()
     return Lark(
         grammar,
@@ -27,7 +36,24 @@ def parser() -> Lark:
         propagate_positions=True,
         maybe_placeholders=False,
         priority="invert",
+        cache=_cache_file() or False,
     )
+
+
+def _cache_file() -> str | None:
+    """Where the parser's tables are kept: ``$XDG_CACHE_HOME/policy-engine`` (or
+    ``~/.cache/policy-engine``), created private; None when there is no such place to
+    write, or it is not this user's own."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = Path(base) / "policy-engine"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError:
+        return None
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return None  # someone else could plant tables here
+    return str(folder / f"cel-grammar-lark-{lark.__version__}.pickle")
 
 
 def _literal_words(token: Token) -> Token:
