@@ -201,3 +201,40 @@ async def test_a_draining_server_refuses_new_sessions_with_its_advice(serve: Any
     assert body["code"] == "SERVER_DRAINING"
     assert body["reconnect_url"] == "https://other.example/socket.io"
     assert served.adapter.active_connections() == 0
+
+
+@pytest.mark.skipif(
+    NODE is None or not (JS_DIR / "node_modules" / "socket.io-client").is_dir(),
+    reason="node and tests/js/node_modules are needed",
+)
+async def test_the_js_helper_waits_the_advice_and_reconnects_where_the_notice_says(
+    serve: Any,
+) -> None:
+    other = serve("version: 1\n", setup=echo_app)
+    draining = serve(
+        f"version: 1\ndrain: {{jitter: 300ms, reconnect_url: '{other.url}'}}\n", setup=echo_app
+    )
+    assert NODE is not None
+    node = await asyncio.create_subprocess_exec(
+        NODE,
+        str(JS_DIR / "drain.mjs"),
+        draining.url,
+        "4000",
+        "helper",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    await eventually(lambda: draining.adapter.active_connections() == 1)
+    await drain_for(draining, 10.0)
+    await eventually(lambda: other.adapter.active_connections() == 1)
+    stdout, stderr = await asyncio.wait_for(node.communicate(), WAIT)
+    lines = [json.loads(line) for line in stdout.decode().splitlines()]
+
+    assert lines[-1]["event"] == "done", (lines, stderr)
+    connected = [line for line in lines if line["event"] == "connected"]
+    assert [line["uri"] for line in connected] == [draining.url, other.url]
+    notice = next(line for line in lines if line["event"] == "notice")
+    assert notice["payload"]["reconnect_url"] == other.url
+    # Back after the advised delay, not at once: the helper held its reconnection off.
+    waited_ms = connected[1]["t"] - notice["t"]
+    assert waited_ms >= notice["payload"]["retry_after_ms"]

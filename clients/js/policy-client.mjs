@@ -88,6 +88,10 @@ export class EventRefused extends PolicyRefusedError {}
 
 /** The namespace whose `refused` event carries the advice of a refusal that closed the session. */
 export const ADVICE_NAMESPACE = "/policy-engine";
+
+/** The notice of a server that stops: reconnect after `retry_after_ms`, at `reconnect_url`
+ * when it has one (a server URL, as given to `io()`). */
+export const SERVER_DRAINING = "SERVER_DRAINING";
 export const ADVICE_EVENT = "refused";
 
 /**
@@ -245,7 +249,8 @@ export function reconnectionOptions(backoff) {
  * (`reconnectionOptions`); a server refusal during such a reconnection, which
  * socket.io-client never retries by itself, is retried here on the same terms and reported
  * to `onGiveUp` when it is final. Pass `reconnection: false` in `socketOptions` to keep the
- * built-in reconnection off after connecting too.
+ * built-in reconnection off after connecting too. A server that stops (`SERVER_DRAINING`)
+ * is reconnected after its `retry_after_ms`, at its `reconnect_url` when it names one.
  *
  * Sockets to the same server share one socket.io-client `Manager` unless `forceNew` is set;
  * the advice tunes that Manager, which suits them all: it comes from the same server.
@@ -322,7 +327,18 @@ export function connectWithPolicy(io, url, options = {}) {
         if (name === ADVICE_EVENT) sessionAdvice = contractPayload(body);
       }
     });
+    // A server that stops tells its clients when, and maybe where, to come back.
+    let drained = null;
+    socket.on("policy_error", (body) => {
+      const payload = contractPayload(body);
+      if (payload?.code === SERVER_DRAINING) drained = payload;
+    });
     socket.on("disconnect", () => {
+      if (drained !== null && socket.io.reconnection()) {
+        comeBackLater(drained);
+        drained = null;
+        return;
+      }
       const payload = sessionAdvice;
       sessionAdvice = null;
       if (payload === null) return;
@@ -349,6 +365,22 @@ export function connectWithPolicy(io, url, options = {}) {
       }
       await retry(payload, error);
     });
+
+    // Called while socket.io-client's manager handles the close, before it schedules its
+    // own reconnection: that is held off, and the connection made again after the advised
+    // delay, at the advised address when there is one.
+    const comeBackLater = (payload) => {
+      const manager = socket.io;
+      manager.reconnection(false);
+      if (typeof payload.reconnect_url === "string" && payload.reconnect_url) {
+        manager.uri = payload.reconnect_url;
+      }
+      onRetry({ attempt: 0, delayMs: payload.retry_after_ms ?? 0, payload });
+      sleep(payload.retry_after_ms ?? 0).then(() => {
+        manager.reconnection(true);
+        if (!signal?.aborted && !socket.connected) socket.connect();
+      });
+    };
 
     const retry = async (payload, error) => {
       if (payload && payload.retryable !== true) {
