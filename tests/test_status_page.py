@@ -125,9 +125,11 @@ async def test_the_page_shows_the_server_as_it_is_and_follows_it(
         assert keys[1:] == [f"rate_limits/pings\t{client.get_sid()}\t1"]
 
         # The load signals as sparklines, drawn from the samples the page has polled.
-        for signal in ("loop_lag_ms", "events_per_second", "active_connections"):
+        signals = ("loop_lag_ms", "loop_lag_avg_ms", "events_per_second", "active_connections")
+        for signal in signals:
             until(browser, lambda b, s=signal: sparkline_points(b, f"spark-{s}") >= 20)
         assert text(browser, "value-active_connections") == "1"
+        assert text(browser, "overload") == "not overloaded"  # the policy's load.overloaded
         assert not browser.find_element(By.ID, "error").is_displayed()
         save_screenshot(browser, tmp_path)
 
