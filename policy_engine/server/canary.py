@@ -187,12 +187,14 @@ class Canary:
             return
         self._log_allowance -= 1.0
         suppressed, self._suppressed = self._suppressed, 0
+        fields = change.to_dict()
         _log.info(
             "candidate.disagreed",
-            outcome=change.kind,
+            outcome=fields.pop("kind"),
+            event_name=fields.pop("event"),
             suppressed=suppressed,
             audit=False,
-            **{k: v for k, v in change.to_dict().items() if k != "kind"},
+            **fields,
         )
 
     # -- what /status shows ----------------------------------------------------------------
