@@ -14,8 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 import socketio
+from selenium.webdriver.chrome.webdriver import WebDriver
 from servers import WAIT, Clients, LiveServer, eventually
 from structlog.testing import capture_logs
+from test_status_page import browser, shows, text, until  # noqa: F401 (browser: a fixture, asked for by name)
 
 from policy_engine.server.app import PolicyServer, build_app
 
@@ -172,3 +174,23 @@ async def eventually_async(check: Any) -> None:
     async with asyncio.timeout(WAIT):
         while not await check():
             await asyncio.sleep(0.02)
+
+
+async def test_the_status_page_shows_the_candidate_and_its_disagreements(
+    served: tuple[PolicyServer, LiveServer, Path], request: pytest.FixtureRequest
+) -> None:
+    chrome: WebDriver = request.getfixturevalue("browser")
+    _, live, _ = served
+    clients = Clients()
+    try:
+        client, _ = await clients.connect(live.url)
+        for n in range(2):
+            assert await client.call("echo", {"n": n}, timeout=WAIT) == {"n": n}
+        chrome.get(f"{live.url}/dashboard?interval=200")
+        until(chrome, shows("candidate-counts", "2 of 3 decisions would differ"))
+        assert "2 allowed → refused" in text(chrome, "candidate-counts")
+        rules = text(chrome, "candidate-rules")
+        assert "authorization/no-echo" in rules
+        assert "allow → ECHO_RETIRED" in rules
+    finally:
+        await clients.close()

@@ -42,22 +42,62 @@ _SECRET = re.compile(
 _FLUSH_EVERY = 1.0
 
 
+_secret_names: dict[str, bool] = {}  # answers per field name, bounded
+
+
+def _is_secret(name: str) -> bool:
+    known = _secret_names.get(name)
+    if known is None:
+        known = _SECRET.search(name) is not None
+        if len(_secret_names) < 4096:
+            _secret_names[name] = known
+    return known
+
+
 def masked(value: Any) -> Any:
-    """``value`` with every field whose name says it is a secret replaced by the mask."""
+    """``value`` with every field whose name says it is a secret replaced by the mask.
+
+    What holds no secret is returned as it is, not copied: the caller serialises it at
+    once and never changes it (:func:`redact` copies the path it masks)."""
+    kind = type(value)
+    if kind is dict:
+        out: Any = None
+        for key, item in value.items():
+            new = MASK if type(key) is str and _is_secret(key) else masked(item)
+            if new is not item:
+                if out is None:
+                    out = dict(value)
+                out[key] = new
+        return value if out is None else out
+    if kind is list or kind is tuple:
+        items = [masked(item) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     if isinstance(value, Mapping):
-        return {str(k): MASK if _SECRET.search(str(k)) else masked(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [masked(v) for v in value]
+        return masked(dict(value))
     return value
 
 
+def _masked_conn(conn: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``conn`` masked where a client chooses the names: its headers and query."""
+    headers, query = conn["headers"], conn["query"]
+    seen_headers, seen_query = masked(headers), masked(query)
+    if seen_headers is headers and seen_query is query:
+        return conn
+    return {**conn, "headers": seen_headers, "query": seen_query}
+
+
 def redact(context: dict[str, Any], paths: Iterable[tuple[str, ...]]) -> None:
-    """Mask the value at each dotted path of ``context``, in place, where it exists."""
+    """Mask the value at each dotted path of ``context`` where it exists, copying the
+    mappings along the path (the rest may be the live contexts themselves)."""
     for path in paths:
         node: Any = context
         for part in path[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and path[-1] in node:
+            child = node.get(part)
+            if not isinstance(child, Mapping):
+                node = None
+                break
+            node[part] = node = dict(child)
+        if node is not None and path[-1] in node:
             node[path[-1]] = MASK
 
 
@@ -163,12 +203,14 @@ class DecisionLog:
             return
         payload = decision.payload or {}
         context: dict[str, Any] = {
-            "conn": masked(conn),
+            "conn": _masked_conn(conn),
             "claims": masked(claims),
-            "load": dict(load),
+            "load": load,
         }
         if event is not None:
-            context["event"] = masked(event)
+            payload_ = event["payload"]
+            seen = masked(payload_)
+            context["event"] = event if seen is payload_ else {**event, "payload": seen}
         if self._redact:
             redact(context, self._redact)
         self._write(

@@ -431,7 +431,11 @@ def build_app(
     metrics.install_policy(result.policy, source)
     metrics.track_connections(adapter.active_connections)
     decision_log = DecisionLog(result.policy)
-    canary = Canary(candidate, metrics=metrics, backend=cel_backend) if candidate else None
+    canary = (
+        Canary(candidate, metrics=metrics, backend=cel_backend, clock=engine.clock)
+        if candidate
+        else None
+    )
 
     def tap(policy: PolicySet) -> None:
         """The engine's taps for ``policy``: its decision log when it has one, the canary."""

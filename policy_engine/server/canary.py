@@ -3,7 +3,8 @@
 ``serve --candidate FILE`` (``build_app(..., candidate=FILE)``) makes a :class:`Canary`
 the engine's tap: every decision the enforced policy makes is queued, with the contexts it
 was made on, and judged again by the candidate (:class:`~policy_engine.core.rejudge.Rejudge`,
-its own memory state, the decision's own time as its clock) by a task of its own, after
+its own memory state, the time of the enforced decision on the engine's clock as its
+clock) by a task of its own, after
 the client was answered. Clients only ever get the enforced policy's decisions; the
 candidate costs the copy of the contexts on the request path and its own judgement off
 it. A full queue drops (and counts) what it cannot hold rather than grow.
@@ -147,13 +148,20 @@ class Canary:
         while True:
             await wake.wait()
             wake.clear()
-            done = 0
-            while self._queue:
-                self._judge(await self._decide(self._queue[0]))
-                self._queue.popleft()
-                done += 1
-                if done % _YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
+            await self.drain()
+
+    async def drain(self) -> int:
+        """Judge every queued decision, in order, letting the loop run between batches;
+        how many were judged."""
+        done = 0
+        queue = self._queue
+        while queue:
+            self._judge(await self._decide(queue[0]))
+            queue.popleft()
+            done += 1
+            if done % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        return done
 
     async def _decide(self, judgement: Judgement) -> tuple[Judgement, Decision | None]:
         try:
