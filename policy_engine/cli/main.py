@@ -140,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ops-host", default="127.0.0.1", help="operations listener address (default 127.0.0.1)"
     )
+    serve.add_argument(
+        "--candidate",
+        metavar="FILE",
+        help="a second policy judged in shadow on live traffic, on its own state: what it"
+        " would decide differently is counted in metrics, shown in /status and logged;"
+        " clients get only the enforced policy's decisions. SIGHUP reloads it too",
+    )
+    serve.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload when the policy file (or the candidate, or an event schema they name)"
+        " changes, a Kubernetes ConfigMap's symlink swap included; as SIGHUP does",
+    )
+    _add_replay(commands)
     token = commands.add_parser(
         "token", help="print a signed JWT (by default with the shipped development key)"
     )
@@ -158,6 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--issuer", default="policy-engine-dev")
     token.add_argument("--audience", default="policy-engine-demo")
     return parser
+
+
+def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser(
+        "replay", help="judge logged decisions again under a candidate policy: what would change"
+    )
+    replay.add_argument("logs", nargs="+", metavar="LOG", help="decision logs, oldest first")
+    replay.add_argument("--policies", required=True, metavar="FILE", help="the candidate policy")
+    replay.add_argument(
+        "--max-changed",
+        metavar="N|P%",
+        help="exit 1 when more decisions than this would change (a count, or a share: 1%%)",
+    )
+    replay.add_argument("--examples", type=int, default=5, help="examples per kind (default 5)")
+    replay.add_argument("--json", action="store_true", help="the report as JSON")
+    replay.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="a progress bar on standard error (auto: when it is a terminal)",
+    )
+    replay.add_argument("--cel-backend", choices=("cel-expr-python", "cel-python"))
 
 
 def _env_int(name: str) -> int | None:
@@ -182,6 +218,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         return _serve(args)
     if args.command == "token":
         return _token(args, stdout)
+    if args.command == "replay":
+        from policy_engine.cli.replay import run
+
+        return run(args, stdout)
     if args.command == "schema":
         from policy_engine.language.schema import schema_path
 
@@ -293,6 +333,8 @@ def server_for(args: argparse.Namespace) -> PolicyServer | int:
             store=store,
             claims_loader=loader,
             ops_token=os.environ.get("POLICY_ENGINE_OPS_TOKEN") or None,
+            candidate=args.candidate,
+            watch=args.watch,
         )
     except PolicyError as exc:
         for diagnostic in exc.diagnostics:

@@ -64,6 +64,7 @@ def plan(
         authorization=sections.authorization,
         authentication=sections.authentication,
         load=sections.load,
+        decision_log=sections.decision_log,
         default_event=sections.default_event,
         by_hook=index,
         event_plans=event_plans(sections, index),

@@ -38,6 +38,7 @@ from policy_engine.core.payload_view import handshake_checked, handshake_refusal
 from policy_engine.core.rate_limits import RateLimits
 from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
+from policy_engine.core.tap import DecisionTap
 from policy_engine.language.contexts import CONN, EVENT, LOAD, Hook
 from policy_engine.language.model import PolicySet
 from policy_engine.state.guarded import GuardedStore
@@ -77,6 +78,8 @@ class Engine(EventHooks):
         self.load: dict[str, Any] = LOAD.defaults()
         self._shedding = Shedding()
         self._rates = RateLimits()
+        # Told every decision and disconnect (the decision log, the canary); None: nobody.
+        self.tap: DecisionTap | None = None
         self.swap(policy)
 
     @property
@@ -118,7 +121,7 @@ class Engine(EventHooks):
         if self._handshake_checked:
             invalid = handshake_refusal(conn, claims)
             if invalid is not None:
-                return finish(invalid, shadowed, recorder)
+                return self._tapped(conn, claims, finish(invalid, shadowed, recorder))
         refusal = (
             self._shedding.shed(
                 policy,
@@ -145,9 +148,20 @@ class Engine(EventHooks):
         if refusal is None:
             conn["priority"] = priority(policy, activation)
             refusal = await count_connection(policy, state, conn, recorder)
-        return finish(refusal or ALLOW, shadowed, recorder)
+        return self._tapped(conn, claims, finish(refusal or ALLOW, shadowed, recorder))
+
+    def _tapped(
+        self, conn: Mapping[str, Any], claims: Mapping[str, Any], decision: Decision
+    ) -> Decision:
+        tap = self.tap
+        if tap is not None:
+            tap.judged(Hook.CONNECT, conn, claims, None, self.load, decision)
+        return decision
 
     async def on_disconnect(self, conn: Mapping[str, Any]) -> None:
+        tap = self.tap
+        if tap is not None:
+            tap.disconnected(conn)
         self._rates.forget(conn["sid"])
         await self.state.close_connection(conn["sid"], conn["user_id"], conn["ip"])
 

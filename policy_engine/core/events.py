@@ -24,6 +24,7 @@ from policy_engine.core.payload_view import PayloadView, cel_event
 from policy_engine.core.rate_limits import RateCheck, RateLimits
 from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
+from policy_engine.core.tap import DecisionTap
 from policy_engine.language.contexts import Hook
 from policy_engine.language.model import EventPlan, EventSpec, PolicySet, RateLimitSpec
 from policy_engine.state.guarded import ASK, GuardedStore
@@ -60,6 +61,7 @@ class EventHooks:
     state: GuardedStore
     load: dict[str, Any]
     clock: Callable[[], float]
+    tap: DecisionTap | None
     _shedding: Shedding
     _rates: RateLimits
     _payload_views: dict[str, PayloadView | None]
@@ -78,6 +80,9 @@ class EventHooks:
         """
         plan = self.policy.event_plans[event["name"]]
         decided = self._decide_event(plan, conn, claims, event, NULL_RECORDER)
+        tap = self.tap
+        if tap is not None and type(decided) is Decision:
+            tap.judged(Hook.EVENT, conn, claims, event, self.load, decided)
         if decided is ALLOW and not plan.breakers:
             return _ALLOWED
         if isinstance(decided, PendingEvent):
@@ -101,6 +106,8 @@ class EventHooks:
         if isinstance(permits, Refused):
             for held in permits.held:
                 self.state.release_now(held)
+            if tap is not None:
+                tap.judged(Hook.EVENT, conn, claims, event, self.load, permits.decision)
             return EventVerdict(permits.decision, NO_GUARD)
         return EventVerdict(decided, None)  # the shared store holds the breakers' state
 
@@ -120,13 +127,16 @@ class EventHooks:
         decided = self._decide_event(plan, conn, claims, event, recorder)
         if isinstance(decided, PendingEvent):
             return await self.settle_event(decided)
+        tap = self.tap
+        if tap is not None:
+            tap.judged(Hook.EVENT, conn, claims, event, self.load, decided)
         return decided
 
     async def settle_event(self, pending: PendingEvent) -> Decision:
         """Finish a judgement that waited for the shared store's rate-limit answers."""
         await pending.rates.answer(self.state)
         refusal = pending.rates.conclude(self.policy, pending.recorder, pending.shadowed)
-        return self._checks(
+        decision = self._checks(
             pending.plan,
             pending.event,
             pending.activation,
@@ -134,6 +144,18 @@ class EventHooks:
             pending.shadowed,
             pending.recorder,
         )
+        tap = self.tap
+        if tap is not None:
+            activation = pending.activation
+            tap.judged(
+                Hook.EVENT,
+                activation["conn"],
+                activation["claims"],
+                pending.event,
+                activation["load"],
+                decision,
+            )
+        return decision
 
     def _decide_event(
         self,
@@ -273,7 +295,10 @@ class EventHooks:
         spec = policy.events.get(event["name"]) or policy.default_event
         event["priority"] = spec.priority.value
         index = policy.by_hook
+        tap = self.tap
         if not index.limits_or_sheds(Hook.EMIT):
+            if tap is not None:
+                tap.judged(Hook.EMIT, conn, claims, event, self.load, ALLOW)
             return finish(ALLOW, [], recorder)
         shadowed: list[str] = []
         activation = {"conn": conn, "claims": claims, "event": event, "load": self.load}
@@ -284,7 +309,10 @@ class EventHooks:
         if refusal is None or refusal.outcome is _DELAY:
             limits = index.rate_limits_for(Hook.EMIT, event["name"])
             refusal = await self._rate_limits(limits, activation, recorder, shadowed) or refusal
-        return finish(refusal or ALLOW, shadowed, recorder)
+        decision = finish(refusal or ALLOW, shadowed, recorder)
+        if tap is not None:
+            tap.judged(Hook.EMIT, conn, claims, event, self.load, decision)
+        return decision
 
     async def _rate_limits(
         self,
@@ -338,6 +366,9 @@ class EventHooks:
         if isinstance(permits, Refused):
             for held in permits.held:
                 await state.release(held)
+            tap = self.tap
+            if tap is not None:
+                tap.judged(Hook.EVENT, conn, claims, event, self.load, permits.decision)
             return finish(permits.decision, [], recorder)
         return permits
 

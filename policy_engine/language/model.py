@@ -382,6 +382,29 @@ class DrainSpec:
     reconnect_url: str | None = None
 
 
+DECISION_LOG_MAX_BYTES = 100_000_000
+"""Bytes a decision log file grows to before it is rotated, by default."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionLogSpec:
+    """The decision log: one JSON line per sampled decision, for audits and ``replay``.
+
+    Opt-in (a policy without the section logs nothing). ``sample`` is the fraction of
+    decisions written (a replay that must reproduce the live run needs all of them);
+    ``path`` a file, rotated past ``max_bytes`` with ``backups`` old files kept, or ``-``
+    for standard output. Secrets (tokens, authorization headers, cookies) are always
+    masked; ``redact`` names more fields (``conn.headers.x-api-key``,
+    ``event.payload.email``, ``claims.email``) whose values are masked too.
+    """
+
+    sample: float = 1.0
+    path: str = "-"
+    max_bytes: int = DECISION_LOG_MAX_BYTES
+    backups: int = 5
+    redact: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class ThresholdSpec:
     """Hysteresis on one smoothed signal: above ``enter`` starts overload, at or below
@@ -554,6 +577,7 @@ class PolicySet:
     authentication: AuthenticationSpec = field(default_factory=AuthenticationSpec)
     drain: DrainSpec = field(default_factory=DrainSpec)
     load: LoadSpec = field(default_factory=LoadSpec)
+    decision_log: DecisionLogSpec | None = None
     by_hook: HookIndex = field(compare=False, repr=False, kw_only=True)
     event_plans: EventPlans = field(compare=False, repr=False, kw_only=True)
     # Whether any expression reads ``conn.connected_ms``: only then is it kept current on

@@ -339,6 +339,25 @@ class MetricsObserver:
             self.breaker_state.labels(name).set(BREAKER_STATE_VALUES[Circuit.CLOSED])
         self._breakers = wanted
 
+    def track_candidate(self) -> tuple[Counter, Counter]:
+        """The live canary's counters: decisions it judged again, and those that differ
+        (``from`` the enforced verdict ``to`` the candidate's: ``allow``, ``delay`` or a
+        refusal's code; ``rule`` the rule that refused)."""
+        judged = Counter(
+            "candidate_decisions",
+            "Live decisions the candidate policy judged again in shadow.",
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        disagreements = Counter(
+            "candidate_disagreements",
+            "Live decisions the candidate policy would have made differently.",
+            ["rule", "from", "to"],
+            namespace=NAMESPACE,
+            registry=self.registry,
+        )
+        return judged, disagreements
+
     def track_connections(self, count: Callable[[], int]) -> None:
         """Read the connection count at scrape time, so the gauge is never a tick behind."""
         self.active_connections.set_function(lambda: float(count()))

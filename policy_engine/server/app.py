@@ -52,8 +52,11 @@ from policy_engine.auth.loader import HandshakeClaimsLoader
 from policy_engine.compiler.pipeline import compile_file
 from policy_engine.core.classify import Classification
 from policy_engine.core.engine import Engine
+from policy_engine.core.tap import DecisionTap, Taps
 from policy_engine.errors import PolicyEngineError
+from policy_engine.language.model import PolicySet
 from policy_engine.observe.composite import CompositeObserver
+from policy_engine.observe.decision_log import DecisionLog
 from policy_engine.observe.logs import (
     LogObserver,
     is_auth_error,
@@ -62,8 +65,10 @@ from policy_engine.observe.logs import (
 from policy_engine.observe.metrics import MetricsObserver
 from policy_engine.observe.observer import Observer
 from policy_engine.server import dashboard, demo, relay
+from policy_engine.server.canary import Canary
 from policy_engine.server.reload import PolicyReloader
 from policy_engine.server.sampler import EventCounter, LoadSampler
+from policy_engine.server.watch import Watcher, watched_files
 from policy_engine.state.memory import StateStore
 
 Scope = MutableMapping[str, Any]
@@ -95,6 +100,9 @@ class PolicyServer:
         socketio_path: str = "socket.io",
         ops_token: str | None = None,
         public_operations: bool = False,
+        decision_log: DecisionLog | None = None,
+        canary: Canary | None = None,
+        watch: bool = False,
     ) -> None:
         self.sio = sio
         self.engine = engine
@@ -102,6 +110,9 @@ class PolicyServer:
         self.reloader = reloader
         self.sampler = sampler
         self.metrics = metrics
+        self.decision_log = decision_log
+        self.canary = canary
+        self.watcher = self._watcher() if watch else None
         self.socketio_app = adapter.asgi_app(socketio_path=socketio_path)
         self.started = False
         self.draining = False
@@ -121,16 +132,44 @@ class PolicyServer:
     async def start(self) -> None:
         await self.adapter.start()
         self.sampler.start()
+        if self.canary is not None:
+            self.canary.start()
+        if self.watcher is not None:
+            self.watcher.start()
         self.started = True
         self.draining = False
 
     async def stop(self) -> None:
         self.draining = True
+        if self.watcher is not None:
+            await self.watcher.stop()
         await self.sampler.stop()
         await self.adapter.stop()
+        if self.canary is not None:
+            await self.canary.stop()
+        if self.decision_log is not None:
+            self.decision_log.close()
         with contextlib.suppress(Exception):
             await self.engine.state.close()
         self.started = False
+
+    def request_reload(self) -> None:
+        """What SIGHUP and ``--watch`` do: reload the policy file, and the candidate's."""
+        self.reloader.request_reload()
+        if self.canary is not None:
+            self.canary.reloader.request_reload()
+
+    def _watcher(self) -> Watcher:
+        """Watches the enforced policy's files and the candidate's."""
+        reloader, canary = self.reloader, self.canary
+
+        def files() -> list[Path]:
+            paths = watched_files(reloader.path, self.engine.policy)
+            if canary is not None:
+                paths += watched_files(canary.reloader.path, canary.policy)
+            return paths
+
+        return Watcher(files, self.request_reload)
 
     async def drain(self) -> None:
         """Stop as the policy's ``drain`` says: readiness fails and new sessions are refused
@@ -195,6 +234,7 @@ class PolicyServer:
             "store": self.store_status(),
             "emits": relay.describe(self.sio),
             "load": dict(self.engine.load),
+            "candidate": self.canary.status() if self.canary is not None else None,
         }
 
     def store_status(self) -> dict[str, Any]:
@@ -357,6 +397,8 @@ def build_app(
     store: StateStore | None = None,
     ops_token: str | None = None,
     public_operations: bool = False,
+    candidate: str | Path | None = None,
+    watch: bool = False,
 ) -> PolicyServer:
     """Compile ``policies`` and put ``sio`` behind it; raises PolicyError on an invalid file.
 
@@ -364,6 +406,11 @@ def build_app(
     in this process's memory. ``/metrics`` and ``/status`` are served by
     :meth:`PolicyServer.operations_app`; the public app answers them only to a request with
     ``Authorization: Bearer <ops_token>``, or to anyone with ``public_operations``.
+
+    ``candidate`` is a second policy file judged in shadow on live traffic
+    (:mod:`policy_engine.server.canary`); ``watch`` reloads both files when they change
+    (:mod:`policy_engine.server.watch`). The policy's ``decision_log`` section, when it
+    has one, writes its decisions (:mod:`policy_engine.observe.decision_log`).
     """
     result = compile_file(policies, backend=cel_backend)
     source = str(policies)
@@ -383,12 +430,28 @@ def build_app(
     adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)
     metrics.install_policy(result.policy, source)
     metrics.track_connections(adapter.active_connections)
+    decision_log = DecisionLog(result.policy)
+    canary = (
+        Canary(candidate, metrics=metrics, backend=cel_backend, clock=engine.clock)
+        if candidate
+        else None
+    )
+
+    def tap(policy: PolicySet) -> None:
+        """The engine's taps for ``policy``: its decision log when it has one, the canary."""
+        decision_log.configure(policy)
+        taps: list[DecisionTap] = [decision_log] if decision_log.active else []
+        if canary is not None:
+            taps.append(canary)
+        engine.tap = taps[0] if len(taps) == 1 else (Taps(taps) if taps else None)
+
+    tap(result.policy)
     reloader = PolicyReloader(
         policies,
         engine,
         observer,
         backend=cel_backend,
-        on_install=[lambda policy: metrics.install_policy(policy, source)],
+        on_install=[lambda policy: metrics.install_policy(policy, source), tap],
         before_install=[adapter.authentication.prepare],
     )
     sampler = LoadSampler(
@@ -397,7 +460,7 @@ def build_app(
         sample_interval,
         connects=connects,
         lag_threshold_ms=lag_threshold_ms,
-        on_sample=[metrics.observe_load],
+        on_sample=[metrics.observe_load, decision_log.flush],
     )
     _log.info(
         "policy.loaded",
@@ -417,6 +480,9 @@ def build_app(
         socketio_path=socketio_path,
         ops_token=ops_token,
         public_operations=public_operations,
+        decision_log=decision_log,
+        canary=canary,
+        watch=watch,
     )
 
 
@@ -511,7 +577,7 @@ async def serve(
         server.shutdown(force=signum == signal.SIGINT)
 
     if install_signals:
-        server.reloader.install_sighup(loop)
+        loop.add_signal_handler(signal.SIGHUP, server.request_reload)
         for signum in exit_signals:
             loop.add_signal_handler(signum, request_exit, signum)
     others = [asyncio.create_task(listener.serve()) for listener in listeners[1:]]
@@ -525,7 +591,7 @@ async def serve(
             listener.should_exit = True
         await asyncio.gather(*others, return_exceptions=True)
         if install_signals:
-            server.reloader.remove_sighup(loop)
+            loop.remove_signal_handler(signal.SIGHUP)
             for signum in exit_signals:
                 loop.remove_signal_handler(signum)
 

@@ -19,6 +19,7 @@ from policy_engine.compiler.sections.authorization import build_authorization
 from policy_engine.compiler.sections.backoff import backoff_names, build_backoff
 from policy_engine.compiler.sections.circuit_breakers import build_circuit_breakers
 from policy_engine.compiler.sections.connections import build_connections
+from policy_engine.compiler.sections.decision_log import build_decision_log
 from policy_engine.compiler.sections.defaults import build_defaults
 from policy_engine.compiler.sections.drain import build_drain
 from policy_engine.compiler.sections.errors import build_errors
@@ -35,6 +36,7 @@ from policy_engine.language.model import (
     BackoffSpec,
     CircuitBreakerSpec,
     ConnectionsSpec,
+    DecisionLogSpec,
     DefaultsSpec,
     DrainSpec,
     ErrorRuleSpec,
@@ -70,6 +72,7 @@ class Sections:
     authentication: AuthenticationSpec = field(default_factory=AuthenticationSpec)
     drain: DrainSpec = field(default_factory=DrainSpec)
     load: LoadSpec = field(default_factory=LoadSpec)
+    decision_log: DecisionLogSpec | None = None
 
 
 def build_sections(c: Compilation) -> Sections:
@@ -92,6 +95,7 @@ def build_sections(c: Compilation) -> Sections:
         connections=build_connections(c, c.section("connections"), names),
         recovery=build_recovery(c, c.section("recovery")),
         drain=build_drain(c, c.section("drain")),
+        decision_log=build_decision_log(c, data.get("decision_log")),
         events=events,
         default_event=default_event,
         authorization=build_authorization(
