@@ -39,6 +39,11 @@ WAIT = 5.0  # a ceiling against hangs, never a measure of speed
 # -- fixtures ------------------------------------------------------------------------------------
 
 
+BUSY_MACHINE_TIMEOUT = 5.0
+"""The stores' socket timeout where a test is not about timeouts: a busy machine can take
+longer than the default half second to answer, and that is no failure of what is tested."""
+
+
 @contextlib.asynccontextmanager
 async def store_maker(url: str) -> AsyncIterator[Callable[..., RedisStore]]:
     """``make(**options)``: RedisStores on ``url`` sharing one fresh prefix, closed after."""
@@ -48,6 +53,7 @@ async def store_maker(url: str) -> AsyncIterator[Callable[..., RedisStore]]:
     def make(**options: Any) -> RedisStore:
         options.setdefault("prefix", prefix)
         options.setdefault("server_clock", False)  # the tests name their instants
+        options.setdefault("socket_timeout", BUSY_MACHINE_TIMEOUT)
         store = RedisStore(url, **options)
         made.append(store)
         return store
@@ -80,7 +86,12 @@ async def store(store_url: str) -> AsyncIterator[StateStore]:
     if store_url == "memory":
         yield MemoryStore()
         return
-    redis_store = RedisStore(store_url, prefix=f"test-{uuid4().hex}", server_clock=False)
+    redis_store = RedisStore(
+        store_url,
+        prefix=f"test-{uuid4().hex}",
+        server_clock=False,
+        socket_timeout=BUSY_MACHINE_TIMEOUT,
+    )
     yield redis_store
     await redis_store.close()
 
