@@ -131,8 +131,12 @@ async def test_the_urls_user_password_and_database_are_used(tmp_path: Path) -> N
                 store._limits.key(spec, "ip1")
             ]
         wrong = RedisStore(f"redis://app:wrong@127.0.0.1:{server.port}/3", prefix=prefix)
-        with pytest.raises(StoreError, match=r"(?i)password|auth"):
-            await wrong.check_rate_limits([(spec, "ip1")], 100.0)
+        for _ in range(5):
+            with pytest.raises(StoreError, match=r"(?i)password|auth"):
+                await wrong.check_rate_limits([(spec, "ip1")], 100.0)
+        await asyncio.sleep(0.1)  # the refused connections' closes reach the server
+        with server.client() as client:
+            assert len(client.client_list()) == 1  # this one: none of the refused is left
         await wrong.close()
     finally:
         server.stop()

@@ -169,15 +169,18 @@ class Wire:
             _, protocol = await loop.create_unix_connection(_Protocol, self.path)
         else:
             _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
-        if self._hello:
-            futures = [loop.create_future() for _ in self._hello]
-            protocol.send(b"".join(pack(*words) for words in self._hello), futures, loop.time())
-            try:
-                for future in futures:
-                    await future
-            except ResponseError as exc:
-                protocol.drop(ConnectionError("closed after a refused handshake"))
+        if not self._hello:
+            return protocol
+        futures = [loop.create_future() for _ in self._hello]
+        protocol.send(b"".join(pack(*words) for words in self._hello), futures, loop.time())
+        try:
+            for future in futures:
+                await future
+        except BaseException as exc:  # refused, or out of time: this connection is unused
+            protocol.drop(ConnectionError("closed before it was used"))
+            if isinstance(exc, ResponseError):
                 raise AuthenticationError(str(exc)) from exc
+            raise
         return protocol
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
