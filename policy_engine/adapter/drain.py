@@ -19,6 +19,7 @@ deadline is closed at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -27,6 +28,8 @@ from typing import Any
 
 from policy_engine.core.payload import SERVER_DRAINING, ClientPayload, backoff_for
 from policy_engine.language.model import DrainSpec, PolicySet
+
+_log = logging.getLogger("policy_engine.adapter.attach")  # the adapter's one logger
 
 TICK = 0.05
 """Seconds between two batches of closes, at least (a batch is what the pace allows in it)."""
@@ -71,9 +74,15 @@ async def drain_sessions(  # noqa: PLR0917 (the sessions, the pace, and the two 
     closing: set[asyncio.Task[None]] = set()
 
     async def let_go(eio_sid: str, notify: bool) -> None:
-        if notify:
-            await tell(eio_sid)
-        await close(eio_sid)
+        try:
+            if notify:
+                await tell(eio_sid)
+        except Exception:  # the client went meanwhile: it is closed all the same
+            _log.debug("telling %s failed", eio_sid, exc_info=True)
+        try:
+            await close(eio_sid)
+        except Exception:
+            _log.exception("closing %s failed", eio_sid)
 
     def start(eio_sid: str, notify: bool) -> None:
         task = asyncio.ensure_future(let_go(eio_sid, notify))
