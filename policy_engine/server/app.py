@@ -137,7 +137,7 @@ class PolicyServer:
         if self.watcher is not None:
             self.watcher.start()
         self.started = True
-        self.draining = False
+        self.draining = self.adapter.draining = False
 
     async def stop(self) -> None:
         self.draining = True
