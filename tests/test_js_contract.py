@@ -144,3 +144,17 @@ def test_a_rate_limited_connect_is_retried_only_after_retry_after_then_succeeds(
     assert of(lines, "connected")[-1]["t"] > next_handshake["t"]
     outcomes = [d.outcome.value for hook, d, _ in served.observer.decisions if hook == "connect"]
     assert outcomes == ["allow", "reject", "allow"]
+
+
+def test_a_dropped_connection_is_retried_no_slower_than_by_a_plain_client(serve):
+    served = serve(setup=echo_app)
+
+    lines = run_scenario("reconnection", served.url)
+
+    # The shipped advice (full jitter, 500 ms base, 30 s cap, 10 attempts) spreads the
+    # retries; socket.io-client's own defaults (1 s doubling, 5 s cap, for ever) bound them.
+    [settings] = of(lines, "reconnection")
+    assert settings["enabled"] is True
+    assert settings["delay_ms"] == 250
+    assert settings["delay_max_ms"] == 5000
+    assert settings["attempts"] == "unlimited"

@@ -59,6 +59,9 @@ export const DEFAULT_BACKOFF = Object.freeze({
   multiplier: 2,
 });
 
+/** socket.io-client's default `reconnectionDelayMax`: what a plain client waits at most. */
+export const PLAIN_RECONNECTION_MAX_MS = 5_000;
+
 const STRATEGIES = new Set([
   "exponential",
   "full_jitter",
@@ -291,12 +294,16 @@ export function connectWithPolicy(io, url, options = {}) {
         reject(error);
       }
     };
+    // A dropped connection (the server restarted, the network went) is retried no slower
+    // than a plain socket.io-client would retry it: the advice's spread, with its waits
+    // capped at socket.io-client's own cap and no limit on attempts. The advice's own cap
+    // and limit are for retrying refusals, which come with their retry_after_ms.
     const tune = (manager) => {
       const tuned = reconnectionOptions(advice);
-      manager.reconnectionDelay(tuned.reconnectionDelay);
-      manager.reconnectionDelayMax(tuned.reconnectionDelayMax);
+      manager.reconnectionDelay(Math.min(tuned.reconnectionDelay, PLAIN_RECONNECTION_MAX_MS));
+      manager.reconnectionDelayMax(Math.min(tuned.reconnectionDelayMax, PLAIN_RECONNECTION_MAX_MS));
       manager.randomizationFactor(tuned.randomizationFactor);
-      manager.reconnectionAttempts(tuned.reconnectionAttempts);
+      manager.reconnectionAttempts(Infinity);
     };
     const abort = () => {
       socket.disconnect();

@@ -116,6 +116,20 @@ const scenarios = {
     });
     log("ack", { label: "third", ack });
   },
+
+  // Connected: how socket.io-client's own reconnection is set for a dropped connection.
+  async reconnection() {
+    const query = { conversation_id: "c1" };
+    const socket = await connectWithPolicy(observedIo, url, policyOptions({ query }));
+    const manager = socket.io;
+    log("reconnection", {
+      enabled: manager.reconnection(),
+      delay_ms: manager.reconnectionDelay(),
+      delay_max_ms: manager.reconnectionDelayMax(),
+      attempts: manager.reconnectionAttempts() === Infinity ? "unlimited" : manager.reconnectionAttempts(),
+    });
+    socket.close();
+  },
 };
 
 const watchdog = setTimeout(() => {
