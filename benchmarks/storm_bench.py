@@ -1,4 +1,4 @@
-"""A reconnect storm: N plain socket.io-client connections, the server restarted under them.
+"""A reconnect storm: N socket.io-client connections, the server restarted under them.
 
 Each round runs every mode once, in alternating order (ABC, CBA, ...): a server on a free
 port, pinned to core 0 (``echo_server``: bare python-socketio, or the same handlers behind
@@ -12,7 +12,9 @@ that same round.
     python -m benchmarks.storm_bench [--clients 500] [--rounds 3] [--limit 60]
 
 Modes: ``bare``; ``policy`` (the shipped policy); ``queue`` (the shipped policy with an
-admission queue: ``connections.queue: {max_wait: 10s, max_length: 5000}``). Every client
+admission queue: ``connections.queue: {max_wait: 10s, max_length: 5000}``); ``helper``
+(the shipped policy, every client made by the JS helper's ``connectWithPolicy``, which
+follows the server's advice; ``--modes bare,policy,helper``). Every client
 sends ``X-Forwarded-For`` with an address of its own and both policies trust the loopback
 as a proxy, so per-address limits apply per client as they would behind a proxy.
 """
@@ -62,7 +64,8 @@ def server_argv(mode: str, port: int, folder: Path) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks.echo_server", "--port", str(port)]
     if mode == "bare":
         return [*argv, "--mode", "bare"]
-    return [*argv, "--mode", "policy", "--policies", str(bench_policy(folder, mode))]
+    policy = bench_policy(folder, "policy" if mode == "helper" else mode)
+    return [*argv, "--mode", "policy", "--policies", str(policy)]
 
 
 def start_server(argv: list[str], port: int) -> subprocess.Popen[bytes]:
@@ -83,11 +86,13 @@ def start_server(argv: list[str], port: int) -> subprocess.Popen[bytes]:
 
 
 @contextmanager
-def clients(url: str, count: int, transports: str) -> Iterator[queue.Queue[dict[str, Any]]]:
+def clients(
+    url: str, count: int, transports: str, kind: str = "plain"
+) -> Iterator[queue.Queue[dict[str, Any]]]:
     node = shutil.which("node")
     if node is None:
         raise SystemExit("node is not on PATH")
-    argv = pinned(1, [node, str(STORM), url, str(count), transports])
+    argv = pinned(1, [node, str(STORM), url, str(count), transports, kind])
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     lines: queue.Queue[dict[str, Any]] = queue.Queue()
 
@@ -126,7 +131,8 @@ def storm(mode: str, count: int, limit: float, transports: str, folder: Path) ->
     argv = server_argv(mode, port, folder)
     process = start_server(argv, port)
     try:
-        with clients(f"http://127.0.0.1:{port}", count, transports) as lines:
+        kind = "helper" if mode == "helper" else "plain"
+        with clients(f"http://127.0.0.1:{port}", count, transports, kind) as lines:
             first = wait_for(lines, "all", limit)
             if first["event"] != "all":
                 raise RuntimeError(f"{mode}: only {first['connected']} connected at first")

@@ -1,12 +1,14 @@
-// N plain socket.io-client connections to one server, for benchmarks/storm_bench.py:
-// `node storm.mjs <url> <n> <transports>`. Default reconnection settings: what an
-// application that never heard of the policy gets. Prints JSON lines:
+// N socket.io-client connections to one server, for benchmarks/storm_bench.py:
+// `node storm.mjs <url> <n> <transports> [plain|helper]`. Plain: default reconnection
+// settings, what an application that never heard of the policy gets; helper: each made by
+// the project's connectWithPolicy, which follows the server's advice. Prints JSON lines:
 //   all    every client is connected (`t`, ms since start)
 //   down   the first disconnect after `all`: the server went away
 //   count  `connected`, every 250 ms
 import { io } from "socket.io-client";
+import { connectWithPolicy } from "../../clients/js/policy-client.mjs";
 
-const [url, n, transports = "websocket"] = process.argv.slice(2);
+const [url, n, transports = "websocket", kind = "plain"] = process.argv.slice(2);
 const total = Number(n);
 const start = performance.now();
 const log = (event, fields = {}) =>
@@ -15,15 +17,7 @@ const log = (event, fields = {}) =>
   );
 let connected = 0;
 let whole = false;
-for (let i = 0; i < total; i += 1) {
-  const socket = io(url, {
-    transports: transports.split(","),
-    forceNew: true,
-    query: { conversation_id: `storm-${i % 50}` },
-    // One address per client, as behind a proxy the policy trusts (the bench's policy
-    // lists the loopback as one): per-address limits apply to each client, not to all.
-    extraHeaders: { "x-forwarded-for": `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}` },
-  });
+function observe(socket) {
   let up = false;
   socket.on("connect", () => {
     up = true;
@@ -42,5 +36,23 @@ for (let i = 0; i < total; i += 1) {
       log("down");
     }
   });
+  return socket;
+}
+for (let i = 0; i < total; i += 1) {
+  const options = {
+    transports: transports.split(","),
+    forceNew: true,
+    query: { conversation_id: `storm-${i % 50}` },
+    // One address per client, as behind a proxy the policy trusts (the bench's policy
+    // lists the loopback as one): per-address limits apply to each client, not to all.
+    extraHeaders: { "x-forwarded-for": `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}` },
+  };
+  if (kind === "helper") {
+    connectWithPolicy((target, opts) => observe(io(target, opts)), url, {
+      socketOptions: options,
+    }).catch((error) => log("gave_up", { message: String(error?.message ?? error) }));
+  } else {
+    observe(io(url, options));
+  }
 }
 setInterval(() => log("count", { connected }), 250);
