@@ -44,7 +44,8 @@ async def throughput(port: int, clients: int, seconds: float) -> None:
         count = 0
         while time.perf_counter() < stop:
             start = time.perf_counter()
-            await client.call("echo", count, timeout=30)
+            # An object the `every` mode's schema accepts (the schema of a user action).
+            await client.call("echo", {"action": "echo", "args": {"n": count}}, timeout=30)
             latencies.append(time.perf_counter() - start)
             count += 1
         return count
