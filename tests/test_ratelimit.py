@@ -248,6 +248,40 @@ def test_sliding_window_frees_a_slot_exactly_one_period_after_each_admission() -
     assert steps[-1][4] == SlidingLogState((1.0, 1.4))
 
 
+@settings(max_examples=200)
+@given(specs(RateAlgorithm.SLIDING_WINDOW), arrivals(max_size=120), st.data())
+def test_sliding_log_states_stay_values_when_checked_from_any_earlier_state(
+    spec: RateLimitSpec, trace: list[tuple[float, int]], data: st.DataObject
+) -> None:
+    """Successive states share one list; checking from an older state (a refused joint
+    check keeps the prior one) must neither change it nor be misled by later appends."""
+    states = [SlidingLogState(())]
+    logs = [()]
+    for now, cost in trace:
+        index = data.draw(st.integers(0, len(states) - 1))
+        decision, state = check(spec, states[index], now, cost)
+        rebuilt, expected = check(spec, SlidingLogState(logs[index]), now, cost)
+        assert decision == rebuilt
+        assert state == expected
+        assert state.log == expected.log
+        assert all(old.log == log for old, log in zip(states, logs, strict=True))
+        states.append(state)
+        logs.append(state.log)
+    assert len(states[-1]) <= spec.rate.limit
+
+
+def test_sliding_log_admission_appends_to_the_shared_log_rather_than_copying_it() -> None:
+    spec = limit_spec(RateAlgorithm.SLIDING_WINDOW, limit=10_000, period=100_000.0)
+    state = SlidingLogState(())
+    for step in range(5_000):
+        state = check(spec, state, float(step))[1]
+    _, after = check(spec, state, 5_000.0)
+    assert after._buffer is state._buffer  # what makes an admission O(1)
+    assert len(after) == 5_001
+    assert after.log[-2:] == (4_999.0, 5_000.0)
+    assert len(state) == 5_000
+
+
 def test_sliding_log_keeps_only_the_newest_limit_entries_after_the_limit_is_lowered() -> None:
     lowered = limit_spec(RateAlgorithm.SLIDING_WINDOW, limit=2, period=10.0)
     state = SlidingLogState((1.0, 2.0, 3.0, 4.0))

@@ -57,14 +57,57 @@ class GcraState:
     tat: float
 
 
-@dataclass(frozen=True, slots=True)
 class SlidingLogState:
     """Admission times still inside the window, oldest first, at most ``rate.limit`` of them.
 
     A request of cost ``c`` is logged as ``c`` equal timestamps.
+
+    A value, like the other states: ``log`` never changes once built, and two states with
+    the same ``log`` are equal. It is kept as a view, ``[start, end)``, of a list that
+    successive states of one key share, so that an admission appends one entry instead of
+    copying the whole log (O(1) amortized rather than O(limit) per event): a newer state
+    only ever appends past ``end`` of the state it came from, which therefore still reads
+    the same entries. Only a state whose list already grew past its ``end`` (a check from
+    an older state, such as the prior state a refused joint check kept) starts a list of
+    its own, and a list whose expired head outgrows its live entries is compacted.
     """
 
-    log: tuple[float, ...]
+    __slots__ = ("_buffer", "_end", "_start")
+
+    _buffer: list[float]
+    _start: int
+    _end: int
+
+    def __init__(self, log: Sequence[float] = ()) -> None:
+        self._buffer = list(log)
+        self._start = 0
+        self._end = len(self._buffer)
+
+    @classmethod
+    def _view(cls, buffer: list[float], start: int, end: int) -> SlidingLogState:
+        state = cls.__new__(cls)
+        state._buffer = buffer
+        state._start = start
+        state._end = end
+        return state
+
+    @property
+    def log(self) -> tuple[float, ...]:
+        return tuple(self._buffer[self._start : self._end])
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SlidingLogState):
+            return NotImplemented
+        return self.log == other.log
+
+    def __hash__(self) -> int:
+        return hash(self.log)
+
+    def __repr__(self) -> str:
+        return f"SlidingLogState(log={self.log!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +121,7 @@ class FixedWindowState:
 RateState = GcraState | SlidingLogState | FixedWindowState
 
 _EMPTY_LOG = SlidingLogState(())
+_COMPACT_AT = 64  # expired entries a shared log keeps before it may be compacted
 
 
 class CombinedDecision(NamedTuple):
@@ -182,23 +226,32 @@ def check_sliding_window(
     rate = spec.rate
     limit = rate.limit
     period = rate.period
-    log = state.log if state is not None else ()
-    size = len(log)
-    first = 0
-    if size and log[0] + period <= now:
-        first = _expired(log, period, now)
-    if size - first > limit:
-        first = size - limit
-    count = size - first
+    if state is None:
+        buffer: list[float] = []
+        start = end = 0
+    else:
+        buffer, start, end = state._buffer, state._start, state._end
+    first = start
+    if end > start and buffer[start] + period <= now:
+        first = _expired(buffer, start, end, period, now)
+    if end - first > limit:
+        first = end - limit
+    count = end - first
     if count + cost <= limit:
-        live = log[first:] if first else log
-        new = SlidingLogState(live + (now,) * cost)
+        if count == 0:
+            buffer, first, end = [], 0, 0
+        elif len(buffer) != end or (first > _COMPACT_AT and first > count):
+            # Another state already appended past this one's end, or the expired head
+            # outweighs the live entries: the live entries move to a list of their own.
+            buffer, first, end = buffer[first:end], 0, count
+        buffer.extend((now,) * cost)
+        new = SlidingLogState._view(buffer, first, end + cost)
         return RateDecision(True, limit - count - cost, 0.0, (now + period) - now), new
     if cost > limit:
         retry_after = _INF
     else:
-        retry_after = _wait(now, log[first + count - (limit - cost) - 1] + period)
-    reset_after = max(0.0, log[-1] + period - now) if size else 0.0
+        retry_after = _wait(now, buffer[first + count - (limit - cost) - 1] + period)
+    reset_after = max(0.0, buffer[end - 1] + period - now) if end > start else 0.0
     decision = RateDecision(False, max(0, limit - count), retry_after, reset_after)
     return decision, state if state is not None else _EMPTY_LOG
 
@@ -245,7 +298,7 @@ def expires_at(spec: RateLimitSpec, state: RateState) -> float:
         return state.tat
     period = spec.rate.period
     if isinstance(state, SlidingLogState):
-        return state.log[-1] + period if state.log else -_INF
+        return state._buffer[state._end - 1] + period if state._end > state._start else -_INF
     if state.count <= 0:
         return -_INF
     return _window_end(round(state.start / period), period)
@@ -310,18 +363,18 @@ def _gcra_remaining(tat: float, now: float, interval: float, size: int) -> int:
     return k
 
 
-def _expired(log: tuple[float, ...], period: float, now: float) -> int:
-    """How many leading timestamps ``t`` have ``t + period <= now``.
+def _expired(log: list[float], start: int, end: int, period: float, now: float) -> int:
+    """The index of the first timestamp in ``log[start:end]`` with ``t + period > now``.
 
-    The same index as ``bisect_right(log, now, key=lambda t: t + period)``, found without a
-    call per probe: bisecting on ``now - period`` lands within rounding of it, and since
-    ``t + period`` never decreases as ``t`` grows, stepping by the exact test settles it.
+    The same index as ``bisect_right(log, now, start, end, key=lambda t: t + period)``,
+    found without a call per probe: bisecting on ``now - period`` lands within rounding of
+    it, and since ``t + period`` never decreases as ``t`` grows, stepping by the exact test
+    settles it.
     """
-    first = bisect_right(log, now - period)
-    while first and log[first - 1] + period > now:
+    first = bisect_right(log, now - period, start, end)
+    while first > start and log[first - 1] + period > now:
         first -= 1
-    size = len(log)
-    while first < size and log[first] + period <= now:
+    while first < end and log[first] + period <= now:
         first += 1
     return first
 
