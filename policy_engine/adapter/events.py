@@ -36,6 +36,7 @@ _ALLOW = Outcome.ALLOW
 _DELAY = Outcome.DELAY
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
+_is_coroutine_function = inspect.iscoroutinefunction
 
 
 class EventDispatch:
@@ -103,7 +104,16 @@ class EventDispatch:
             trigger = server._trigger_event  # something wrapped us (the admin UI): keep it
         try:
             if trigger is self._trigger:
-                result = await self._call_handler(server, data[0], namespace, sid, data[1:])
+                # A coroutine handler is awaited here rather than in python-socketio,
+                # which turns a ``CancelledError`` into an empty result: a handler
+                # cancelled from within (an inner timeout) failed, and its client and its
+                # breaker must hear so. Inline: no coroutine frame of ours per event.
+                args = data[1:]
+                handler, handler_args = server._get_event_handler(data[0], namespace, (sid, *args))
+                if handler is not None and _is_coroutine_function(handler):
+                    result = await handler(*handler_args)
+                else:
+                    result = await trigger(data[0], namespace, sid, *args)
             else:
                 result = await trigger(data[0], namespace, sid, *data[1:])
         except (Exception, asyncio.CancelledError) as exc:
@@ -143,17 +153,6 @@ class EventDispatch:
             return False
         await self._answer(server, state, ack, payload, notify=True)
         return True
-
-    async def _call_handler(
-        self, server: Any, name: str, namespace: str, sid: str, args: list[Any]
-    ) -> Any:
-        """Await an application's coroutine handler here rather than in python-socketio,
-        which turns a ``CancelledError`` into an empty result: a handler cancelled from
-        within (an inner timeout) failed, and its client and its breaker must hear so."""
-        handler, handler_args = server._get_event_handler(name, namespace, (sid, *args))
-        if handler is not None and inspect.iscoroutinefunction(handler):
-            return await handler(*handler_args)
-        return await self._trigger(name, namespace, sid, *args)
 
     async def _unhandled(self, server: Any, state: ConnectionState, ack: Any) -> None:
         """An event no handler serves asked for an ack: answered if the policy says so."""

@@ -200,7 +200,13 @@ class Inbound:
                     return
             else:
                 size = len(data)  # a whole packet in binary (a msgpack server)
-            await self._dispatch(eio_sid, self.sio.packet_class(encoded_packet=data), size)
+            pkt = self.sio.packet_class(encoded_packet=data)
+            if pkt.packet_type == _EVENT and self._plain_event(eio_sid, pkt):
+                # The common case, handed on here: no coroutine of _dispatch's per event.
+                INBOUND_SIZE.set(size)
+                await self.sio._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+                return
+            await self._dispatch(eio_sid, pkt, size)
         except Exception as exc:  # client input python-socketio could not read
             self._pending.pop(eio_sid, None)
             if type(data) is str and data.startswith(self.marker):
@@ -228,6 +234,18 @@ class Inbound:
             self._pending[eio_sid] = Pending(pkt, size, discard=not valid)
         else:  # CONNECT_ERROR, an unknown type, or a binary packet without attachments
             await self.fault(eio_sid, "unexpected_packet")
+
+    def _plain_event(self, eio_sid: str, pkt: Any) -> bool:
+        """Whether an event packet passes :meth:`_valid_event` with nothing to answer: a
+        list opening with a name of the application's, on a connected namespace."""
+        data = pkt.data
+        return (
+            type(data) is list
+            and bool(data)
+            and type(data[0]) is str
+            and data[0] not in RESERVED_EVENTS
+            and self.sio.manager.sid_from_eio_sid(eio_sid, pkt.namespace or "/") is not None
+        )
 
     async def _valid_event(self, eio_sid: str, pkt: Any) -> bool:
         """Whether an event packet may reach python-socketio (which would raise, or ignore
