@@ -164,7 +164,15 @@ class Outbox(Generic[T]):
         free case); if so, it is counted as handed over."""
         if self.buffer.size or self.held:
             return False
-        return self._fits(size)
+        # _fits, inline: this runs for every packet sent.
+        queued = self.downstream.qsize()
+        if not queued:
+            self.sent_bytes = size
+            return True
+        if queued >= self.high_water or self.sent_bytes + size > self.buffer.max_bytes:
+            return False
+        self.sent_bytes += size
+        return True
 
     def _fits(self, size: int) -> bool:
         queued = self.downstream.qsize()

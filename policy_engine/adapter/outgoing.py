@@ -237,7 +237,8 @@ class Outgoing:
             if emission.replay:
                 return self._send_replayed(link, pkt)
             return self._send_emitted(link, emission, pkt)
-        size = _size(pkt)
+        data = pkt.data
+        size = len(data) if isinstance(data, str | bytes) else 0  # _size, inline
         if link.closing or link.outbox.direct(size):
             # A control packet (the disconnect) of a closing connection must not wait
             # behind what will never be sent.
