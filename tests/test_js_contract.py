@@ -7,6 +7,7 @@ socket.io-client, and asserts on the JSON lines it prints. CI installs the clien
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import CONTRACT_KEYS, EVENT_LIMIT, connect_limit, echo_app
+from servers import CONTRACT_KEYS, EVENT_LIMIT, connect_limit, echo_app, eventually
 
 from policy_engine.algorithms.backoff import schedule, to_client
 from policy_engine.language.model import BackoffSpec, BackoffStrategy
@@ -151,10 +152,38 @@ def test_a_dropped_connection_is_retried_no_slower_than_by_a_plain_client(serve)
 
     lines = run_scenario("reconnection", served.url)
 
-    # The shipped advice (full jitter, 500 ms base, 30 s cap, 10 attempts) spreads the
-    # retries; socket.io-client's own defaults (1 s doubling, 5 s cap, for ever) bound them.
+    # As socket.io-client's own defaults (1 s doubling to 5 s, for ever), not the shipped
+    # refusal advice (500 ms base, full jitter, 30 s cap, 10 attempts).
     [settings] = of(lines, "reconnection")
     assert settings["enabled"] is True
-    assert settings["delay_ms"] == 250
+    assert settings["delay_ms"] == 1000
     assert settings["delay_max_ms"] == 5000
     assert settings["attempts"] == "unlimited"
+
+
+async def test_a_refused_reconnection_waits_for_its_advice_not_the_plain_pace(serve):
+    served = serve(connect_limit("1/2s"), setup=echo_app)
+    assert NODE is not None
+    node = await asyncio.create_subprocess_exec(
+        NODE,
+        str(JS_DIR / "contract.mjs"),
+        "reconnect-refused",
+        served.url,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    await eventually(lambda: served.adapter.active_connections() == 1)
+    (state,) = served.adapter.connections().values()
+    await served.run(served.adapter._end_transport(state.eio_sid))  # the server drops it
+    stdout, stderr = await asyncio.wait_for(node.communicate(), 30)
+    lines = [json.loads(line) for line in stdout.decode().splitlines() if line.strip()]
+
+    assert lines[-1]["event"] == "done", (lines, stderr)
+    # The reconnection came within the limit's 2 s: refused after its advice, and retried
+    # after the advised wait (the plain pace would have tried again within 0.5-1.5 s).
+    [retry] = of(lines, "retry")
+    assert retry["payload"]["code"] == "RATE_LIMITED"
+    assert retry["delay_ms"] >= retry["payload"]["retry_after_ms"] > 0
+    after = [line for line in lines if line["t"] > retry["t"]]
+    assert of(after, "handshake")[0]["t"] - retry["t"] >= retry["delay_ms"]
+    assert len(of(lines, "connected")) == 2

@@ -59,8 +59,8 @@ export const DEFAULT_BACKOFF = Object.freeze({
   multiplier: 2,
 });
 
-/** socket.io-client's default `reconnectionDelayMax`: what a plain client waits at most. */
-export const PLAIN_RECONNECTION_MAX_MS = 5_000;
+/** socket.io-client's own reconnection defaults: how a plain client retries a drop. */
+export const PLAIN_RECONNECTION = Object.freeze({ delay: 1_000, delayMax: 5_000, randomization: 0.5 });
 
 const STRATEGIES = new Set([
   "exponential",
@@ -294,16 +294,21 @@ export function connectWithPolicy(io, url, options = {}) {
         reject(error);
       }
     };
-    // A dropped connection (the server restarted, the network went) is retried no slower
-    // than a plain socket.io-client would retry it: the advice's spread, with its waits
-    // capped at socket.io-client's own cap and no limit on attempts. The advice's own cap
-    // and limit are for retrying refusals, which come with their retry_after_ms.
+    // A dropped connection (the server restarted, the network went) comes with no advice:
+    // it is retried as a plain socket.io-client retries it (1 s doubling to 5 s, +-50%, for
+    // ever), unless the application set its own reconnection options. Following the
+    // refusal advice there (500 ms base, full jitter, 30 s cap, 10 attempts) brought clients
+    // back after a restart 1.5-5x later than plain ones: their early retries spent the
+    // backoff while the server was still starting.
     const tune = (manager) => {
-      const tuned = reconnectionOptions(advice);
-      manager.reconnectionDelay(Math.min(tuned.reconnectionDelay, PLAIN_RECONNECTION_MAX_MS));
-      manager.reconnectionDelayMax(Math.min(tuned.reconnectionDelayMax, PLAIN_RECONNECTION_MAX_MS));
-      manager.randomizationFactor(tuned.randomizationFactor);
-      manager.reconnectionAttempts(Infinity);
+      manager.reconnectionDelay(socketOptions.reconnectionDelay ?? PLAIN_RECONNECTION.delay);
+      manager.reconnectionDelayMax(
+        socketOptions.reconnectionDelayMax ?? PLAIN_RECONNECTION.delayMax,
+      );
+      manager.randomizationFactor(
+        socketOptions.randomizationFactor ?? PLAIN_RECONNECTION.randomization,
+      );
+      manager.reconnectionAttempts(socketOptions.reconnectionAttempts ?? Infinity);
     };
     const abort = () => {
       socket.disconnect();
@@ -342,7 +347,7 @@ export function connectWithPolicy(io, url, options = {}) {
     });
     socket.on("disconnect", () => {
       if (drained !== null && socket.io.reconnection()) {
-        comeBackLater(drained);
+        comeBackLater(drained, drained.retry_after_ms ?? 0, 0);
         drained = null;
         return;
       }
@@ -350,8 +355,17 @@ export function connectWithPolicy(io, url, options = {}) {
       sessionAdvice = null;
       if (payload === null) return;
       advice = backoffFrom(payload.backoff) ?? advice;
-      tune(socket.io);
-      if (socket.io.reconnection()) return; // the built-in reconnection is in charge
+      if (socket.io.reconnection()) {
+        // A refusal that ended the session: its advice, not the plain pace, says when.
+        const delayMs = plan.nextDelayMs(payload);
+        if (delayMs === null) {
+          socket.io.reconnection(false);
+          giveUp(new ConnectionRefused(payload));
+        } else {
+          comeBackLater(payload, delayMs, plan.attempt);
+        }
+        return;
+      }
       retry(payload, new ConnectionRefused(payload));
     });
 
@@ -375,15 +389,15 @@ export function connectWithPolicy(io, url, options = {}) {
 
     // Called while socket.io-client's manager handles the close, before it schedules its
     // own reconnection: that is held off, and the connection made again after the advised
-    // delay, at the advised address when there is one.
-    const comeBackLater = (payload) => {
+    // delay, at the advised address when there is one (a drain's notice).
+    const comeBackLater = (payload, delayMs, attempt) => {
       const manager = socket.io;
       manager.reconnection(false);
       if (typeof payload.reconnect_url === "string" && payload.reconnect_url) {
         manager.uri = payload.reconnect_url;
       }
-      onRetry({ attempt: 0, delayMs: payload.retry_after_ms ?? 0, payload });
-      sleep(payload.retry_after_ms ?? 0).then(() => {
+      onRetry({ attempt, delayMs, payload });
+      sleep(delayMs).then(() => {
         manager.reconnection(true);
         if (!signal?.aborted && !socket.connected) socket.connect();
       });

@@ -117,6 +117,21 @@ const scenarios = {
     log("ack", { label: "third", ack });
   },
 
+  // Connected, then the server ends the transport (the test does, when it sees `connected`
+  // on stdout): the reconnection is refused by a connect rate limit, after its advice, and
+  // retried when the advice says, not at socket.io-client's own pace.
+  async "reconnect-refused"() {
+    const socket = await connectWithPolicy(observedIo, url, policyOptions());
+    await new Promise((resolve) => {
+      let connects = 0;
+      socket.on("connect", () => {
+        connects += 1;
+        if (connects === 1) resolve();
+      });
+    });
+    socket.close();
+  },
+
   // Connected: how socket.io-client's own reconnection is set for a dropped connection.
   async reconnection() {
     const query = { conversation_id: "c1" };
