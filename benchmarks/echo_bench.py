@@ -47,14 +47,16 @@ def pinned(core: int, argv: Sequence[str]) -> list[str]:
 
 
 @contextmanager
-def server(mode: str) -> Iterator[tuple[int, int]]:
+def server(mode: str, *options: str, start_within: float = 20.0) -> Iterator[tuple[int, int]]:
+    """An ``echo_server`` on core 0 (``options`` are more of its arguments): its port and pid
+    once it listens; stopped with SIGINT on the way out."""
     port = free_port()
     argv = [sys.executable, "-m", "benchmarks.echo_server", "--mode", mode, "--port", str(port)]
     process = subprocess.Popen(
-        pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        pinned(0, [*argv, *options]), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + start_within
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -67,9 +69,10 @@ def server(mode: str) -> Iterator[tuple[int, int]]:
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(10)
+            process.wait(15)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
 
 
 def run_clients(mode_args: list[str]) -> dict[str, Any]:

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.echo_bench import ROOT, free_port, pinned
+from benchmarks.echo_bench import ROOT, pinned, server
 
 SHIPPED = ROOT / "policies" / "policies.yaml"
 CLIENTS = Path(__file__).resolve().parent / "overload_clients.mjs"
@@ -59,37 +56,9 @@ def behind_proxy(policies: Path) -> Iterator[Path]:
         yield Path(copy.name)
 
 
-@contextmanager
-def server(mode: str, policies: Path) -> Iterator[int]:
-    port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.echo_server", "--mode", mode, "--port", str(port)]
-    argv += ["--policies", str(policies)]
-    process = subprocess.Popen(
-        pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"{mode} server did not start")
-        time.sleep(1.0)  # let start-up settle (the sampler's first samples, imports)
-        yield port
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def run(mode: str, policies: Path, workload: Sequence[str]) -> dict[str, Any]:
-    with server(mode, policies) as port:
+    with server(mode, "--policies", str(policies), start_within=30) as (port, _):
+        time.sleep(1.0)  # let start-up settle (the sampler's first samples, imports)
         argv = ["node", str(CLIENTS), workload[0], f"http://127.0.0.1:{port}", *workload[1:]]
         result = subprocess.run(
             pinned(1, argv), cwd=ROOT, capture_output=True, text=True, check=True, timeout=600
