@@ -38,7 +38,6 @@ import json
 import math
 import signal
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -216,18 +215,8 @@ class PolicyServer:
         return reasons
 
     async def status(self) -> dict[str, Any]:
-        reloader = self.reloader
         return {
-            "policy": {
-                "version": self.engine.policy.version,
-                "source": str(reloader.path),
-                "loaded_at": datetime.fromtimestamp(reloader.loaded_at, UTC).isoformat(),
-            },
-            "reloads": {
-                "succeeded": reloader.succeeded,
-                "failed": reloader.failed,
-                "last_failure": [str(d) for d in reloader.last_failure],
-            },
+            **self.reloader.status(),
             "ready": not self.not_ready_because(),
             "breakers": await self.breaker_states(),
             "connections": {"active": self.adapter.active_connections()},

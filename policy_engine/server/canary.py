@@ -23,7 +23,6 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -208,20 +207,10 @@ class Canary:
     # -- what /status shows ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        reloader = self.reloader
         summary = self.changes.to_dict()
         summary["by_rule"] = summary["by_rule"][:20]
         return {
-            "policy": {
-                "version": self.policy.version,
-                "source": str(reloader.path),
-                "loaded_at": datetime.fromtimestamp(reloader.loaded_at, UTC).isoformat(),
-            },
-            "reloads": {
-                "succeeded": reloader.succeeded,
-                "failed": reloader.failed,
-                "last_failure": [str(d) for d in reloader.last_failure],
-            },
+            **self.reloader.status(),
             **summary,
             "queued": len(self._queue),
             "dropped": self.dropped,

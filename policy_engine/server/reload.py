@@ -21,7 +21,9 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -73,6 +75,21 @@ class PolicyReloader:
         self._lock = asyncio.Lock()
         self._pending = False
         self._task: asyncio.Task[None] | None = None
+
+    def status(self) -> dict[str, Any]:
+        """The policy in force and the reloads so far, as ``/status`` shows them."""
+        return {
+            "policy": {
+                "version": self.engine.policy.version,
+                "source": str(self.path),
+                "loaded_at": datetime.fromtimestamp(self.loaded_at, UTC).isoformat(),
+            },
+            "reloads": {
+                "succeeded": self.succeeded,
+                "failed": self.failed,
+                "last_failure": [str(d) for d in self.last_failure],
+            },
+        }
 
     # -- reloading ---------------------------------------------------------------------------
 
