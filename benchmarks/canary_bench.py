@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.decision_bench import SHIPPED, SteppingClock, summary
 from policy_engine.compiler.pipeline import compile_file, compile_text
 from policy_engine.core.engine import Engine, EventVerdict, conn_context, event_context
 from policy_engine.core.tap import DecisionTap, Taps
@@ -36,20 +37,11 @@ from policy_engine.language.model import DecisionLogSpec, PolicySet
 from policy_engine.observe.decision_log import DecisionLog
 from policy_engine.server.canary import Canary
 
-SHIPPED = Path(__file__).resolve().parent.parent / "policies" / "policies.yaml"
 CONFIGS = ("empty", "off", "log", "log-10%", "canary", "both")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def measure(
-    policy: PolicySet, tap: DecisionTap | None, events: int, clock: Clock, sid: str
+    policy: PolicySet, tap: DecisionTap | None, events: int, clock: SteppingClock, sid: str
 ) -> list[float]:
     """One connection's events on a fresh engine; the connection closes at the end (so a
     canary, whose state outlives the engine, sees what the engine saw)."""
@@ -76,11 +68,6 @@ async def measure(
     return samples
 
 
-def summary(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[int(len(ordered) * 0.99)]
-
-
 async def run(events: int, rounds: int, directory: Path) -> None:
     shipped = compile_file(SHIPPED).policy
     empty = compile_text("version: 1\n").policy
@@ -94,7 +81,9 @@ async def run(events: int, rounds: int, directory: Path) -> None:
             decision_log=DecisionLogSpec(path=str(directory / "sampled.jsonl"), sample=0.1),
         )
     )
-    clock = Clock()  # one for all: the canary reads the engine's clock, as build_app wires it
+    clock = (
+        SteppingClock()
+    )  # one for all: the canary reads the engine's clock, as build_app wires it
     canary = Canary(SHIPPED, queue_limit=events + 10, clock=clock)
     taps: dict[str, tuple[PolicySet, DecisionTap | None]] = {
         "empty": (empty, None),
