@@ -81,9 +81,8 @@ async def run(events: int, rounds: int, directory: Path) -> None:
             decision_log=DecisionLogSpec(path=str(directory / "sampled.jsonl"), sample=0.1),
         )
     )
-    clock = (
-        SteppingClock()
-    )  # one for all: the canary reads the engine's clock, as build_app wires it
+    # One clock for all: the canary reads the engine's clock, as build_app wires it.
+    clock = SteppingClock()
     canary = Canary(SHIPPED, queue_limit=events + 10, clock=clock)
     taps: dict[str, tuple[PolicySet, DecisionTap | None]] = {
         "empty": (empty, None),
