@@ -12,7 +12,6 @@ Without ``haproxy`` on ``PATH`` the tests that need it are skipped, unless
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,8 +20,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import pytest
 from redis_server import free_port
+from tools import required_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CONFIG = ROOT / "deploy" / "haproxy.cfg"
@@ -32,13 +31,7 @@ WAIT = 20.0  # generous ceiling for a process to start answering on a busy machi
 def haproxy_binary() -> str:
     """The haproxy to run; skips the test (or fails it, when required) without one."""
     # Debian installs it in /usr/sbin, which an ordinary user's PATH may not include.
-    binary = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
-    if binary is None:
-        message = "haproxy is not installed"
-        if os.environ.get("POLICY_ENGINE_REQUIRE_HAPROXY") == "1":
-            pytest.fail(f"{message}, and POLICY_ENGINE_REQUIRE_HAPROXY=1")
-        pytest.skip(message)
-    return binary
+    return required_tool("haproxy", "HAPROXY", "haproxy is not installed", path="/usr/sbin")
 
 
 def answers(url: str) -> int:

@@ -15,8 +15,6 @@ Without ``redis-server`` on ``PATH`` the tests that need one are skipped, unless
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,32 +22,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import pytest
 import redis
+from tools import required_tool
 
 WAIT = 10.0  # generous ceiling for a local redis-server to start or stop
 
 
 def redis_server_binary() -> str:
     """The redis-server to run; skips the test (or fails it, when required) without one."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        message = "redis-server is not on PATH"
-        if os.environ.get("POLICY_ENGINE_REQUIRE_REDIS") == "1":
-            pytest.fail(f"{message}, and POLICY_ENGINE_REQUIRE_REDIS=1")
-        pytest.skip(message)
-    return binary
+    return required_tool("redis-server", "REDIS", "redis-server is not on PATH")
 
 
 def redis_cli_binary() -> str:
     """The redis-cli that builds clusters; skips (or fails, when required) without one."""
-    binary = shutil.which("redis-cli")
-    if binary is None:
-        message = "redis-cli is not on PATH"
-        if os.environ.get("POLICY_ENGINE_REQUIRE_REDIS") == "1":
-            pytest.fail(f"{message}, and POLICY_ENGINE_REQUIRE_REDIS=1")
-        pytest.skip(message)
-    return binary
+    return required_tool("redis-cli", "REDIS", "redis-cli is not on PATH")
 
 
 def free_port() -> int:

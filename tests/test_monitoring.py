@@ -12,9 +12,7 @@ Without promtool on ``PATH`` the promtool tests are skipped, unless
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from observed import Observed, drive, start_observed
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer
 from servers import Clients
+from tools import required_tool
 
 from policy_engine.state.redis_store import RedisStore
 
@@ -50,13 +49,8 @@ GRAFANA_VARIABLES = {
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    binary = shutil.which("promtool")
-    if binary is None:
-        message = "promtool is not on PATH (Debian: apt-get install prometheus)"
-        if os.environ.get("POLICY_ENGINE_REQUIRE_PROMTOOL") == "1":
-            pytest.fail(f"{message}, and POLICY_ENGINE_REQUIRE_PROMTOOL=1")
-        pytest.skip(message)
-    return binary
+    missing = "promtool is not on PATH (Debian: apt-get install prometheus)"
+    return required_tool("promtool", "PROMTOOL", missing)
 
 
 def run_promtool(promtool: str, *args: str) -> str:

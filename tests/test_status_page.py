@@ -29,6 +29,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 from servers import WAIT, Clients
+from tools import required_tool
 
 from policy_engine.state.redis_store import RedisStore
 
@@ -37,12 +38,9 @@ TOKEN = "operator-secret"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        message = "chromium and chromedriver are not on PATH (Debian: chromium chromium-driver)"
-        if os.environ.get("POLICY_ENGINE_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"{message}, and POLICY_ENGINE_REQUIRE_BROWSER=1")
-        pytest.skip(message)
+    missing = "chromium and chromedriver are not on PATH (Debian: chromium chromium-driver)"
+    chromium = required_tool("chromium", "BROWSER", missing)
+    driver = required_tool("chromedriver", "BROWSER", missing)
     options = Options()
     options.binary_location = chromium
     for argument in (
