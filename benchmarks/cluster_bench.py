@@ -49,6 +49,7 @@ from typing import Any
 import socketio
 
 from benchmarks.echo_bench import cpu_seconds, free_port
+from benchmarks.echo_clients import print_result
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "policies"
@@ -296,17 +297,7 @@ async def run_clients(port: int, clients: int, first: int, seconds: float) -> No
     for client in connected:
         with suppress(Exception):
             await client.disconnect()
-    latencies.sort()
-    print(
-        json.dumps(
-            {
-                "events": sum(counts),
-                "events_per_second": sum(counts) / elapsed,
-                "p50_us": latencies[len(latencies) // 2] * 1e6,
-                "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
-            }
-        )
-    )
+    print_result(counts, elapsed, latencies)
 
 
 def main() -> None:

@@ -55,6 +55,12 @@ async def throughput(port: int, clients: int, seconds: float) -> None:
     elapsed = time.perf_counter() - began
     for client in connected:
         await client.disconnect()
+    print_result(counts, elapsed, latencies)
+
+
+def print_result(counts: list[int], elapsed: float, latencies: list[float]) -> None:
+    """A client run's one JSON line: events, their rate, and the median and 99th percentile
+    round trip (``latencies`` in seconds)."""
     latencies.sort()
     print(
         json.dumps(
