@@ -31,10 +31,9 @@ from policy_engine.adapter.connections import ConnectionHooks
 from policy_engine.adapter.cors import CorsPolicy
 from policy_engine.adapter.drain import (
     DrainReport,
+    by_session,
     drain_notice,
     drain_sessions,
-    sessions_of,
-    states_on,
 )
 from policy_engine.adapter.events import EventDispatch
 from policy_engine.adapter.gate import HandshakeGate
@@ -171,15 +170,17 @@ class PolicyAdapter(ConnectionHooks, EventDispatch):
         spec = policy.drain
         rng = random.Random()
 
+        sessions = by_session(self._states.values())
+
         async def tell(eio_sid: str) -> None:
-            for state in states_on(self._states, eio_sid):
+            for state in sessions[eio_sid]:
                 if not state.close_event:
                     state.close_event, state.close_reason = "drained", "drain"
                     await self._notify(state.sid, state.namespace, drain_notice(policy, spec, rng))
 
         loop = asyncio.get_running_loop()
         return await drain_sessions(
-            sessions_of(self._states.values()),
+            sessions,
             spec,
             deadline,
             tell,

@@ -22,12 +22,20 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from policy_engine.core.payload import SERVER_DRAINING, ClientPayload, backoff_for
 from policy_engine.language.model import DrainSpec, PolicySet
+
+
+class _OnSession(Protocol):
+    @property
+    def eio_sid(self) -> str: ...
+
+
+S = TypeVar("S", bound=_OnSession)
 
 _log = logging.getLogger("policy_engine.adapter.attach")  # the adapter's one logger
 
@@ -111,10 +119,10 @@ async def drain_sessions(  # noqa: PLR0917 (the sessions, the pace, and the two 
     return report
 
 
-def sessions_of(states: Iterable[Any]) -> list[str]:
-    """The Engine.IO sessions of these connections, each once, oldest first."""
-    return list(dict.fromkeys(state.eio_sid for state in states))
-
-
-def states_on(states: Mapping[str, Any], eio_sid: str) -> list[Any]:
-    return [state for state in states.values() if state.eio_sid == eio_sid]
+def by_session(states: Iterable[S]) -> dict[str, list[S]]:
+    """These connections by Engine.IO session, sessions oldest first: read once per drain,
+    not once per session (10,000 sessions would make that 10^8 looks)."""
+    sessions: dict[str, list[S]] = {}
+    for state in states:
+        sessions.setdefault(state.eio_sid, []).append(state)
+    return sessions

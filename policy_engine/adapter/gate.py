@@ -67,6 +67,7 @@ class HandshakeGate:
     ) -> None:
         self.app = app
         self.draining = draining
+        self._rng = random.Random()  # each refusal's own delay, not a generator each
         self.engine = engine
         self.observer: Observer = observer or NullObserver()
         self.status = status
@@ -118,7 +119,7 @@ class HandshakeGate:
     def _drained(self) -> Decision:
         """A stopping server takes no new session: come back elsewhere (or here, restarted)."""
         policy = self.engine.policy
-        notice = drain_notice(policy, policy.drain, random.Random())
+        notice = drain_notice(policy, policy.drain, self._rng)
         return Decision(Outcome.REJECT, "drain", notice)
 
     def _shed(self) -> Decision | None:
