@@ -30,7 +30,14 @@ from typing import Any
 from benchmarks.decision_bench import SHIPPED, summary
 from benchmarks.echo_bench import free_port
 from policy_engine.compiler.pipeline import compile_file
-from policy_engine.core.engine import BreakerGuard, Engine, conn_context, event_context
+from policy_engine.core.decision import Decision
+from policy_engine.core.engine import (
+    BreakerGuard,
+    Engine,
+    EventVerdict,
+    conn_context,
+    event_context,
+)
 from policy_engine.language.model import PolicySet
 from policy_engine.state.memory import StateStore
 from policy_engine.state.redis_store import RedisStore
@@ -72,24 +79,30 @@ async def decide(engine: Engine, conn: dict[str, Any], claims: dict[str, Any]) -
     """One event as the adapter decides it; returns when its handler could start (the
     latency a client sees added), after recording the call's outcome.
 
-    On a shared store the adapter asks for the limits and the breaker's permit at once, so
-    that they share one round trip; the outcome is recorded after the client's answer.
+    As the adapter does: what the state answers without I/O at once; on a shared store the
+    limits and the breaker's permit in one script (or two calls in one pipeline when the
+    engine cannot); the outcome is recorded after the client's answer.
     """
     started = time.perf_counter_ns()
     event = event_context("oh_user_action", PAYLOAD, size_bytes=64, has_ack=True)
-    if engine.state.shared:
-        asking = asyncio.ensure_future(engine.before_call(conn, claims, event))
-        decision = await engine.on_event(conn, claims, event)
-        guard = await asking
-        if not decision.allowed:
-            if isinstance(guard, BreakerGuard):
-                await engine.release_permits(guard)
-            guard = None
+    verdict = engine.judge_event_now(conn, claims, event)
+    guard: BreakerGuard | Decision | None
+    if isinstance(verdict, EventVerdict):
+        decision, guard = verdict.decision, verdict.guard
+        if guard is None and decision.allowed:
+            guard = await engine.before_call(conn, claims, event)
     else:
-        decision = await engine.on_event(conn, claims, event)
-        guard = await engine.before_call(conn, claims, event) if decision.allowed else None
+        together = await engine.settle_with_permits(verdict, conn, claims, event)
+        if together is not None:  # one script for the limits and the permit
+            decision, guard = together
+        else:  # two calls in one pipeline
+            asking = asyncio.ensure_future(engine.before_call(conn, claims, event))
+            decision = await engine.settle_event(verdict)
+            guard = await asking
+            if not decision.allowed and isinstance(guard, BreakerGuard):
+                await engine.release_permits(guard)
     decided = (time.perf_counter_ns() - started) / 1000
-    if isinstance(guard, BreakerGuard):
+    if decision.allowed and isinstance(guard, BreakerGuard):
         await engine.after_call(guard, conn, event, None, None)
     return decided
 

@@ -88,7 +88,7 @@ async def record_outcomes(job: Job, ready: Callable[[], object]) -> int:
                 failed, duration = outcome(job.worker, index)
                 calls.append(breakers.record(spec, 1000.0, failed=failed, duration=duration))
             replies = await asyncio.gather(
-                *(call.script(keys=call.keys, args=call.args) for call, _ in calls)
+                *(call.script(keys=call.keys, args=call.plain_args) for call, _ in calls)
             )
             transitions += sum(
                 parse(reply) is not None for (_, parse), reply in zip(calls, replies, strict=True)

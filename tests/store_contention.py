@@ -4,7 +4,9 @@ Run by multiprocessing's ``spawn`` (a module of its own, importing little). Each
 builds the store as the engine does (a ``GuardedStore`` over a ``RedisStore``, its policy's
 ``store_timeout`` and ``on_store_error: fail_open``), waits for the common start, then keeps
 ``in_flight`` rate-limit checks of one key and as many breaker outcomes in flight at once.
-It reports what it was answered and what its store health saw.
+``together``: each check asks for the breaker's permit in the same call, as an event that
+meets both does, and only the permitted calls record an outcome. It reports what it was
+answered and what its store health saw.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ circuit_breakers:
 """
 
 
-def decide(url: str, prefix: str, in_flight: int, start_at: float, out: Any) -> None:
+def decide(  # noqa: PLR0917 (a spawned process's arguments)
+    url: str, prefix: str, in_flight: int, start_at: float, out: Any, together: bool
+) -> None:
     policy = compile_text(POLICY).policy
     limit, breaker = policy.rate_limits[0], policy.circuit_breakers[0]
 
@@ -41,19 +45,32 @@ def decide(url: str, prefix: str, in_flight: int, start_at: float, out: Any) -> 
         while time.time() < start_at:
             await asyncio.sleep(0.001)
 
+        permits = 0
+
         async def check() -> bool:
-            return (await state.rates([(limit, "one-conversation")], time.time())).allowed
+            nonlocal permits
+            if not together:
+                return (await state.rates([(limit, "one-conversation")], time.time())).allowed
+            checks = [(limit, "one-conversation")]
+            decision, _, permit = await state.rates_then_permit(checks, [], breaker, time.time())
+            if permit is not None and permit.permitted:
+                permits += 1
+                if not decision.allowed:
+                    raise AssertionError("a permit taken for a refused check")
+            return decision.allowed
 
         async def record(index: int) -> None:
             await state.record(breaker, time.time(), failed=index % 2 == 0, duration=0.01)
 
         try:
             answers = await asyncio.gather(*(check() for _ in range(in_flight)))
-            await asyncio.gather(*(record(i) for i in range(in_flight)))
+            recorded = permits if together else in_flight
+            await asyncio.gather(*(record(i) for i in range(recorded)))
         finally:
             await state.close()
         return {
             "admitted": sum(answers),
+            "permits": permits,
             "failures": state.health.failures,
             "unavailable": int(not state.health.available),
         }
@@ -61,13 +78,15 @@ def decide(url: str, prefix: str, in_flight: int, start_at: float, out: Any) -> 
     out.put(asyncio.run(main()))
 
 
-def contend(url: str, prefix: str, processes: int, in_flight: int) -> list[dict[str, int]]:
+def contend(
+    url: str, prefix: str, processes: int, in_flight: int, *, together: bool = False
+) -> list[dict[str, int]]:
     """Run :func:`decide` in ``processes`` spawned processes at once; their reports."""
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     start_at = time.time() + 2.0  # every process started and waiting by then
     workers = [
-        context.Process(target=decide, args=(url, prefix, in_flight, start_at, out))
+        context.Process(target=decide, args=(url, prefix, in_flight, start_at, out, together))
         for _ in range(processes)
     ]
     for worker in workers:
@@ -85,7 +104,7 @@ def recorded_outcomes(url: str, prefix: str) -> int:
         client = connect(url, socket_timeout=10.0).client
         try:
             call, read_state = RedisBreakers(client, prefix).fetch_state("agent")
-            state = read_state(await call.script(keys=call.keys, args=call.args))
+            state = read_state(await call.script(keys=call.keys, args=call.plain_args))
         finally:
             await client.aclose()
         assert state.window is not None

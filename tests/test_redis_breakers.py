@@ -64,7 +64,7 @@ def breakers(client: Redis) -> RedisBreakers:
 async def run(operation: tuple[Call, Callable[[Any], T]]) -> T:
     """Run one call on its own and parse its reply."""
     call, parse = operation
-    return parse(await call.script(keys=call.keys, args=call.args))
+    return parse(await call.script(keys=call.keys, args=call.plain_args))
 
 
 @functools.cache

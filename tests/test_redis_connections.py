@@ -49,7 +49,7 @@ def prefix() -> str:
 
 
 async def run(call: Call) -> Any:
-    return await call.script(keys=call.keys, args=call.args)
+    return await call.script(keys=call.keys, args=call.plain_args)
 
 
 async def open_connection(

@@ -92,7 +92,7 @@ def test_the_script_decides_as_the_python_algorithms(
                     if state is not None:
                         states[(spec.name, key)] = state
                 call, read = limits.check([(spec, key) for spec in chosen], now)
-                got = read(await call.script(keys=call.keys, args=call.args))
+                got = read(await call.script(keys=call.keys, args=call.plain_args))
                 assert got == expected, (now, [s.name for s in chosen], key)
         finally:
             await client.aclose()
@@ -112,7 +112,7 @@ def _contend(url: str, prefix: str, algorithm: str, start_at: float, out: Any) -
 
         async def one() -> bool:
             call, read = limits.check([(spec, "one-key")], None)
-            return read(await call.script(keys=call.keys, args=call.args)).allowed
+            return read(await call.script(keys=call.keys, args=call.plain_args)).allowed
 
         try:
             results = await asyncio.gather(*(one() for _ in range(100)))

@@ -30,6 +30,7 @@ from policy_engine.core.engine import BreakerGuard, Engine, conn_context, event_
 from policy_engine.language.contexts import Hook
 from policy_engine.server.app import build_app, open_store
 from policy_engine.state import redis_breaker_scripts as breaker_scripts
+from policy_engine.state.redis_check_then_acquire import CHECK_THEN_ACQUIRE
 from policy_engine.state.redis_limits import CHECK
 from policy_engine.state.redis_store import RedisStore
 
@@ -410,13 +411,13 @@ circuit_breakers:
 """
 
 
-async def test_limits_and_permits_share_one_round_trip_and_refused_events_hand_back_theirs(
+async def test_limits_and_permit_are_one_script_and_refused_events_take_no_permit(
     tmp_path: Path, own_redis_server: RedisServer
 ) -> None:
     store = RedisStore(own_redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
     with redis.Redis.from_url(own_redis_server.url) as loader:  # no NOSCRIPT reload counted
         scripts = breaker_scripts.ACQUIRE, breaker_scripts.RECORD, breaker_scripts.RELEASE
-        for source in (CHECK, *scripts):
+        for source in (CHECK, CHECK_THEN_ACQUIRE, *scripts):
             loader.script_load(source)
     served = start_server(policy_path(tmp_path, GUARDED), setup=echo_app, store=store)
     pipeline = store._pipeline
@@ -427,7 +428,8 @@ async def test_limits_and_permits_share_one_round_trip_and_refused_events_hand_b
         for n in range(3):
             before = (pipeline.batches, pipeline.calls)
             answers.append(await echo(client, n))
-            await eventually(lambda since=before[1]: pipeline.calls - since >= 3)
+            calls = 2 if n < 2 else 1  # the outcome of an admitted event is recorded after
+            await eventually(lambda since=before[1], calls=calls: pipeline.calls - since >= calls)
             trips.append((pipeline.batches - before[0], pipeline.calls - before[1]))
         before = (pipeline.batches, pipeline.calls)
         answers.append(await echo(client, 3))  # refused by the near cache: nothing asked
@@ -440,10 +442,10 @@ async def test_limits_and_permits_share_one_round_trip_and_refused_events_hand_b
 
     assert answers[:2] == [0, 1]
     assert refused(answers[2])
-    # Admitted: the limit and the permit in one batch, then the outcome: 3 calls, 2 batches.
-    assert trips[:2] == [(2, 3), (2, 3)]
-    # Refused by the limit: the permit asked beside it is handed back (limit, permit, release).
-    assert trips[2] == (2, 3)
+    # Admitted: the limit and the permit in one script, then the outcome: 2 calls, 2 batches.
+    assert trips[:2] == [(2, 2), (2, 2)]
+    # Refused by the limit: the same one script, which took no permit (none to hand back).
+    assert trips[2] == (1, 1)
     # Refused again while the key is over its limit: the near cache answers, no permit asked.
     assert refused(answers[3])
     assert trips[3] == (0, 0)

@@ -167,7 +167,7 @@ async def test_a_peek_answers_as_a_commit_would_and_writes_nothing(
 
     async def run(now: float, cost: int, *, peek: bool) -> RateDecision | None:
         call, read = limits.check([(spec, "k")], now, cost, peek=peek)
-        return read(await call.script(keys=call.keys, args=call.args)).decision
+        return read(await call.script(keys=call.keys, args=call.plain_args)).decision
 
     for now in (1000.0, 1005.0, 1006.0):
         expected, state = ratelimit.check(spec, state, now)
@@ -238,12 +238,12 @@ async def test_a_process_that_stops_renewing_its_lease_stops_counting(
     ceiling = ConnectionLimits("u1", "10.0.0.1", 2, None, None)
     for leases in (silent, live):
         call, reached = leases.open(ceiling)
-        assert reached(await call.script(keys=call.keys, args=call.args)) is None
+        assert reached(await call.script(keys=call.keys, args=call.plain_args)) is None
     call, reached = live.open(ceiling)
-    assert reached(await call.script(keys=call.keys, args=call.args)) == "max_total"
+    assert reached(await call.script(keys=call.keys, args=call.plain_args)) == "max_total"
     await asyncio.sleep(0.5)  # the silent lease runs out; the next call reaps it
     call, reached = live.open(ceiling)
-    assert reached(await call.script(keys=call.keys, args=call.args)) is None
+    assert reached(await call.script(keys=call.keys, args=call.plain_args)) is None
 
 
 # -- batches and nodes ---------------------------------------------------------------------------

@@ -206,14 +206,24 @@ class EventDispatch:
         claims: Mapping[str, Any],
         event: dict[str, Any],
     ) -> tuple[Decision, BreakerGuard, float] | Decision:
-        """The shared store's rate-limit answers and the breakers' permits asked at once,
-        so that they share one pipeline (one round trip) instead of two in a row.
+        """The shared store's rate-limit answers and the breakers' permits asked at once:
+        in one script where the engine can (:meth:`Engine.settle_with_permits`), else as
+        two calls in one pipeline (one round trip) instead of two in a row.
 
         A permit taken for an event the limits then refuse is handed back. The bare
         decision of an event to be delayed: its permits are asked for after the delay, as
         always.
         """
         engine = self.engine
+        together = await engine.settle_with_permits(verdict, conn, claims, event)
+        if together is not None:  # one call to the store for both
+            decision, permits = together
+            outcome = decision.outcome
+            if outcome is not _ALLOW:
+                return decision if outcome is _DELAY else (decision, NO_GUARD, 0.0)
+            if isinstance(permits, BreakerGuard):
+                return decision, permits, 0.0
+            return permits, NO_GUARD, 0.0
         asking = asyncio.ensure_future(engine.before_call(conn, claims, event))
         try:
             decision = await engine.settle_event(verdict)

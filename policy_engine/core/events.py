@@ -26,7 +26,13 @@ from policy_engine.core.recorder import NULL_RECORDER, Recorder, TraceRecorder
 from policy_engine.core.shedding import Shedding
 from policy_engine.core.tap import DecisionTap
 from policy_engine.language.contexts import Hook
-from policy_engine.language.model import EventPlan, EventSpec, PolicySet, RateLimitSpec
+from policy_engine.language.model import (
+    CircuitBreakerSpec,
+    EventPlan,
+    EventSpec,
+    PolicySet,
+    RateLimitSpec,
+)
 from policy_engine.state.guarded import ASK, GuardedStore
 
 
@@ -359,7 +365,21 @@ class EventHooks:
         permits = take_permits(policy, state, specs, variables, now, recorder or NULL_RECORDER)
         if type(permits) is BreakerGuard:
             return permits
-        recorder = recorder or NULL_RECORDER
+        return await self._walk_permits(
+            specs, variables, now, recorder or NULL_RECORDER, permits, event
+        )
+
+    async def _walk_permits(  # noqa: PLR0917 (a walk's state, passed along)
+        self,
+        specs: tuple[CircuitBreakerSpec, ...],
+        variables: tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any], Any],
+        now: float,
+        recorder: Recorder,
+        permits: BreakerGuard | Refused | Waiting,
+        event: Mapping[str, Any],
+    ) -> BreakerGuard | Decision:
+        """Finish a walk of the breakers that stopped for the shared store's answers."""
+        policy, state = self.policy, self.state
         while isinstance(permits, Waiting):
             answer = await state.permit(specs[permits.at], now)
             permits = take_permits(policy, state, specs, variables, now, recorder, permits, answer)
@@ -368,9 +388,69 @@ class EventHooks:
                 await state.release(held)
             tap = self.tap
             if tap is not None:
+                conn, claims = variables[0], variables[1]
                 tap.judged(Hook.EVENT, conn, claims, event, self.load, permits.decision)
             return finish(permits.decision, [], recorder)
         return permits
+
+    async def settle_with_permits(
+        self,
+        pending: PendingEvent,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+    ) -> tuple[Decision, BreakerGuard | Decision] | None:
+        """A pending event's shared limits and its first breaker's permit asked of the store
+        in one call (:meth:`GuardedStore.rates_then_permit`): the decision, and the permits
+        held (or a breaker's refusal) when it admits the event.
+
+        The permit is taken only when the enforced limits admit (none is asked for when
+        this process's own limits refused already); one taken for an event its schema or
+        authorization then refuses is handed back. None when the walk cannot be made so (a
+        delay decided before the limits, a recorded judgement, conditions that convert the
+        event, no breaker needing the store): then the caller asks for the limits and the
+        permits as usual.
+        """
+        rates = pending.rates
+        recorder = pending.recorder
+        enforced_answer = rates.enforced_answer
+        if pending.refusal is not None or recorder.enabled or self._payload_views:
+            return None
+        refused = (
+            enforced_answer is not ASK
+            and enforced_answer is not None
+            and not enforced_answer.allowed
+        )
+        if refused:  # by this process's own limits already: no permit to ask for
+            return await self.settle_event(pending), NO_GUARD
+        specs = pending.plan.breakers
+        now = rates.now
+        variables = (conn, claims, event, self.load)
+        permits = take_permits(self.policy, self.state, specs, variables, now, recorder)
+        if type(permits) is not Waiting or permits.taken:
+            # No breaker matched (or, on a store that answers permits without I/O, some
+            # were taken, which a shared store never does): nothing to ask at once.
+            return None
+        spec = specs[permits.at]
+        asked = [at for at, answer in enumerate(rates.shadow_answers) if answer is ASK]
+        enforced = rates.enforced if enforced_answer is ASK else ()
+        shadows = [(rates.shadow[at],) for at in asked]
+        answer, shadowed, permit = await self.state.rates_then_permit(enforced, shadows, spec, now)
+        if enforced_answer is ASK:
+            rates.enforced_answer = answer
+        for at, shadow_answer in zip(asked, shadowed, strict=True):
+            rates.shadow_answers[at] = shadow_answer
+        decision = await self.settle_event(pending)
+        if decision.outcome is not Outcome.ALLOW:
+            if permit is not None and permit.permitted:
+                await self.state.release(spec)
+            return decision, NO_GUARD
+        walked = take_permits(
+            self.policy, self.state, specs, variables, now, recorder, permits, permit
+        )
+        if type(walked) is BreakerGuard:
+            return decision, walked
+        return decision, await self._walk_permits(specs, variables, now, recorder, walked, event)
 
     async def release_permits(self, guard: BreakerGuard) -> None:
         """Hand back permits taken for a call that will not run (half-open probes go back)."""

@@ -38,6 +38,12 @@ from policy_engine.state.store_breaker import StoreBreaker
 
 T = TypeVar("T")
 Checks = Sequence[tuple[RateLimitSpec, str]]
+CheckThenAcquire = Callable[
+    [Sequence[Checks], CircuitBreakerSpec, float],
+    Awaitable[tuple[list[CombinedDecision], Permit | None]],
+]
+ALL_ADMIT: Final = CombinedDecision(True, 0.0, None, None)
+"""What no limits at all decide."""
 
 _log = logging.getLogger("policy_engine.state.guarded")
 
@@ -109,6 +115,11 @@ class GuardedStore:
             self._shared_rate_now if self.shared else self.local.check_rate_limit_now
         )
         self.permit_now: PermitNow = self._ask if self.shared else self.local.breaker_acquire_now
+        # A shared store's one call for an event's limits and its breaker's permit, if it
+        # has one (the Redis store's ``check_rate_limits_then_acquire``).
+        self._check_then_acquire: CheckThenAcquire | None = (
+            getattr(store, "check_rate_limits_then_acquire", None) if self.shared else None
+        )
         self.record_now: RecordNow = self._ask if self.shared else self.local.breaker_record_now
 
     def configure(self, timeout: float, on_error: StoreFailureMode) -> None:
@@ -157,14 +168,61 @@ class GuardedStore:
         try:
             answer = await self._call(self.store.check_rate_limits(shared, now), timed=True)
         except StoreError:
-            mode = self.on_error
-            if mode is StoreFailureMode.LOCAL:
-                answer = self.local.check_rate_limits_now(shared, now)
-            else:
-                allowed = mode is StoreFailureMode.FAIL_OPEN
-                retry_after = 0.0 if allowed else STORE_RETRY_AFTER
-                answer = CombinedDecision(allowed, retry_after, shared[0][0].name, None)
+            answer = self._unanswered(shared, now)
         return answer if decided is None or not answer.allowed else decided
+
+    async def rates_then_permit(
+        self,
+        enforced: Checks,
+        shadows: Sequence[Checks],
+        spec: CircuitBreakerSpec,
+        now: float,
+    ) -> tuple[CombinedDecision, list[CombinedDecision], Permit | None]:
+        """``enforced`` and each of ``shadows`` judged as :meth:`rates` judges them and, when
+        ``enforced`` admits, a permit from ``spec`` as :meth:`permit` gives it (None when
+        it refuses: none was taken).
+
+        One call to a shared store that can ask them all at once, instead of one each.
+        """
+        combined = self._check_then_acquire
+        if combined is None:
+            decision = await self.rates(enforced, now)
+            answers = [await self.rates(checks, now) for checks in shadows]
+            return decision, answers, (await self.permit(spec, now)) if decision.allowed else None
+        local = [check for check in enforced if check[0].scope is Scope.LOCAL]
+        decided = self.local.check_rate_limits_now(local, now) if local else None
+        if decided is not None and not decided.allowed:
+            return decided, [await self.rates(checks, now) for checks in shadows], None
+        shared = [check for check in enforced if check[0].scope is not Scope.LOCAL]
+        shared_shadows = [
+            [c for c in checks if c[0].scope is not Scope.LOCAL] for checks in shadows
+        ]
+        try:
+            decisions, permit = await self._call(
+                combined([shared, *shared_shadows], spec, now), timed=True
+            )
+        except StoreError:
+            decisions = [
+                self._unanswered(checks, now) if checks else ALL_ADMIT
+                for checks in (shared, *shared_shadows)
+            ]
+            permit = STORE_REFUSED if self.on_error is StoreFailureMode.FAIL_CLOSED else None
+        answer, *shadowed = decisions
+        for at, checks in enumerate(shadows):  # a shadow limit of this process's own
+            if not shared_shadows[at]:
+                shadowed[at] = self.local.check_rate_limits_now(checks, now)
+        if not answer.allowed:
+            return answer, shadowed, None
+        return decided or answer, shadowed, permit
+
+    def _unanswered(self, shared: Checks, now: float) -> CombinedDecision:
+        """What the policy's ``on_store_error`` decides for limits the store did not judge."""
+        mode = self.on_error
+        if mode is StoreFailureMode.LOCAL:
+            return self.local.check_rate_limits_now(shared, now)
+        allowed = mode is StoreFailureMode.FAIL_OPEN
+        retry_after = 0.0 if allowed else STORE_RETRY_AFTER
+        return CombinedDecision(allowed, retry_after, shared[0][0].name, None)
 
     def refused_locally(self, checks: Checks, now: float) -> bool:
         """Whether the shared store refuses these checks without a round trip (its near

@@ -11,7 +11,7 @@ every outcome counts and each operation costs one script run.
 to run and the function that turns its reply into what the pure algorithm returns, so a
 caller can send many decisions in one batch through
 :class:`~policy_engine.state.redis_pipeline.Pipeline` (or run a call alone with
-``await call.script(keys=call.keys, args=call.args)``). Redis failures are left to the
+``await call.script(keys=call.keys, args=call.plain_args)``). Redis failures are left to the
 caller to translate.
 
 ``now`` is the caller's seconds, every process's comparable with every other's, or
@@ -36,7 +36,7 @@ from policy_engine.algorithms.breaker import (
 from policy_engine.language.model import CircuitBreakerSpec
 from policy_engine.state import redis_breaker_scripts as scripts
 from policy_engine.state.redis_clients import RedisClient
-from policy_engine.state.redis_pipeline import Arg, Call, SpecArgs
+from policy_engine.state.redis_pipeline import Arg, Call, SpecArgs, Words
 
 _CLOSED = BreakerState()
 
@@ -68,7 +68,7 @@ class RedisBreakers:
         self, spec: CircuitBreakerSpec, now: float | None
     ) -> tuple[Call, Callable[[Any], Permit]]:
         """Ask to make one call, as :func:`~policy_engine.algorithms.breaker.acquire`."""
-        return Call(self._acquire, [self.key(spec.name)], self._args(spec, now)), _permit
+        return Call(self._acquire, [self.key(spec.name)], self._args(spec, now)), read_permit
 
     def record(
         self, spec: CircuitBreakerSpec, now: float | None, *, failed: bool, duration: float
@@ -89,9 +89,9 @@ class RedisBreakers:
         """Give back a permit whose call never ran, as ``breaker.release``."""
         return Call(self._release, [self.key(spec.name)], []), _nothing
 
-    def _args(self, spec: CircuitBreakerSpec, now: float | None) -> list[Arg]:
+    def _args(self, spec: CircuitBreakerSpec, now: float | None) -> list[Arg | Words]:
         """``ARGV[1]`` to ``ARGV[9]``: ``now``, then the spec's own, kept per spec."""
-        return ["" if now is None else _number(now), *self._spec_args(spec)]
+        return ["" if now is None else _number(now), self._spec_args(spec)]
 
     def fetch_state(self, name: str) -> tuple[Call, Callable[[Any], BreakerState]]:
         """Read the breaker's stored state (closed and empty when none): for status pages."""
@@ -120,7 +120,7 @@ def _own_args(spec: CircuitBreakerSpec) -> tuple[Arg, ...]:
     return tuple(_spec_args(spec, None)[1:])
 
 
-def _permit(reply: Sequence[Any]) -> Permit:
+def read_permit(reply: Sequence[Any]) -> Permit:
     """The Permit ``breaker.acquire`` returns, from ``{permitted, circuit, now, until, opened}``."""
     permitted, circuit, now, until, opened = reply
     if permitted == 1 and opened != 1:

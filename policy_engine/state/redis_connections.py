@@ -212,7 +212,7 @@ class ConnectionLeases:
     """One process's connection counts on Redis, held under a lease; see the module.
 
     :meth:`open` and :meth:`close` hand back the script call to run (on its own with
-    ``await call.script(keys=call.keys, args=call.args)``, or in a batch with
+    ``await call.script(keys=call.keys, args=call.plain_args)``, or in a batch with
     :class:`~policy_engine.state.redis_pipeline.Pipeline`) and the function that turns its
     reply into the answer. Nothing is kept in the process: Redis holds its counts.
     """
@@ -286,7 +286,7 @@ class ConnectionLeases:
         """
         call = self._call(self._renew, [], [])
         with _answering("renew"):
-            return bool(await call.script(keys=call.keys, args=call.args))
+            return bool(await call.script(keys=call.keys, args=call.plain_args))
 
     async def run_renewals(self) -> None:
         """Renew every third of ``lease_ttl`` until cancelled.
@@ -304,7 +304,7 @@ class ConnectionLeases:
         """Stop counting this process's connections: at shutdown, after the renewals."""
         call = self._call(self._release, [], [])
         with _answering("release_all"):
-            await call.script(keys=call.keys, args=call.args)
+            await call.script(keys=call.keys, args=call.plain_args)
 
     def _call(self, script: AsyncScript, fields: list[str], extra: list[str]) -> Call:
         keys = [*self._lease_keys, *(self._base + field for field in fields)]

@@ -51,7 +51,7 @@ from policy_engine.algorithms import ratelimit
 from policy_engine.algorithms.ratelimit import CombinedDecision, RateDecision
 from policy_engine.language.model import RateAlgorithm, RateLimitSpec
 from policy_engine.state.redis_clients import RedisClient
-from policy_engine.state.redis_pipeline import Arg, Call, SpecArgs
+from policy_engine.state.redis_pipeline import Arg, Call, SpecArgs, Words
 
 _FLOAT_HELPERS = """
 local function fmt(x)
@@ -206,6 +206,9 @@ return reply
 """
 )
 
+KEPT_KEYS = 65_536
+"""State keys kept made, at most (each ~100 bytes)."""
+
 _KIND = {
     RateAlgorithm.GCRA: "g",
     RateAlgorithm.SLIDING_WINDOW: "s",
@@ -231,16 +234,28 @@ class RedisRateLimits:
         self.by_slot = by_slot
         self._check = client.register_script(CHECK)
         self._spec_args = SpecArgs[RateLimitSpec](_spec_args)
+        self._keys: dict[tuple[str, Any, str], str] = {}
 
     def key(self, spec: RateLimitSpec, key: str) -> str:
-        """Where one rule's state for one key lives (by name, never by parameters)."""
-        return state_key(self.prefix, spec, key)
+        """Where one rule's state for one key lives (by name, never by parameters).
+
+        Kept once made (its hash tag is a digest): a conversation's key is asked for at
+        every one of its events. Past ``KEPT_KEYS`` they are all dropped at once.
+        """
+        kept = self._keys
+        at = (spec.name, spec.algorithm, key)
+        found = kept.get(at)
+        if found is None:
+            if len(kept) >= KEPT_KEYS:
+                kept.clear()
+            found = kept[at] = state_key(self.prefix, spec, key)
+        return found
 
     def check(
         self, checks: Checks, now: float | None, cost: int = 1, *, peek: bool = False
     ) -> tuple[Call, Callable[[Any], CombinedDecision]]:
         """The call judging every (rule, key) together, and how to read its reply."""
-        call, read = self._call(checks, now, cost, peek=peek)
+        call, read = self.call(checks, now, cost, peek=peek)
         return call, lambda reply: ratelimit.combine(read(reply))
 
     async def judge(
@@ -276,7 +291,7 @@ class RedisRateLimits:
         peek: bool = False,
     ) -> list[tuple[str, RateDecision]]:
         """Every group's script at once; the decisions back in the order of ``checks``."""
-        calls = [self._call([checks[i] for i in group], now, cost, peek=peek) for group in groups]
+        calls = [self.call([checks[i] for i in group], now, cost, peek=peek) for group in groups]
         replies = await asyncio.gather(*(run(call) for call, _ in calls))
         decisions: list[tuple[str, RateDecision] | None] = [None] * len(checks)
         for group, (_, read), reply in zip(groups, calls, replies, strict=True):
@@ -284,15 +299,16 @@ class RedisRateLimits:
                 decisions[index] = decision
         return [decision for decision in decisions if decision is not None]
 
-    def _call(
+    def call(
         self, checks: Checks, now: float | None, cost: int, *, peek: bool
     ) -> tuple[Call, Callable[[Any], list[tuple[str, RateDecision]]]]:
+        """The ``CHECK`` call for these limits, and how to read each limit's decision."""
         if cost < 1:
             raise ValueError(f"a request costs at least 1, got {cost}")
-        args: list[Arg] = ["" if now is None else repr(float(now)), cost, int(peek)]
+        args: list[Arg | Words] = ["" if now is None else repr(float(now)), cost, int(peek)]
         spec_args = self._spec_args
         for spec, _ in checks:
-            args += spec_args(spec)
+            args.append(spec_args(spec))
         keys = [self.key(spec, key) for spec, key in checks]
         names = [spec.name for spec, _ in checks]
 

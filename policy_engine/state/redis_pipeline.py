@@ -49,6 +49,21 @@ from policy_engine.state.redis_wire import Wire, pack
 Arg = str | bytes | int | float
 
 
+class Words:
+    """Script arguments encoded once, as the wire carries them: a rule's own, the same on
+    every call (packing them again for each call was a tenth of a shared decision's cost)."""
+
+    __slots__ = ("count", "encoded", "values")
+
+    def __init__(self, values: Sequence[Arg]) -> None:
+        self.values = tuple(values)
+        self.count = len(self.values)
+        self.encoded = b"".join(_bulk(value) for value in self.values)
+
+    def __repr__(self) -> str:
+        return f"Words{self.values!r}"
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """One script run: the script (registered on the client) with its keys and arguments.
@@ -58,7 +73,23 @@ class Call:
 
     script: AsyncScript
     keys: Sequence[str]
-    args: Sequence[Arg]
+    args: Sequence[Arg | Words]
+
+    @property
+    def plain_count(self) -> int:
+        """How many arguments the script receives (``#ARGV``)."""
+        return sum(value.count if type(value) is Words else 1 for value in self.args)
+
+    @property
+    def plain_args(self) -> list[Arg]:
+        """The arguments one by one, for a client that packs them itself (redis-py's)."""
+        plain: list[Arg] = []
+        for value in self.args:
+            if type(value) is Words:
+                plain += value.values
+            else:
+                plain.append(value)  # type: ignore[arg-type]
+        return plain
 
 
 Pending = tuple[Call, "asyncio.Future[Any]"]
@@ -73,17 +104,17 @@ class SpecArgs(Generic[S]):
     ones are dropped all at once (the policy in force formats its own again).
     """
 
-    def __init__(self, format_spec: Callable[[S], tuple[Arg, ...]], limit: int = 256) -> None:
+    def __init__(self, format_spec: Callable[[S], Sequence[Arg]], limit: int = 256) -> None:
         self._format = format_spec
         self._limit = limit
-        self._kept: dict[int, tuple[S, tuple[Arg, ...]]] = {}
+        self._kept: dict[int, tuple[S, Words]] = {}
 
-    def __call__(self, spec: S) -> tuple[Arg, ...]:
+    def __call__(self, spec: S) -> Words:
         kept = self._kept.get(id(spec))
         if kept is None or kept[0] is not spec:
             if len(self._kept) >= self._limit:
                 self._kept.clear()
-            kept = self._kept[id(spec)] = (spec, self._format(spec))
+            kept = self._kept[id(spec)] = (spec, Words(self._format(spec)))
         return kept[1]
 
 
@@ -263,7 +294,9 @@ class Pipeline:
             return await _send_and_read(client, calls)
         pipe = client.pipeline(transaction=False)
         for call in calls:
-            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute_command(
+                "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.plain_args
+            )
         return list(await pipe.execute(raise_on_error=False))
 
 
@@ -329,21 +362,34 @@ def _packed(calls: list[Call]) -> bytes:
     out: list[bytes] = []
     add = out.append
     for call in calls:
-        keys, args = call.keys, call.args
+        keys = call.keys
+        body = [_bulk(key) for key in keys]
+        words = 3 + len(keys)
+        for value in call.args:
+            if type(value) is Words:
+                body.append(value.encoded)
+                words += value.count
+            else:
+                body.append(_bulk(value))  # type: ignore[arg-type]
+                words += 1
         count = b"%d" % len(keys)
         add(
             b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%s\r\n"
-            % (3 + len(keys) + len(args), call.script.sha.encode(), len(count), count)
+            % (words, call.script.sha.encode(), len(count), count)
         )
-        for value in (*keys, *args):
-            word = _word(value)
-            add(b"$%d\r\n%s\r\n" % (len(word), word))
+        out += body
     return b"".join(out)
 
 
 def _source(script: AsyncScript) -> bytes:
     source = script.script
     return source.encode() if isinstance(source, str) else bytes(source)
+
+
+def _bulk(value: Arg) -> bytes:
+    """One argument as a RESP bulk string."""
+    word = _word(value)
+    return b"$%d\r\n%s\r\n" % (len(word), word)
 
 
 def _word(value: Arg) -> bytes:

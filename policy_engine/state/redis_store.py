@@ -43,7 +43,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
@@ -59,6 +59,7 @@ from policy_engine.state.codec import decode_payload, encode_payload
 from policy_engine.state.near_cache import OverLimitCache
 from policy_engine.state.protocol import FOREVER, ConnectionLimits, ReplayedEvent
 from policy_engine.state.redis_breakers import RedisBreakers
+from policy_engine.state.redis_check_then_acquire import CheckThenAcquire
 from policy_engine.state.redis_clients import Connected, RedisClient, connect, store_options
 from policy_engine.state.redis_connections import DEFAULT_LEASE_TTL, ConnectionLeases
 from policy_engine.state.redis_limits import RedisRateLimits
@@ -131,6 +132,9 @@ class RedisStore:
         by_slot = isinstance(client, RedisCluster)
         self._limits = RedisRateLimits(client, prefix, by_slot=by_slot)
         self._breakers = RedisBreakers(self._client, prefix)
+        self._check_then_acquire = (
+            None if by_slot else CheckThenAcquire(self._client, self._limits, self._breakers)
+        )
         self._connections = ConnectionLeases(self._client, prefix, lease_ttl=lease_ttl)
         self._renewing: asyncio.Task[None] | None = None
         self._over_limit = OverLimitCache() if near_cache else None
@@ -174,6 +178,41 @@ class RedisStore:
         if not decision.allowed and near is not None:
             near.remember(checks, decision, local_now)
         return decision
+
+    async def check_rate_limits_then_acquire(
+        self,
+        groups: Sequence[Sequence[tuple[RateLimitSpec, str]]],
+        spec: CircuitBreakerSpec,
+        now: float,
+    ) -> tuple[list[CombinedDecision], Permit | None]:
+        """Each group of limits judged as :meth:`check_rate_limits` judges it and, when the
+        first group admits (it may be empty), a permit from ``spec``'s breaker: one script
+        for them all. The permit is None when the first group refused (none was taken).
+        On a cluster (the keys in different slots) they are asked one after the other."""
+        near = self._over_limit
+        local_now = time.monotonic() if self.server_clock else now
+        cached = [
+            near.refusal(checks, local_now) if near is not None and checks else None
+            for checks in groups
+        ]
+        combined = self._check_then_acquire
+        if combined is None or cached[0] is not None:
+            decisions = [
+                refused or await self.check_rate_limits(checks, now)
+                for checks, refused in zip(groups, cached, strict=True)
+            ]
+            allowed = decisions[0].allowed
+            return decisions, (await self.breaker_acquire(spec, now)) if allowed else None
+        asked = [() if refused else checks for checks, refused in zip(groups, cached, strict=True)]
+        call, read = combined.call(asked, spec, self._now(now))
+        with _answering("check_rate_limits_then_acquire"):
+            decisions, permit = read(await self._pipeline.run(call))
+        for at, refused in enumerate(cached):
+            if refused is not None:
+                decisions[at] = refused
+            elif near is not None and not decisions[at].allowed:
+                near.remember(groups[at], decisions[at], local_now)
+        return decisions, permit
 
     # -- circuit breakers ------------------------------------------------------------------
 
@@ -372,14 +411,22 @@ class RedisStore:
                 await self._connected.aclose()
 
 
-@contextlib.contextmanager
-def _answering(operation: str) -> Iterator[None]:
+class _answering:  # noqa: N801 (used as a function: ``with _answering(operation):``)
     """Turn every failure to reach Redis into StoreError (timeouts are OSErrors too; a
-    cluster whose nodes cannot be found raises RedisClusterException)."""
-    try:
-        yield
-    except (RedisError, RedisClusterException, OSError) as exc:
-        raise StoreError(f"redis store: {operation} failed: {exc!r}") from exc
+    cluster whose nodes cannot be found raises RedisClusterException). A class, not a
+    generator: it wraps every call of every shared decision."""
+
+    __slots__ = ("operation",)
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, trace: object) -> None:
+        if isinstance(exc, (RedisError, RedisClusterException, OSError)):
+            raise StoreError(f"redis store: {self.operation} failed: {exc!r}") from exc
 
 
 def _ttl_ms(seconds: float) -> int:
