@@ -209,6 +209,52 @@ def _note(transition: Transition | None) -> None:
         event(f"{transition.from_state} -> {transition.to_state}: {transition.reason}")
 
 
+_OUTCOMES = st.lists(st.tuples(_STEPS, st.booleans(), _DURATIONS), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(
+    spec=breaker_specs(),
+    start=st.sampled_from([0.0, 1_700_000_000.123456]),
+    batches=st.lists(st.tuples(_STEPS, _OUTCOMES), min_size=1, max_size=6),
+)
+def test_outcomes_recorded_together_answer_as_the_algorithm_in_turn(
+    redis_server: RedisServer,
+    spec: CircuitBreakerSpec,
+    start: float,
+    batches: list[tuple[float, list[tuple[float, bool, float]]]],
+) -> None:
+    """``record_many`` (one script for a batch of outcomes) gives each outcome the
+    transition, and the breaker the state, that recording them one by one does. Between
+    batches a permit is asked for, so that open circuits go half-open and probes record."""
+
+    async def compare() -> None:
+        client = Redis.from_url(redis_server.url)
+        try:
+            breakers = RedisBreakers(client, f"test-{uuid4().hex}")
+            state = BreakerState()
+            now = start
+            for pause, outcomes in batches:
+                now += pause
+                permit, state = breaker.acquire(spec, state, now)
+                assert await run(breakers.acquire(spec, now)) == permit
+                expected, timed = [], []
+                for step, failed, duration in outcomes:
+                    now += step
+                    state, transition = breaker.record(
+                        spec, state, now, failed=failed, duration=duration
+                    )
+                    expected.append(transition)
+                    timed.append((now, failed, duration))
+                    _note(transition)
+                assert await run(breakers.record_many(spec, timed)) == expected
+                assert await run(breakers.fetch_state(spec.name)) == state
+        finally:
+            await client.aclose()
+
+    asyncio.run(compare())
+
+
 # -- no outcome lost -----------------------------------------------------------------------------
 
 _ROOMY = 10_000  # the largest count window a policy may have

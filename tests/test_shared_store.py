@@ -416,7 +416,7 @@ async def test_limits_and_permit_are_one_script_and_refused_events_take_no_permi
 ) -> None:
     store = RedisStore(own_redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
     with redis.Redis.from_url(own_redis_server.url) as loader:  # no NOSCRIPT reload counted
-        scripts = breaker_scripts.ACQUIRE, breaker_scripts.RECORD, breaker_scripts.RELEASE
+        scripts = breaker_scripts.ACQUIRE, breaker_scripts.RECORD_MANY, breaker_scripts.RELEASE
         for source in (CHECK, CHECK_THEN_ACQUIRE, *scripts):
             loader.script_load(source)
     served = start_server(policy_path(tmp_path, GUARDED), setup=echo_app, store=store)

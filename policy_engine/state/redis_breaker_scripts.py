@@ -4,7 +4,9 @@ Kept apart from :mod:`policy_engine.state.redis_breakers` because it is another 
 ``ACQUIRE``, ``RECORD`` and ``RELEASE`` are the Python functions of those names, step for
 step (the same comparisons, in the same order, on the same doubles), so a breaker behaves
 alike in one process and shared through Redis; ``tests/test_redis_breakers.py`` runs both
-on random sequences and compares every answer and every state.
+on random sequences and compares every answer and every state. ``RECORD_MANY`` runs
+``RECORD`` (wrapped, unchanged) for several outcomes in turn: those one process records
+within one pass of its event loop, one script instead of one each.
 
 The state of a breaker is one hash, ``{prefix}:cb:{rule}``:
 
@@ -310,3 +312,23 @@ return {state.circuit, exact(state.since), state.permits, state.window, state.ca
         state.failed, state.slow, entries}
 """
 )
+
+RECORD_MANY = f"""
+local function record(KEYS, ARGV)
+{RECORD}
+end
+
+-- breaker.record for several outcomes in turn, as many RECORD calls would. ARGV: SPEC (its
+-- now unused), then n, then n times: now, '1' if the call failed (else '0'), its duration.
+-- Returns each outcome's transition (or false), in order.
+local n = tonumber(ARGV[10])
+local args = {{}}
+for i = 1, 9 do args[i] = ARGV[i] end
+local replies = {{}}
+for i = 1, n do
+  local at = 10 + (i - 1) * 3
+  args[1], args[10], args[11] = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  replies[i] = record(KEYS, args)
+end
+return replies
+"""

@@ -54,6 +54,7 @@ class RedisBreakers:
         register = client.register_script
         self._acquire = register(scripts.ACQUIRE)
         self._record = register(scripts.RECORD)
+        self._record_many = register(scripts.RECORD_MANY)
         self._release = register(scripts.RELEASE)
         self._read = register(scripts.READ)
         self._spec_args = SpecArgs[CircuitBreakerSpec](_own_args)
@@ -84,6 +85,21 @@ class RedisBreakers:
             )
         args = [*self._args(spec, now), "1" if failed else "0", _number(duration)]
         return Call(self._record, [self.key(spec.name)], args), _transition
+
+    def record_many(
+        self, spec: CircuitBreakerSpec, outcomes: Sequence[tuple[float | None, bool, float]]
+    ) -> tuple[Call, Callable[[Any], list[Transition | None]]]:
+        """Report several calls' outcomes ``(now, failed, duration)`` in turn, as many
+        :meth:`record` calls would; the reply read is each one's transition, in order."""
+        if spec.window.calls is None and spec.window.time is None:
+            raise ValueError(
+                f"circuit breaker {spec.name!r} has neither window.calls nor window.time"
+            )
+        args: list[Arg | Words] = ["", self._spec_args(spec), len(outcomes)]
+        for now, failed, duration in outcomes:
+            args += ("" if now is None else _number(now), "1" if failed else "0", _number(duration))
+        call = Call(self._record_many, [self.key(spec.name)], args)
+        return call, _transitions
 
     def release(self, spec: CircuitBreakerSpec) -> tuple[Call, Callable[[Any], None]]:
         """Give back a permit whose call never ran, as ``breaker.release``."""
@@ -140,6 +156,10 @@ def _transition(reply: Sequence[Any] | None) -> Transition | None:
     return Transition(
         Circuit(_text(from_state)), Circuit(_text(to_state)), Reason(_text(reason)), float(at)
     )
+
+
+def _transitions(reply: Sequence[Any]) -> list[Transition | None]:
+    return [_transition(each) for each in reply]
 
 
 def _nothing(_reply: Any) -> None:

@@ -63,6 +63,7 @@ from policy_engine.state.redis_check_then_acquire import CheckThenAcquire
 from policy_engine.state.redis_clients import Connected, RedisClient, connect, store_options
 from policy_engine.state.redis_connections import DEFAULT_LEASE_TTL, ConnectionLeases
 from policy_engine.state.redis_limits import RedisRateLimits
+from policy_engine.state.redis_outcomes import OutcomeBatches
 from policy_engine.state.redis_pipeline import Call, Pipeline
 from policy_engine.state.redis_wire import wire_for
 
@@ -132,6 +133,7 @@ class RedisStore:
         by_slot = isinstance(client, RedisCluster)
         self._limits = RedisRateLimits(client, prefix, by_slot=by_slot)
         self._breakers = RedisBreakers(self._client, prefix)
+        self._outcomes = OutcomeBatches(self._breakers, self._pipeline.run)
         self._check_then_acquire = (
             None if by_slot else CheckThenAcquire(self._client, self._limits, self._breakers)
         )
@@ -224,9 +226,9 @@ class RedisStore:
     async def breaker_record(
         self, spec: CircuitBreakerSpec, now: float, *, failed: bool, duration: float
     ) -> Transition | None:
-        call, read = self._breakers.record(spec, self._now(now), failed=failed, duration=duration)
+        answer = self._outcomes.record(spec, self._now(now), failed=failed, duration=duration)
         with _answering("breaker_record"):
-            return read(await self._pipeline.run(call))
+            return await answer
 
     async def breaker_release(self, spec: CircuitBreakerSpec) -> None:
         call, read = self._breakers.release(spec)
