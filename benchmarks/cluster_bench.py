@@ -22,6 +22,7 @@ its throughput over memory's, measured back to back.
 
     python -m benchmarks.cluster_bench [--clients 10] [--seconds 8] [--rounds 4]
                                        [--modes memory redis redis-state]
+                                       [--store-query pipeline_window=0.0005]
 
 Needs ``redis-server`` on PATH. ``--clients`` is per process.
 """
@@ -173,9 +174,12 @@ def measure(
     clients: int,
     seconds: float,
     work: Path,
+    store_query: str = "",
 ) -> dict[str, Any]:
     """One run: the clients' counts and latencies, the CPU the servers (and Redis) spent."""
     url, redis_port, redis_pid = redis
+    if store_query:
+        url = f"{url}?{store_query}"
     on_redis = mode != "memory"
     if on_redis:
         redis_command(redis_port, b"FLUSHALL")
@@ -212,10 +216,13 @@ def measure(
     }
 
 
-def report(clients: int, seconds: float, rounds: int, modes: list[str]) -> None:
+def report(
+    clients: int, seconds: float, rounds: int, modes: list[str], store_query: str = ""
+) -> None:
     print(
         f"2 serve processes, {clients} clients each, {seconds:g} s per run, "
         f"{rounds} runs per mode, load average {os.getloadavg()[0]:.2f}"
+        + (f", store options {store_query}" if store_query else "")
     )
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as temporary:
@@ -226,7 +233,13 @@ def report(clients: int, seconds: float, rounds: int, modes: list[str]) -> None:
                 # ABBA: a drift in the machine's speed weighs on every mode alike.
                 for mode in modes if round_ % 2 == 0 else modes[::-1]:
                     run = measure(
-                        mode, redis, policy=policy, clients=clients, seconds=seconds, work=work
+                        mode,
+                        redis,
+                        policy=policy,
+                        clients=clients,
+                        seconds=seconds,
+                        work=work,
+                        store_query=store_query,
                     )
                     results[mode].append(run)
                     print(
@@ -309,13 +322,18 @@ def main() -> None:
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=["memory", "redis"], help="modes to compare"
     )
+    parser.add_argument(
+        "--store-query",
+        default="",
+        help="options for the Redis store's URL, e.g. pipeline_window=0.0005",
+    )
     parser.add_argument("--port", type=int, help="(clients) the serve process to talk to")
     parser.add_argument("--first", type=int, default=0, help="(clients) first client number")
     args = parser.parse_args()
     if args.role == "clients":
         asyncio.run(run_clients(args.port, args.clients, args.first, args.seconds))
     else:
-        report(args.clients, args.seconds, args.rounds, args.modes)
+        report(args.clients, args.seconds, args.rounds, args.modes, args.store_query)
 
 
 if __name__ == "__main__":
