@@ -16,6 +16,10 @@ connected again (through HAProxy, so to the second process).
   the engine runs: SIGTERM is uvicorn's graceful shutdown, ``/readyz`` always answers 200.
 
     python -m benchmarks.drain_bench [--clients 2000] [--modes bare serve] [--limit 60]
+                                     [--proxies 1]
+
+``--proxies 2`` shares the clients among two HAProxy processes (and two client
+processes): 10,000 clients need more descriptors than one process may hold here.
 
 Needs ``haproxy`` and ``node`` on PATH and ``npm ci --prefix tests/js``.
 """
@@ -23,6 +27,7 @@ Needs ``haproxy`` and ``node`` on PATH and ``npm ci --prefix tests/js``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -101,7 +106,7 @@ def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def haproxy(listen: int, first: int, second: int, folder: Path) -> Iterator[Path]:
+def haproxy(listen: int, first: int, second: int, folder: Path, index: int = 0) -> Iterator[Path]:
     binary = shutil.which("haproxy")
     if binary is None:
         raise SystemExit("haproxy is not on PATH")
@@ -111,7 +116,7 @@ def haproxy(listen: int, first: int, second: int, folder: Path) -> Iterator[Path
         "POLICY_ENGINE_APP1": f"127.0.0.1:{first}",
         "POLICY_ENGINE_APP2": f"127.0.0.1:{second}",
     }
-    log = folder / "haproxy.log"
+    log = folder / f"haproxy-{index}.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
             [binary, "-f", str(HAPROXY_CONFIG), "-db"], env=env, stdout=output, stderr=output
@@ -124,60 +129,78 @@ def haproxy(listen: int, first: int, second: int, folder: Path) -> Iterator[Path
         process.wait(10)
 
 
-def run(mode: str, clients: int, limit: float, policies: Path) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as directory:
+def run(mode: str, clients: int, limit: float, policies: Path, proxies: int = 1) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as directory, contextlib.ExitStack() as stack:
         folder = Path(directory)
-        first_port, second_port, listen = free_port(), free_port(), free_port()
+        first_port, second_port = free_port(), free_port()
         first = start(mode, first_port, policies, folder / "first.log")
         second: subprocess.Popen[bytes] | None = None
-        with haproxy(listen, first_port, second_port, folder):
-            time.sleep(2.5)  # HAProxy marks the absent second process down
-            node = subprocess.Popen(
-                ["node", str(CLIENTS), f"http://127.0.0.1:{listen}", str(clients), str(limit)],
+        listens = [free_port() for _ in range(proxies)]
+        for index, listen in enumerate(listens):
+            stack.enter_context(haproxy(listen, first_port, second_port, folder, index))
+        time.sleep(2.5)  # HAProxy marks the absent second process down
+        shares = [clients // proxies + (1 if i < clients % proxies else 0) for i in range(proxies)]
+        nodes = [
+            subprocess.Popen(
+                [
+                    *("node", str(CLIENTS), f"http://127.0.0.1:{listen}"),
+                    *(str(share), str(2 * limit + 10), str(sum(shares[:index]))),
+                ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
             )
-            node_started = time.monotonic()  # the clients' `t` counts from about here
-            assert node.stdout is not None
-            lines: list[dict[str, Any]] = []
-            try:
+            for index, (listen, share) in enumerate(zip(listens, shares, strict=True))
+        ]
+        started = time.monotonic()  # the clients' `t` counts from about here
+        lines: list[list[dict[str, Any]]] = [[] for _ in nodes]
+        try:
+            for node, seen in zip(nodes, lines, strict=True):
+                assert node.stdout is not None
                 for line in node.stdout:
-                    lines.append(json.loads(line))
-                    if lines[-1]["event"] == "all":
+                    seen.append(json.loads(line))
+                    if seen[-1]["event"] == "all":
                         break
-                second = start(mode, second_port, policies, folder / "second.log")
-                time.sleep(2.0)  # HAProxy's next checks find it up
-                signalled = time.monotonic()
-                first.send_signal(signal.SIGTERM)
-                try:
-                    first.wait(limit)
-                    exited = time.monotonic() - signalled
-                except subprocess.TimeoutExpired:
-                    first.kill()
-                    first.wait()
-                    exited = None
-                for line in node.stdout:
-                    lines.append(json.loads(line))
-            finally:
+            second = start(mode, second_port, policies, folder / "second.log")
+            time.sleep(2.0)  # HAProxy's next checks find it up
+            signalled = time.monotonic()
+            first.send_signal(signal.SIGTERM)
+            try:
+                first.wait(limit)
+                exited: float | None = time.monotonic() - signalled
+            except subprocess.TimeoutExpired:
+                first.kill()
+                first.wait()
+                exited = None
+            for node, seen in zip(nodes, lines, strict=True):
+                assert node.stdout is not None
+                seen.extend(json.loads(line) for line in node.stdout)
+        finally:
+            for node in nodes:
                 node.kill()
                 node.wait()
-                for process in (first, second):
-                    if process is not None and process.poll() is None:
-                        process.kill()
-                        process.wait()
-    summaries = [line for line in lines if line["event"] == "summary"]
-    last = summaries[-1] if summaries else {}
-    back = next((line for line in lines if line["event"] == "back"), None)
-    signalled_ms = (signalled - node_started) * 1000
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.wait()
+    signalled_ms = (signalled - started) * 1000
+    totals = {"notices": 0, "disconnects": 0, "reconnects": 0, "connected": 0}
+    backs: list[float | None] = []
+    for seen in lines:
+        summaries = [line for line in seen if line["event"] == "summary"]
+        last = summaries[-1] if summaries else {}
+        for field in totals:
+            totals[field] += last.get(field, 0)
+        back = next((line for line in seen if line["event"] == "back"), None)
+        backs.append(None if back is None else (back["t"] - signalled_ms) / 1000)
     return {
         "mode": mode,
         "exited_s": exited,
-        "told": last.get("notices", 0),
-        "lost": last.get("disconnects", 0),
-        "back": last.get("reconnects", 0),
-        "connected_at_end": last.get("connected", 0),
-        "all_back_s": None if back is None else (back["t"] - signalled_ms) / 1000,
+        "told": totals["notices"],
+        "lost": totals["disconnects"],
+        "back": totals["reconnects"],
+        "connected_at_end": totals["connected"],
+        "all_back_s": None if None in backs else max(b for b in backs if b is not None),
     }
 
 
@@ -186,12 +209,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2000)
     parser.add_argument("--modes", nargs="+", default=["bare", "serve"])
     parser.add_argument("--limit", type=float, default=60.0)
+    parser.add_argument(
+        "--proxies",
+        type=int,
+        default=1,
+        help="HAProxy processes (and client processes), the clients shared among them: "
+        "one HAProxy holds two descriptors per client, and a process here may hold 20,000",
+    )
     args = parser.parse_args()
     policies = bench_policy(ROOT)
     try:
         print(f"{args.clients} plain socket.io-client connections, then SIGTERM")
         for mode in args.modes:
-            result = run(mode, args.clients, args.limit, policies)
+            result = run(mode, args.clients, args.limit, policies, args.proxies)
             exited = result["exited_s"]
             back = result["all_back_s"]
             print(

@@ -5,16 +5,21 @@
 //   all       every client is connected
 //   summary   every 250 ms after `all`: connected now, notices (SERVER_DRAINING) read,
 //             disconnects seen, reconnects completed
-//   back      every client that was disconnected is connected again
+//   back      every client was disconnected (its server stopped) and is connected again
 //
-//   node drain_clients.mjs URL COUNT SECONDS
+// It stops SECONDS after every client was connected, or a second after all were back.
+//   node drain_clients.mjs URL COUNT SECONDS [FIRST]
+//
+// FIRST numbers the clients (their addresses and conversations) from there, so that
+// several of these processes side by side are all different clients.
 
 import { createRequire } from "node:module";
 
 const require = createRequire(new URL("../tests/js/package.json", import.meta.url));
 const { io } = require("socket.io-client");
 
-const [url, n, seconds] = process.argv.slice(2);
+const [url, n, seconds, firstArg] = process.argv.slice(2);
+const first = Number(firstArg ?? 0);
 const total = Number(n);
 const start = performance.now();
 const now = () => Math.round(performance.now() - start);
@@ -25,10 +30,12 @@ let connected = 0;
 let notices = 0;
 let disconnects = 0;
 let reconnects = 0;
+let moved = 0; // clients connected again after their first disconnect
 let everyone = false;
 let backLogged = false;
 const sockets = [];
-for (let i = 0; i < total; i += 1) {
+for (let k = 0; k < total; k += 1) {
+  const i = first + k;
   const socket = io(url, {
     transports: ["websocket"],
     forceNew: true,
@@ -38,15 +45,22 @@ for (let i = 0; i < total; i += 1) {
   });
   let up = false;
   let wasDown = false;
+  let movedOnce = false;
   socket.on("connect", () => {
     up = true;
     connected += 1;
-    if (wasDown) reconnects += 1;
+    if (wasDown) {
+      reconnects += 1;
+      if (!movedOnce) {
+        movedOnce = true;
+        moved += 1;
+      }
+    }
     if (connected === total && !everyone) {
       everyone = true;
       log("all");
     }
-    if (everyone && disconnects > 0 && reconnects === disconnects && !backLogged) {
+    if (moved === total && connected === total && !backLogged) {
       backLogged = true;
       log("back", { reconnects });
     }
@@ -66,9 +80,22 @@ for (let i = 0; i < total; i += 1) {
 const ticker = setInterval(() => {
   if (everyone) log("summary", { connected, notices, disconnects, reconnects });
 }, 250);
-setTimeout(() => {
+// SECONDS count from the moment every client is connected (opening 10,000 takes a while),
+// and the clients stop a second after all of them are back.
+const finish = () => {
   clearInterval(ticker);
   log("summary", { connected, notices, disconnects, reconnects });
   for (const socket of sockets) socket.close();
   process.exit(0);
-}, Number(seconds) * 1000);
+};
+const waiting = setInterval(() => {
+  if (!everyone) return;
+  clearInterval(waiting);
+  setTimeout(finish, Number(seconds) * 1000);
+}, 50);
+const stopWhenBack = setInterval(() => {
+  if (backLogged) {
+    clearInterval(stopWhenBack);
+    setTimeout(finish, 1000);
+  }
+}, 50);
