@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 JS_DEPS := tests/js/node_modules/.package-lock.json
 
-.PHONY: setup serve test check lint typecheck validate bench fuzz clean
+.PHONY: setup serve test socketio-matrix check lint typecheck validate bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ validate: $(STAMP)
 
 test: $(STAMP) $(JS_DEPS) lint typecheck validate
 	$(BIN)/pytest
+
+# The Socket.IO tests on both ends of the supported python-socketio and python-engineio
+# ranges, each in a venv of its own (CI runs it after `make test`).
+socketio-matrix: $(JS_DEPS)
+	.ci/socketio-matrix
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.validate_bench

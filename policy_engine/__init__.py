@@ -25,8 +25,11 @@ _EXPORTS: dict[str, str] = {
     "MemoryStore": "policy_engine.state.memory",
     "connect_with_policy": "policy_engine.client",
     "call_with_policy": "policy_engine.client",
-    "ConnectionRefused": "policy_engine.client",
-    "EventRefused": "policy_engine.client",
+    "connect_with_policy_sync": "policy_engine.client_sync",
+    "call_with_policy_sync": "policy_engine.client_sync",
+    "ConnectionRefused": "policy_engine.client_retry",
+    "EventRefused": "policy_engine.client_retry",
+    "PolicyRefusedError": "policy_engine.client_retry",
     "PolicyEngineError": "policy_engine.errors",
     "PolicyError": "policy_engine.errors",
     "EvaluationError": "policy_engine.errors",
@@ -43,26 +46,26 @@ __all__ = [
     "PolicyAdapter",
     "PolicyEngineError",
     "PolicyError",
+    "PolicyRefusedError",
     "PolicyServer",
     "StoreError",
     "__version__",
     "attach",
     "build_app",
     "call_with_policy",
+    "call_with_policy_sync",
     "compile_file",
     "compile_text",
     "connect_with_policy",
+    "connect_with_policy_sync",
     "open_store",
 ]
 
 if TYPE_CHECKING:
     from policy_engine.adapter import PolicyAdapter, attach
-    from policy_engine.client import (
-        ConnectionRefused,
-        EventRefused,
-        call_with_policy,
-        connect_with_policy,
-    )
+    from policy_engine.client import call_with_policy, connect_with_policy
+    from policy_engine.client_retry import ConnectionRefused, EventRefused, PolicyRefusedError
+    from policy_engine.client_sync import call_with_policy_sync, connect_with_policy_sync
     from policy_engine.compiler import CompileResult, compile_file, compile_text
     from policy_engine.core.engine import Engine
     from policy_engine.errors import EvaluationError, PolicyEngineError, PolicyError, StoreError

@@ -37,3 +37,36 @@ def test_compiling_a_policy_does_not_import_the_server_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+API_DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+
+
+def documented_names() -> set[str]:
+    """The names docs/api.md gives a heading of their own: ``### `name` `` (several names
+    share a heading as ``### `a`, `b` ``)."""
+    names: set[str] = set()
+    for line in API_DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("### `"):
+            names.update(part.strip(" `") for part in line[4:].split(","))
+    return names
+
+
+def test_every_public_name_is_documented_and_every_documented_name_is_public() -> None:
+    assert documented_names() == set(policy_engine.__all__)
+
+
+def test_the_package_says_it_is_typed() -> None:
+    assert (Path(policy_engine.__file__).parent / "py.typed").is_file()
+
+
+def test_every_python_example_in_the_api_doc_compiles() -> None:
+    import ast
+    import re
+
+    text = API_DOC.read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+    assert len(blocks) >= 10
+    for block in blocks:  # top-level ``await`` as in an asyncio REPL or a notebook
+        compile(block, "docs/api.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)

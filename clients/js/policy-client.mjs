@@ -6,7 +6,7 @@
  * their own schedule either hammer a server that asked for a pause or give up on one that
  * would have let them in a second later. These helpers wait
  * `max(retry_after_ms, backoff delay)` before every retry, with the same formulas as the
- * server's `policy_engine/backoff.py`.
+ * server's `policy_engine/algorithms/backoff.py`.
  *
  * The module has no imports: pass socket.io-client's `io` in, so it works with any
  * bundler, from a CDN build in the browser, and in Node.
@@ -130,7 +130,7 @@ export function backoffFrom(advice) {
 
 /**
  * Milliseconds to wait before retry number `attempt` (1-based), or `null` to give up: the
- * formulas of `policy_engine/backoff.py` ("Exponential Backoff and Jitter").
+ * formulas of `policy_engine/algorithms/backoff.py` ("Exponential Backoff and Jitter").
  * @param {Backoff} backoff
  * @param {number} attempt
  * @param {() => number} random uniform in [0, 1)

@@ -21,7 +21,7 @@ import {
   computeDelayMs,
   connectWithPolicy,
   emitWithPolicy,
-} from "../../clients/js/policy-client.mjs";
+} from "@policy-engine/client";
 
 const [scenario, url] = process.argv.slice(2);
 const TIMEOUT_MS = 5_000;

@@ -8,7 +8,7 @@
 //   reconnecting   socket.io-client started a reconnection attempt
 //   done
 import { io } from "socket.io-client";
-import { connectWithPolicy } from "../../clients/js/policy-client.mjs";
+import { connectWithPolicy } from "@policy-engine/client";
 
 const [url, ms, kind = "plain"] = process.argv.slice(2);
 const log = (event, fields = {}) =>

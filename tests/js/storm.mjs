@@ -6,7 +6,7 @@
 //   down   the first disconnect after `all`: the server went away
 //   count  `connected`, every 250 ms
 import { io } from "socket.io-client";
-import { connectWithPolicy } from "../../clients/js/policy-client.mjs";
+import { connectWithPolicy } from "@policy-engine/client";
 
 const [url, n, transports = "websocket", kind = "plain"] = process.argv.slice(2);
 const total = Number(n);
