@@ -340,6 +340,11 @@ class Clients:
         for client in self.opened:
             if client.connected:
                 await client.disconnect()
+            elif client.eio.queue is not None:
+                # A refused client whose connect was cancelled may leave Engine.IO's write
+                # loop waiting for its queue (up to the ping timeout, 30 s), and disconnect
+                # waits for that loop: end it at once.
+                client.eio.queue.put_nowait(None)
             await client.eio.disconnect()
             if client.eio.http is not None and not client.eio.http.closed:
                 await client.eio.http.close()
