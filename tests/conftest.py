@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import socketio
 import structlog
+from engineio.async_socket import AsyncSocket
 from hypothesis import settings
 from redis_server import RedisServer
 from servers import Clients, Served, policy_path, start_server
@@ -80,3 +82,17 @@ def restore_logging() -> Iterator[None]:
     structlog.reset_defaults()
     for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
         logger.handlers, logger.level, logger.propagate = handlers, level, propagate
+
+
+@pytest.fixture
+def admin_ui() -> Iterator[Callable[[socketio.AsyncServer], None]]:
+    """``admin_ui(sio)`` instruments a server for the admin UI, for this test alone.
+
+    ``instrument()`` patches Engine.IO's socket class for the whole process (a second one
+    would recurse): what it replaced is put back after the test.
+    """
+    patched = ("handle_post_request", "_websocket_handler", "_send_ping")
+    saved = {name: AsyncSocket.__dict__[name] for name in patched}
+    yield lambda sio: sio.instrument(auth=False)
+    for name, original in saved.items():
+        setattr(AsyncSocket, name, original)

@@ -161,3 +161,36 @@ def test_validate_imports_nothing_of_the_server_stack() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_token_signs_with_the_development_key_the_shipped_policy_trusts() -> None:
+    import jwt
+
+    from policy_engine.cli.token import DEV_AUDIENCE
+
+    out = io.StringIO()
+    assert main(["token", "alice", "--claim", "role=admin"], out=out) == 0
+    jwks = json.loads((ROOT / "policies" / "keys" / "dev-jwks.json").read_text())
+    key = jwt.PyJWK(jwks["keys"][0]).key
+    claims = jwt.decode(out.getvalue().strip(), key, algorithms=["ES256"], audience=DEV_AUDIENCE)
+    assert (claims["sub"], claims["role"]) == ("alice", "admin")
+
+
+def test_token_outside_a_checkout_takes_the_key_of_the_policies_folder_here_or_asks_for_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Installed from a wheel there is no checkout's key: ``policies/keys/`` of the current
+    folder (a copy of the shipped policies) is used, else ``--key`` is asked for."""
+    from policy_engine.cli import token
+
+    monkeypatch.setattr(token, "DEV_KEY", tmp_path / "absent" / "dev-signing-key.pem")
+    monkeypatch.chdir(tmp_path)
+    assert main(["token", "alice"], out=io.StringIO()) == 2
+    assert "--key" in capsys.readouterr().err
+
+    (tmp_path / "policies" / "keys").mkdir(parents=True)
+    copy = tmp_path / "policies" / "keys" / "dev-signing-key.pem"
+    copy.write_bytes((ROOT / "policies" / "keys" / "dev-signing-key.pem").read_bytes())
+    out = io.StringIO()
+    assert main(["token", "alice"], out=out) == 0
+    assert out.getvalue().count(".") == 2  # header.payload.signature

@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 import socketio
-from engineio.async_socket import AsyncSocket
 from redis.asyncio import Redis
 from servers import Served, eventually
 
@@ -132,20 +130,6 @@ async def test_refused_handshakes_leave_nothing_behind(serve, clients):
     await client.disconnect()
     await eventually(lambda: not served.engine._rates._connection_keys)
     assert served.engine.local.connection_counts() == (0, 0, 0)
-
-
-@pytest.fixture
-def admin_ui() -> Iterator[Callable[[socketio.AsyncServer], None]]:
-    """``admin_ui(sio)`` instruments a server for the admin UI, for this test alone.
-
-    ``instrument()`` patches Engine.IO's socket class for the whole process (a second one
-    would recurse): what it replaced is put back after the test.
-    """
-    patched = ("handle_post_request", "_websocket_handler", "_send_ping")
-    saved = {name: AsyncSocket.__dict__[name] for name in patched}
-    yield lambda sio: sio.instrument(auth=False)
-    for name, original in saved.items():
-        setattr(AsyncSocket, name, original)
 
 
 async def test_an_event_named_disconnect_releases_nothing_under_the_admin_ui(

@@ -274,9 +274,9 @@ connections: {max_per_ip: 1}
 
 
 async def test_an_event_named_disconnect_does_not_detach_the_policy_under_the_admin_ui(
-    serve, clients
+    serve, clients, admin_ui
 ):
-    served = serve(ONE_PER_IP, setup=app, setup_after=lambda sio: sio.instrument(auth=False))
+    served = serve(ONE_PER_IP, setup=app, setup_after=admin_ui)
     address = fresh_ip()
     client, _ = await clients.connect(served.url, headers=address)
 

@@ -237,7 +237,7 @@ def entry() -> None:
 
 
 def _token(args: argparse.Namespace, out: TextIO) -> int:
-    from policy_engine.cli.token import DEV_KEY, mint
+    from policy_engine.cli.token import default_key, mint
     from policy_engine.errors import UnitError
     from policy_engine.language.units import parse_duration
 
@@ -256,7 +256,7 @@ def _token(args: argparse.Namespace, out: TextIO) -> int:
         token = mint(
             args.subject,
             claims,
-            key=args.key or DEV_KEY,
+            key=args.key or default_key(),
             algorithm=args.algorithm,
             kid=args.kid or None,
             issuer=args.issuer,

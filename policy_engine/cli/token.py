@@ -17,6 +17,23 @@ import jwt
 
 KEYS = Path(__file__).resolve().parents[2] / "policies" / "keys"
 DEV_KEY = KEYS / "dev-signing-key.pem"
+"""The development key of a checkout (an installed wheel ships no private key)."""
+
+
+def default_key() -> Path:
+    """The development key to sign with when none is named: the checkout's, else the one
+    under ``policies/keys/`` of the current folder (a copy of the shipped policies).
+
+    Raises FileNotFoundError naming both places and ``--key`` when neither exists."""
+    local = Path("policies") / "keys" / DEV_KEY.name
+    for candidate in (DEV_KEY, local):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no development key at {DEV_KEY} or {local.resolve()}: name one with --key"
+    )
+
+
 DEV_ISSUER = "policy-engine-dev"
 DEV_AUDIENCE = "policy-engine-demo"
 DEV_KID = "dev-1"
