@@ -107,3 +107,61 @@ async def test_it_opens_when_the_probe_fails_too_and_closes_when_one_answers() -
     await eventually(lambda: not breaker.is_open)
     assert told == ["open: refused", "closed"]
     await breaker.close()
+
+
+async def test_limits_and_permit_asked_together_follow_each_failure_mode_of_the_policy(
+    own_redis_server: RedisServer,
+) -> None:
+    """The one call for an event's limits and permit, Redis hung: ``fail_closed`` refuses as
+    the store being unavailable (and no permit); ``fail_open`` admits, unguarded;
+    ``local`` judges the limits in this process, unguarded; answers again once it is back."""
+    limit, breaker_spec = LIMITS.rate_limits[0], LIMITS.circuit_breakers[0]
+    checks = [(limit, "ip1")]
+    answers = {}
+    guarded_only = {}  # the permit when only shadow limits were asked beside it
+    for mode in StoreFailureMode:
+        store = RedisStore(
+            own_redis_server.url, prefix=f"together-{mode.value}", socket_timeout=0.2
+        )
+        state = GuardedStore(store)
+        state.configure(timeout=0.1, on_error=mode)
+        try:
+            healthy = await state.rates_then_permit(checks, [checks], breaker_spec, 0.0)
+            own_redis_server.pause()
+            try:
+                hung = await state.rates_then_permit(checks, [checks], breaker_spec, 0.0)
+                shadow_only = await state.rates_then_permit([], [checks], breaker_spec, 0.0)
+            finally:
+                own_redis_server.resume()
+            await eventually(lambda s=state: s.breaker is not None and not s.breaker.is_open)
+            again = await state.rates_then_permit(checks, [checks], breaker_spec, 0.0)
+        finally:
+            await state.close()
+        answers[mode] = (healthy, hung, again)
+        guarded_only[mode] = shadow_only[2]
+
+    for healthy, _, again in answers.values():
+        for decision, shadows, permit in (healthy, again):
+            assert decision.allowed
+            assert shadows[0].allowed
+            assert not store_refused(decision)
+            assert permit is not None
+            assert permit.permitted
+    closed_decision, closed_shadows, closed_permit = answers[StoreFailureMode.FAIL_CLOSED][1]
+    assert store_refused(closed_decision)
+    assert not closed_decision.allowed
+    assert store_refused(closed_shadows[0])
+    assert closed_permit is None  # refused: no permit to hold
+    open_decision, _, open_permit = answers[StoreFailureMode.FAIL_OPEN][1]
+    assert open_decision.allowed
+    assert open_permit is None
+    local_decision, local_shadows, local_permit = answers[StoreFailureMode.LOCAL][1]
+    assert local_decision.allowed
+    assert not store_refused(local_decision)
+    assert local_decision.decision is not None  # judged here, by the local limit
+    assert local_shadows[0].decision is not None
+    assert local_permit is None
+    # Nothing enforced to refuse the event: the breaker's permit follows the mode.
+    assert guarded_only[StoreFailureMode.FAIL_CLOSED] is STORE_REFUSED
+    assert guarded_only[StoreFailureMode.FAIL_OPEN] is None
+    assert guarded_only[StoreFailureMode.LOCAL] is None
