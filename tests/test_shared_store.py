@@ -156,6 +156,7 @@ async def test_a_redis_outage_follows_on_store_error_then_recovers_by_itself(
 
 RECOVERY = """
 version: 1
+defaults: {store_timeout: 2s}  # a loaded machine's slow reply is not what these test
 recovery: {enabled: true, max_disconnection: 1m, buffer_events: 100, events: [oh_event]}
 """
 
