@@ -27,6 +27,8 @@ from typing import Any
 import socketio
 import uvicorn
 
+from policy_engine.server.listen import bind_listener
+
 SHIPPED = Path(__file__).resolve().parent.parent / "policies" / "policies.yaml"
 
 # The shipped policy's lines, and what they become per mode: every one must be found.
@@ -96,13 +98,17 @@ def main() -> None:
     parser.add_argument("--policies", type=Path, default=None, help="instead of the edits")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
+    # Behind a policy the port is listened on before the policy loads, as `policy-engine
+    # serve` does (policy_engine.server.listen); bare, uvicorn binds it once it starts.
+    listening = None if args.mode == "bare" else bind_listener("127.0.0.1", args.port)
     with tempfile.TemporaryDirectory() as directory:
         app = create_app(args.mode, args.policies, Path(directory))
         config = uvicorn.Config(
             app, host="127.0.0.1", port=args.port, ws="wsproto", log_level="error", lifespan="auto"
         )
+        sockets = None if listening is None else [listening]
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(uvicorn.Server(config).serve())
+            asyncio.run(uvicorn.Server(config).serve(sockets=sockets))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -491,3 +492,70 @@ async def test_operations_data_is_not_served_to_the_public_without_the_operator_
         assert (await public.request(path, headers=right))[0] == 200
         assert (await Asgi(closed.operations_app).request(path))[0] == 200
     assert (await Asgi(closed.operations_app).request("/socket.io/"))[0] == 404
+
+
+SLOW_LOADER = """\
+import pathlib, time
+
+time.sleep(3)  # loading the application's own code takes a while
+pathlib.Path({marker!r}).write_text("loaded")
+
+
+class Claims:
+    async def load(self, handshake):
+        return {{}}
+
+
+claims = Claims()
+"""
+
+
+def test_serve_listens_before_it_loads_and_answers_what_waited(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A connection made while ``serve`` still loads (here, a claims loader slow to import)
+    is accepted by the kernel and answered once the server runs, not refused: a client
+    reconnecting during a restart loses no backoff round to the start-up."""
+    marker = tmp_path / "loaded"
+    (tmp_path / "slow_claims.py").write_text(SLOW_LOADER.format(marker=str(marker)))
+    port = free_port()
+    argv = [*command(), "serve", "--policies", str(policy_file), "--port", str(port)]
+    argv += ["--claims-loader", "slow_claims:claims", "--log-level", "error"]
+    popen = subprocess.Popen(
+        argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(1000):  # a bound on waiting for the port, not a measure of time
+            try:
+                early = socket.create_connection(("127.0.0.1", port), timeout=1)
+                break
+            except OSError:
+                assert popen.poll() is None
+                time.sleep(0.01)
+        else:
+            pytest.fail("serve never listened")
+        loaded_when_accepted = marker.exists()
+        with early:
+            early.settimeout(60)
+            early.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := early.recv(4096):
+                answer += chunk
+    finally:
+        popen.terminate()
+        popen.wait(timeout=20)
+
+    assert not loaded_when_accepted  # accepted while the application was still loading
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert marker.exists()
+
+
+def test_serve_says_at_once_when_its_port_is_taken(
+    policy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code = main(["serve", "--policies", str(policy_file), "--port", str(port)])
+
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

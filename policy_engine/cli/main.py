@@ -274,26 +274,36 @@ def _serve(args: argparse.Namespace) -> int:
     """Exit 1 on an invalid policy (nothing starts), 2 on a bad MODULE:ATTR or store URL."""
     import asyncio
 
-    from policy_engine.observe.logs import configure_logging
-    from policy_engine.server.app import serve
+    from policy_engine.server.listen import bind_listener
 
-    configure_logging(args.log_format, level=args.log_level)
-    server = server_for(args)
-    if isinstance(server, int):
-        return server
+    # Listen before loading anything: see policy_engine.server.listen.
     try:
-        asyncio.run(
-            serve(
-                server,
-                args.host,
-                args.port,
-                graceful_timeout=args.graceful_timeout,
-                ops_host=args.ops_host,
-                ops_port=args.ops_port,
+        listener = bind_listener(args.host, args.port)
+    except OSError as exc:
+        sys.stderr.write(f"policy-engine serve: cannot listen on {args.host}:{args.port}: {exc}\n")
+        return EXIT_INVALID
+    with listener:
+        from policy_engine.observe.logs import configure_logging
+        from policy_engine.server.app import serve
+
+        configure_logging(args.log_format, level=args.log_level)
+        server = server_for(args)
+        if isinstance(server, int):
+            return server
+        try:
+            asyncio.run(
+                serve(
+                    server,
+                    args.host,
+                    args.port,
+                    graceful_timeout=args.graceful_timeout,
+                    ops_host=args.ops_host,
+                    ops_port=args.ops_port,
+                    listening=listener,
+                )
             )
-        )
-    except SystemExit as exc:  # uvicorn exits this way when it cannot bind or start
-        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
+        except SystemExit as exc:  # uvicorn exits this way when it cannot start
+            return exc.code if isinstance(exc.code, int) else EXIT_INVALID
     return EXIT_OK
 
 
@@ -308,8 +318,9 @@ def server_for(args: argparse.Namespace) -> PolicyServer | int:
     from policy_engine.server.app import AppImportError, build_app, load_server, open_store
     from policy_engine.server.relay import redis_manager, warn_if_emits_stay_local
 
-    if args.app:
-        sys.path.insert(0, os.getcwd())  # as uvicorn does: the app's module is found from here
+    if args.app or args.claims_loader:
+        # As uvicorn does: the app's module (and the claims loader's) is found from here.
+        sys.path.insert(0, os.getcwd())
     try:
         store = open_store(args.store)
         loader = import_claims_loader(args.claims_loader) if args.claims_loader else None

@@ -37,6 +37,7 @@ import importlib.util
 import json
 import math
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -533,12 +534,15 @@ async def serve(
     install_signals: bool = True,
     ops_host: str = "127.0.0.1",
     ops_port: int | None = None,
+    listening: socket.socket | None = None,
 ) -> None:
     """Serve until :meth:`PolicyServer.shutdown`, SIGTERM or SIGINT; SIGHUP reloads.
 
     A second SIGINT forces the exit. ``install_signals=False`` leaves the process's signal
     handling alone, for a server embedded in a larger program or a test. With ``ops_port``
-    the operations endpoints get a listener of their own on ``ops_host``.
+    the operations endpoints get a listener of their own on ``ops_host``. ``listening``: a
+    socket already listening on ``host``:``port`` (see :mod:`policy_engine.server.listen`),
+    served instead of binding one.
 
     uvicorn's own proxy-header handling is off: it would rewrite the peer address from
     ``X-Forwarded-For`` for any peer in ``FORWARDED_ALLOW_IPS`` before the policy's
@@ -571,7 +575,7 @@ async def serve(
             loop.add_signal_handler(signum, request_exit, signum)
     others = [asyncio.create_task(listener.serve()) for listener in listeners[1:]]
     try:
-        await runner.serve()
+        await runner.serve(sockets=[listening] if listening is not None else None)
     finally:
         for task in draining:
             task.cancel()
