@@ -29,7 +29,7 @@ from typing import Any
 import socketio
 from socketio import packet as sio_packet
 
-from policy_engine.adapter.admission import advice_packet, retried_by_transport
+from policy_engine.adapter.admission import admit, advice_packet, retried_by_transport
 from policy_engine.adapter.authentication import ConnectAuthentication
 from policy_engine.adapter.connection import ConnectionState
 from policy_engine.adapter.connections import (
@@ -49,8 +49,9 @@ from policy_engine.adapter.inbound import (
     limits_of,
     screen,
 )
-from policy_engine.adapter.threads import EngineRunner, run_inline
+from policy_engine.adapter.threads import LOOP_TIMEOUT, EngineRunner, run_inline
 from policy_engine.adapter.wsgi import WSGIApp, WSGIGate, handshake_environ
+from policy_engine.core.admission import AdmissionQueue
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import NO_GUARD, BreakerGuard, Engine, EventVerdict
@@ -99,6 +100,8 @@ class SyncPolicyAdapter:
         self.claims_loader = claims_loader
         self.authentication = ConnectAuthentication(claims_loader)
         self.runner = EngineRunner(engine)
+        self.admission = AdmissionQueue()
+        self._admission_lock = threading.Lock()
         self.protocol_log = ProtocolErrorLog()
         self.draining = False
         self._states: dict[str, ConnectionState] = {}
@@ -166,6 +169,7 @@ class SyncPolicyAdapter:
             self.engine,
             observer=self.observer,
             cors=CorsPolicy.of(self.sio.eio),
+            admission=self.admission,
             draining=lambda: self.draining,
         )
         return WSGIGate(app, gate)
@@ -214,6 +218,8 @@ class SyncPolicyAdapter:
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         try:
             decision = runner.run(engine.on_connect(conn, claims))
+            if not decision.allowed:
+                decision = self._admit(policy, decision, conn, claims, eio_sid)
         except BaseException:
             self._forget(conn)
             raise
@@ -244,6 +250,47 @@ class SyncPolicyAdapter:
             raise
         self.observer.connection("opened", conn)
         return result
+
+    def _admit(
+        self,
+        policy: PolicySet,
+        decision: Decision,
+        conn: dict[str, Any],
+        claims: Mapping[str, Any],
+        eio_sid: str,
+    ) -> Decision:
+        """The admission queue's verdict on a refused connect (``admission.admit``): without
+        a queue it only sizes the advice and remembers the refusal for the gate, which never
+        waits, so it runs inline; a queue's wait runs on the loop thread, where the queue's
+        turns are kept."""
+        engine, runner = self.engine, self.runner
+        activation = {"conn": conn, "claims": claims, "load": engine.load}
+
+        async def judge() -> Decision:
+            if not runner.inline:
+                return await engine.on_connect(conn, claims)
+            with runner.lock:
+                return run_inline(engine.on_connect(conn, claims))
+
+        waiting = admit(
+            self.admission,
+            policy,
+            decision,
+            activation,
+            judge,
+            eio_sid,
+            lambda: self._eio_open(eio_sid),
+        )
+        if policy.connections.queue.max_wait > 0:
+            return runner.on_loop(waiting, LOOP_TIMEOUT + policy.connections.queue.max_wait)
+        with self._admission_lock:
+            return run_inline(waiting)
+
+    def _eio_open(self, eio_sid: str) -> bool:
+        socket = self.sio.eio.sockets.get(eio_sid)
+        if socket is None:
+            return eio_sid in self.sio.environ
+        return not socket.closing and not socket.closed
 
     def _authenticate(
         self,
@@ -339,12 +386,7 @@ class SyncPolicyAdapter:
         """Whether the connection is still tracked and its Engine.IO session still up. A
         session python-socketio knows of but Engine.IO does not is Flask-SocketIO's test
         client's, which has no transport: up while python-socketio keeps its environ."""
-        if self._states.get(state.sid) is not state:
-            return False
-        socket = self.sio.eio.sockets.get(state.eio_sid)
-        if socket is None:
-            return state.eio_sid in self.sio.environ
-        return not socket.closing and not socket.closed
+        return self._states.get(state.sid) is state and self._eio_open(state.eio_sid)
 
     def _close_transport(self, eio_sid: str, payload: Mapping[str, Any]) -> None:
         """Refuse a connect so that a plain socket.io-client retries it: the advice, then
@@ -375,6 +417,7 @@ class SyncPolicyAdapter:
         if self._states.pop(state.sid, None) is not state:
             return  # another thread released it between the two lines
         self._forget(state.conn)
+        self.admission.released()
         if closed:
             self.observer.connection(
                 state.close_event or "closed", state.conn, state.close_reason or reason
@@ -393,6 +436,8 @@ class SyncPolicyAdapter:
             return self._eio_disconnect_original(eio_sid, *args)
         finally:
             self._binary_sizes.pop(eio_sid, None)
+            with self._admission_lock:
+                self.admission.abandon(eio_sid)
             for state in [s for s in self._states.values() if s.eio_sid == eio_sid]:
                 self._untrack(state)
 
