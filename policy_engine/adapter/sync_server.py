@@ -9,19 +9,21 @@ from the engine and the adapter's pure helpers (the handshake's identity and ``c
 refusal payloads, the screening of packets before decoding); only the calls to the
 server differ, as plain calls instead of awaits.
 
-Not applied on the sync server (each says why in ``docs/architecture.md``): the
-admission queue (a connect over a limit is refused at once), the bounded outbound buffer
-and priorities (Engine.IO's sync queue is a plain ``queue.Queue``), connection-state
-recovery, the idle reaper and ``shed_tick``'s disconnects unless the application runs
-:meth:`SyncPolicyAdapter.tick`.
+Not applied on the sync server (``docs/architecture.md`` says why): the bounded outbound
+buffer and priorities (Engine.IO's sync queue is a plain ``queue.Queue``), connection-state
+recovery, and the protocol-error ceiling. Idle connections and ``action: disconnect``
+shedding are handled by :meth:`SyncPolicyAdapter.tick`, which the load sampler calls
+(:mod:`policy_engine.server.sync`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -55,9 +57,15 @@ from policy_engine.core.admission import AdmissionQueue
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import Decision, Outcome
 from policy_engine.core.engine import NO_GUARD, BreakerGuard, Engine, EventVerdict
-from policy_engine.core.payload import PROTOCOL_INVALID, UNKNOWN_EVENT, ClientPayload
+from policy_engine.core.payload import (
+    IDLE_TIMEOUT,
+    PROTOCOL_INVALID,
+    UNKNOWN_EVENT,
+    ClientPayload,
+    backoff_for,
+)
 from policy_engine.language.contexts import Hook
-from policy_engine.language.model import EvalFailureMode, PolicySet
+from policy_engine.language.model import EvalFailureMode, PolicySet, ShedAction
 from policy_engine.observe.logs import ProtocolErrorLog
 from policy_engine.observe.observer import NullObserver, Observer
 
@@ -173,6 +181,56 @@ class SyncPolicyAdapter:
             draining=lambda: self.draining,
         )
         return WSGIGate(app, gate)
+
+    async def shed_tick(self) -> int:
+        """The load sampler's call after each sample (on the loop thread): :meth:`tick` in
+        a worker thread, since what it calls may itself need the loop."""
+        return await asyncio.to_thread(self.tick)
+
+    def tick(self) -> int:
+        """Close idle connections and disconnect what the policy's ``action: disconnect``
+        rules pick; returns how many were shed. The load sampler calls it after every
+        sample (:func:`policy_engine.server.sync.start`); without it, nothing is reaped."""
+        engine = self.engine
+        policy = engine.policy
+        now = _monotonic()
+        idle = policy.connections.idle_timeout
+        if idle:
+            payload = IDLE_TIMEOUT.payload("connections/idle_timeout", backoff=backoff_for(policy))
+            for state in list(self._states.values()):
+                if state.last_activity <= now - idle and not state.close_event:
+                    self._close(state, payload, "idle_closed", "idle_timeout")
+        if not self._states or not any(
+            rule.action is ShedAction.DISCONNECT for rule in policy.shedding
+        ):
+            return 0
+        candidates = []
+        for state in list(self._states.values()):
+            if not state.close_event:
+                state.conn["connected_ms"] = int((now - state.connected_at) * 1000)
+                candidates.append(state.conn)
+        per_rule: Counter[str] = Counter()
+        for sid, refusal_payload in self.runner.call(engine.connections_to_shed, candidates):
+            chosen = self._states.get(sid)
+            if chosen is None or chosen.close_event:
+                continue
+            rule = str(refusal_payload.get("policy", "shedding"))
+            self._close(chosen, refusal_payload, "shed", rule)
+            per_rule[rule] += 1
+        for rule, count in per_rule.items():
+            self.observer.shed(rule, "disconnect", count)
+        return sum(per_rule.values())
+
+    def _close(
+        self, state: ConnectionState, payload: Mapping[str, Any], event: str, reason: str
+    ) -> None:
+        """Tell the client why, then disconnect it."""
+        state.close_event, state.close_reason = event, reason
+        try:
+            self._notify(state.sid, state.namespace, payload)
+            self.sio.disconnect(state.sid, namespace=state.namespace)
+        except Exception:
+            _log.exception("closing %s failed", state.sid)
 
     def close(self) -> None:
         """Release every tracked connection and stop the loop thread, if started."""
@@ -438,8 +496,10 @@ class SyncPolicyAdapter:
             self._binary_sizes.pop(eio_sid, None)
             with self._admission_lock:
                 self.admission.abandon(eio_sid)
-            for state in [s for s in self._states.values() if s.eio_sid == eio_sid]:
-                self._untrack(state)
+            # Copied in one call first: other threads add and remove connections meanwhile.
+            for state in list(self._states.values()):
+                if state.eio_sid == eio_sid:
+                    self._untrack(state)
 
     # -- packets, before python-socketio decodes them ----------------------------------------
 

@@ -84,6 +84,9 @@ class EngineRunner:
 
     def on_loop(self, coroutine: Coroutine[Any, Any, T], timeout: float = LOOP_TIMEOUT) -> T:
         """Run ``coroutine`` on the loop thread (started on first use) and wait for it."""
+        if self._thread is not None and threading.current_thread() is self._thread:
+            coroutine.close()
+            raise RuntimeError("the loop thread cannot wait for itself: call from another thread")
         loop = self._loop or self._start()
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
 

@@ -418,7 +418,7 @@ def build_app(
         metrics.track_store(engine.store_health)
     adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)
     if not isinstance(adapter, PolicyAdapter):
-        raise TypeError("serve runs a socketio.AsyncServer; attach() serves a socketio.Server")
+        raise TypeError("build_app serves a socketio.AsyncServer; run a socketio.Server yourself")
     metrics.install_policy(result.policy, source)
     metrics.track_connections(adapter.active_connections)
     decision_log = DecisionLog(result.policy)
