@@ -327,6 +327,44 @@ def test_a_connect_over_the_per_user_ceiling_gets_its_advice_and_a_closed_sessio
     assert served.engine.local.connection_counts() == (5, 1, 5)
 
 
+QUEUE_POLICY = """
+version: 1
+connections:
+  max_total: 1
+  retry_after: 2s
+  queue:
+    max_wait: 8s
+    max_length: 1
+"""
+
+
+def plain_app(ext: SocketIO) -> None:
+    @ext.on("connect")
+    def connect(auth: Any) -> None:
+        return None
+
+
+def test_a_connect_over_the_ceiling_waits_its_turn_and_is_admitted(flask_served, sync_clients):
+    served = flask_served(QUEUE_POLICY, flask_setup=plain_app)
+    holder, _ = sync_clients.connect(served.url, query="")
+    waiter, _ = sync_clients.new()
+    connecting = threading.Thread(
+        target=waiter.connect,
+        args=(served.url,),
+        kwargs={"transports": ["websocket"], "wait_timeout": WAIT},
+    )
+    connecting.start()
+    wait_for(lambda: served.adapter.admission.waiting == 1)
+
+    holder.disconnect()
+    connecting.join(WAIT)
+
+    assert waiter.connected
+    assert served.adapter.admission.waiting == 0
+    outcomes = [d.outcome.value for hook, d, _ in served.observer.decisions if hook == "connect"]
+    assert outcomes == ["allow", "allow"]  # judged once more at its turn, not refused
+
+
 EMIT_POLICY = """
 version: 1
 rate_limits:

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import socketio
 
@@ -41,6 +41,8 @@ from policy_engine.language.model import PolicySet
 from policy_engine.observe.observer import Observer
 
 _log = logging.getLogger("policy_engine.adapter.attach")
+
+T = TypeVar("T")
 
 _NO_CLAIMS: Mapping[str, Any] = {}
 _DELAY = Outcome.DELAY
@@ -174,6 +176,15 @@ class SyncConnectionHooks:
         with self._admission_lock:
             return run_inline(waiting)
 
+    def _queue_call(self, function: Callable[..., T], *args: Any) -> T:
+        """Call the admission queue: on the loop thread while a policy's queue makes
+        connects wait there (its lines wake the waiting coroutines), else inline under the
+        queue's lock."""
+        if self.engine.policy.connections.queue.max_wait > 0:
+            return self.runner.call_on_loop(function, *args)
+        with self._admission_lock:
+            return function(*args)
+
     def _eio_open(self, eio_sid: str) -> bool:
         socket = self.sio.eio.sockets.get(eio_sid)
         if socket is None:
@@ -305,7 +316,7 @@ class SyncConnectionHooks:
         if self._states.pop(state.sid, None) is not state:
             return  # another thread released it between the two lines
         self._forget(state.conn)
-        self.admission.released()
+        self._queue_call(self.admission.released)
         if closed:
             self.observer.connection(
                 state.close_event or "closed", state.conn, state.close_reason or reason
@@ -324,8 +335,7 @@ class SyncConnectionHooks:
             return self._eio_disconnect_original(eio_sid, *args)
         finally:
             self._binary_sizes.pop(eio_sid, None)
-            with self._admission_lock:
-                self.admission.abandon(eio_sid)
+            self._queue_call(self.admission.abandon, eio_sid)
             # Copied in one call first: other threads add and remove connections meanwhile.
             for state in list(self._states.values()):
                 if state.eio_sid == eio_sid:

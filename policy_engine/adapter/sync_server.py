@@ -140,7 +140,7 @@ class SyncPolicyAdapter(SyncConnectionHooks, SyncEventDispatch):
             admission=self.admission,
             draining=lambda: self.draining,
         )
-        return WSGIGate(app, gate)
+        return WSGIGate(app, gate, lambda scope: self._queue_call(gate.judge, scope))
 
     async def shed_tick(self) -> int:
         """The load sampler's call after each sample (on the loop thread): :meth:`tick` in

@@ -82,6 +82,11 @@ class EngineRunner:
         with self.lock:
             return function(*args)
 
+    def call_on_loop(self, function: Callable[..., T], *args: Any) -> T:
+        """A plain function's result, called on the loop thread (for state that the loop's
+        coroutines also change, such as the admission queue's lines)."""
+        return self.on_loop(_called(function, *args))
+
     def on_loop(self, coroutine: Coroutine[Any, Any, T], timeout: float = LOOP_TIMEOUT) -> T:
         """Run ``coroutine`` on the loop thread (started on first use) and wait for it."""
         if self._thread is not None and threading.current_thread() is self._thread:

@@ -21,6 +21,7 @@ from typing import Any
 
 from policy_engine.adapter.gate import HandshakeGate
 from policy_engine.adapter.identity import query_params
+from policy_engine.core.decision import Decision
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -68,14 +69,21 @@ def handshake_environ(environ: Mapping[str, Any]) -> Mapping[str, Any]:
 class WSGIGate:
     """WSGI middleware in front of ``socketio.WSGIApp`` (or Flask-SocketIO's middleware)."""
 
-    def __init__(self, app: WSGIApp, gate: HandshakeGate) -> None:
+    def __init__(
+        self,
+        app: WSGIApp,
+        gate: HandshakeGate,
+        judge: Callable[[dict[str, Any]], Decision | None] | None = None,
+    ) -> None:
         self.app = app
         self.gate = gate
+        # The gate's judgement, or a caller's wrapper that runs it where its state lives.
+        self.judge = judge if judge is not None else gate.judge
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         scope = wsgi_scope(environ)
         if self.gate.is_new_session(scope):
-            decision = self.gate.judge(scope)
+            decision = self.judge(scope)
             if decision is not None:
                 self.gate.observer.decision("connect", decision, 0.0, None)
                 status, body, headers = self.gate.response(scope, decision)
