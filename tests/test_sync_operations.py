@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,18 +105,34 @@ def test_a_broken_file_keeps_the_policy_in_force(served):
     running.adapter.runner.on_loop(services.sampler.stop())
 
 
+class WatchedLock:
+    """The runner's lock, telling when someone asks for it."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.asked = threading.Event()
+
+    def __enter__(self) -> None:
+        self.asked.set()
+        self.lock.acquire()
+
+    def __exit__(self, *_: object) -> None:
+        self.lock.release()
+
+
 def test_a_swap_waits_for_the_decision_in_progress(served, tmp_path):
     running, _ = served
     stricter = tmp_path / "stricter.yaml"
     stricter.write_text(policy(burst=1), encoding="utf-8")
     new = compile_file(stricter).policy
     old = running.engine.policy
+    held = threading.Lock()
+    watched = running.adapter.runner.lock = WatchedLock(held)
 
-    with running.adapter.runner.lock:  # a decision in progress holds it
+    with held:  # a decision in progress holds it
         swapping = threading.Thread(target=running.adapter.swap, args=(new,))
         swapping.start()
-        swapping.join(0.2)
-        assert swapping.is_alive()
+        assert watched.asked.wait(WAIT)
         assert running.engine.policy is old
     swapping.join(WAIT)
 
@@ -187,3 +204,85 @@ def test_the_loop_thread_refuses_to_wait_for_itself(served):
 
     with pytest.raises(RuntimeError, match="cannot wait for itself"):
         runner.on_loop(nested())
+
+
+SHARED_LIMIT = """
+version: 1
+rate_limits:
+  - name: echoes-everywhere
+    hook: event
+    when: event.name == "echo"
+    key: '"all"'
+    limit: 1/minute
+    burst: 3
+    scope: global
+"""
+
+
+def test_two_sync_servers_on_one_redis_share_a_limit_through_the_loop_thread(
+    tmp_path, own_redis_server
+):
+    from policy_engine.state.redis_store import RedisStore
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(SHARED_LIMIT, encoding="utf-8")
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    servers = [
+        start_sync_server(
+            path, flask_setup=echo_app, store=RedisStore(own_redis_server.url, prefix=prefix)
+        )
+        for _ in range(2)
+    ]
+    clients = [socketio.Client(reconnection=False) for _ in servers]
+    try:
+        for client, running in zip(clients, servers, strict=True):
+            client.connect(running.url, transports=["websocket"], wait_timeout=WAIT)
+        assert not servers[0].adapter.runner.inline
+
+        first = [clients[0].call("echo", n, timeout=WAIT) for n in range(2)]
+        second = [clients[1].call("echo", n, timeout=WAIT) for n in range(2)]
+
+        assert first == [0, 1]
+        assert second[0] == 0
+        assert second[1]["code"] == "RATE_LIMITED"  # the fourth echo of both servers
+    finally:
+        for client in clients:
+            if client.eio.ws is not None:
+                client.eio.ws.shutdown()
+            client.eio.disconnect(abort=True)
+        for running in servers:
+            running.adapter.runner.on_loop(running.engine.store.close())
+            running.stop()
+
+
+SHEDDING = """
+version: 1
+shedding:
+  - name: shed-viewers
+    when: load.loop_lag_ms > 100
+    action: disconnect
+    max_priority: low
+"""
+
+
+def test_the_tick_disconnects_what_shedding_picks_with_the_payload_first(tmp_path, client):
+    path = tmp_path / "policy.yaml"
+    path.write_text(SHEDDING, encoding="utf-8")
+    running = start_sync_server(path, flask_setup=echo_app)
+    notices: list[Any] = []
+    client.on("policy_error", notices.append)
+    try:
+        client.connect(running.url, transports=["websocket"], wait_timeout=WAIT)
+        sid = client.get_sid()
+        running.engine.load = {**running.engine.load, "loop_lag_ms": 500}
+
+        shed = running.adapter.tick()
+
+        assert shed == 1
+        wait_for(lambda: bool(notices))
+        assert notices[0]["policy"] == "shedding/shed-viewers"
+        assert running.observer.sheds == [("shedding/shed-viewers", "disconnect", 1)]
+        wait_for(lambda: running.adapter.active_connections() == 0)
+        assert ("shed", sid, "shedding/shed-viewers") in running.observer.connections
+    finally:
+        running.stop()
