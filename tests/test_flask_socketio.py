@@ -450,7 +450,7 @@ def test_the_wsgi_gate_refuses_new_sessions_before_engine_io(flask_served, sync_
 
 
 @pytest.fixture
-def test_app(flask_served: StartFlask) -> Callable[..., tuple[SocketIO, Flask, SyncServed]]:
+def flask_test_app(flask_served: StartFlask) -> Callable[..., tuple[SocketIO, Flask, SyncServed]]:
     """A Flask-SocketIO app under a policy, for its test client (served too, unused)."""
 
     def start(policy_text: str | None = None) -> tuple[SocketIO, Flask, SyncServed]:
@@ -462,8 +462,8 @@ def test_app(flask_served: StartFlask) -> Callable[..., tuple[SocketIO, Flask, S
     return start
 
 
-def test_the_test_client_is_refused_without_a_conversation(test_app):
-    ext, app, served = test_app()
+def test_the_test_client_is_refused_without_a_conversation(flask_test_app):
+    ext, app, served = flask_test_app()
 
     client = ext.test_client(app, headers=fresh_ip())
 
@@ -473,8 +473,8 @@ def test_the_test_client_is_refused_without_a_conversation(test_app):
     assert served.adapter.active_connections() == 0
 
 
-def test_the_test_client_is_admitted_and_its_payloads_and_actions_judged(test_app):
-    ext, app, served = test_app()
+def test_the_test_client_is_admitted_and_its_payloads_and_actions_judged(flask_test_app):
+    ext, app, served = flask_test_app()
     viewer = ext.test_client(
         app,
         query_string="conversation_id=c1",
@@ -495,8 +495,8 @@ def test_the_test_client_is_admitted_and_its_payloads_and_actions_judged(test_ap
     assert accepted == {"ok": True}
 
 
-def test_the_test_client_is_rate_limited(test_app):
-    ext, app, _ = test_app(ACTION_LIMIT)
+def test_the_test_client_is_rate_limited(flask_test_app):
+    ext, app, _ = flask_test_app(ACTION_LIMIT)
     client = ext.test_client(app, headers=fresh_ip())
 
     answers = [client.emit("oh_user_action", {"action": "run"}, callback=True) for _ in range(4)]
@@ -505,8 +505,8 @@ def test_the_test_client_is_rate_limited(test_app):
     assert answers[3]["code"] == "RATE_LIMITED"
 
 
-def test_the_test_client_hears_classified_errors_in_its_ack_or_as_the_error_event(test_app):
-    ext, app, served = test_app()
+def test_the_test_client_hears_classified_errors_in_its_ack_or_as_the_error_event(flask_test_app):
+    ext, app, served = flask_test_app()
     client = ext.test_client(app, query_string="conversation_id=c1", headers=fresh_ip())
 
     in_ack = client.emit("boom", {}, callback=True)

