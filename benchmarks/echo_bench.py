@@ -47,11 +47,14 @@ def pinned(core: int, argv: Sequence[str]) -> list[str]:
 
 
 @contextmanager
-def server(mode: str, *options: str, start_within: float = 20.0) -> Iterator[tuple[int, int]]:
-    """An ``echo_server`` on core 0 (``options`` are more of its arguments): its port and pid
-    once it listens; stopped with SIGINT on the way out."""
+def server(
+    mode: str, *options: str, start_within: float = 20.0, module: str = "benchmarks.echo_server"
+) -> Iterator[tuple[int, int]]:
+    """An ``echo_server`` (or ``module``, taking the same arguments) on core 0 (``options``
+    are more of its arguments): its port and pid once it listens; stopped with SIGINT on
+    the way out."""
     port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.echo_server", "--mode", mode, "--port", str(port)]
+    argv = [sys.executable, "-m", module, "--mode", mode, "--port", str(port)]
     process = subprocess.Popen(
         pinned(0, [*argv, *options]), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -94,7 +97,13 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def throughput(clients: Sequence[int], seconds: float, rounds: int, modes: Sequence[str]) -> None:
+def throughput(
+    clients: Sequence[int],
+    seconds: float,
+    rounds: int,
+    modes: Sequence[str],
+    module: str = "benchmarks.echo_server",
+) -> None:
     print(f"echo round trips, {seconds:g} s per run, {rounds} alternating rounds per mode")
     print(
         f"{'clients':>7} {'mode':<7} {'events/s':>10} {'p50 us':>8} {'p99 us':>8} "
@@ -106,7 +115,7 @@ def throughput(clients: Sequence[int], seconds: float, rounds: int, modes: Seque
             # Forward then backward (ABC CBA): a drift in machine speed during the run
             # weighs on every mode alike.
             for mode in modes if round_ % 2 == 0 else tuple(reversed(modes)):
-                results[mode].append(measure(mode, count, seconds))
+                results[mode].append(measure(mode, count, seconds, module))
         summary = {}
         for mode, runs in results.items():
             rate = statistics.median(r["events_per_second"] for r in runs)
@@ -145,9 +154,11 @@ def throughput(clients: Sequence[int], seconds: float, rounds: int, modes: Seque
             )
 
 
-def measure(mode: str, clients: int, seconds: float) -> dict[str, Any]:
+def measure(
+    mode: str, clients: int, seconds: float, module: str = "benchmarks.echo_server"
+) -> dict[str, Any]:
     """One timed run: the clients' counts plus the server's CPU use during it."""
-    with server(mode) as (port, pid):
+    with server(mode, module=module) as (port, pid):
         args = ["--port", str(port), "--clients", str(clients), "--seconds", str(seconds)]
         cpu_before, began = cpu_seconds(pid), time.perf_counter()
         run = run_clients(["throughput", *args])

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "attach": "policy_engine.adapter",
     "PolicyAdapter": "policy_engine.adapter",
+    "SyncPolicyAdapter": "policy_engine.adapter",
     "Engine": "policy_engine.core.engine",
     "compile_file": "policy_engine.compiler",
     "compile_text": "policy_engine.compiler",
@@ -49,6 +50,7 @@ __all__ = [
     "PolicyRefusedError",
     "PolicyServer",
     "StoreError",
+    "SyncPolicyAdapter",
     "__version__",
     "attach",
     "build_app",
@@ -62,7 +64,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from policy_engine.adapter import PolicyAdapter, attach
+    from policy_engine.adapter import PolicyAdapter, SyncPolicyAdapter, attach
     from policy_engine.client import call_with_policy, connect_with_policy
     from policy_engine.client_retry import ConnectionRefused, EventRefused, PolicyRefusedError
     from policy_engine.client_sync import call_with_policy_sync, connect_with_policy_sync

@@ -41,6 +41,7 @@ from policy_engine.adapter.identity import ClaimsLoader
 from policy_engine.adapter.inbound import Inbound
 from policy_engine.adapter.outgoing import Buffered, Outgoing
 from policy_engine.adapter.recovery import Recovery
+from policy_engine.adapter.sync_server import SyncPolicyAdapter
 from policy_engine.auth.loader import HandshakeClaimsLoader
 from policy_engine.core.admission import AdmissionQueue
 from policy_engine.core.decision import Decision, Outcome
@@ -49,7 +50,7 @@ from policy_engine.core.payload import IDLE_TIMEOUT, ClientPayload, backoff_for
 from policy_engine.language.model import ShedAction
 from policy_engine.observe.observer import NullObserver, Observer
 
-__all__ = ["ClaimsLoader", "ConnectionState", "PolicyAdapter", "attach"]
+__all__ = ["ClaimsLoader", "ConnectionState", "PolicyAdapter", "SyncPolicyAdapter", "attach"]
 
 # The adapter's one logger, whichever of its modules reports.
 _log = logging.getLogger("policy_engine.adapter.attach")
@@ -330,8 +331,12 @@ def attach(
     observer: Observer | None = None,
     error_event: str = "policy_error",
     claims_loader: ClaimsLoader | HandshakeClaimsLoader | None = None,
-) -> PolicyAdapter:
+) -> PolicyAdapter | SyncPolicyAdapter:
     """Install ``engine``'s policy on ``sio``; returns the adapter (one per server).
+
+    ``sio`` is a ``socketio.AsyncServer`` (a :class:`PolicyAdapter` is returned) or a
+    ``socketio.Server``, Flask-SocketIO's ``socketio.server`` included (a
+    :class:`~policy_engine.adapter.sync_server.SyncPolicyAdapter`).
 
     ``claims_loader`` is the application's own check of who is connecting: a function of
     ``(environ, auth)`` or an object with ``async def load(handshake)``; it is the provider
@@ -341,6 +346,13 @@ def attach(
     if getattr(sio, "policy_adapter", None) is not None:
         raise RuntimeError("a policy is already attached to this Socket.IO server")
     loader = environ_loader(claims_loader) if claims_loader is not None else None
+    if isinstance(sio, socketio.Server):
+        sync = SyncPolicyAdapter(
+            sio, engine, observer=observer, error_event=error_event, claims_loader=loader
+        )
+        sync.authentication.prepare(engine.policy)
+        sync.install()
+        return sync
     adapter = PolicyAdapter(
         sio, engine, observer=observer, error_event=error_event, claims_loader=loader
     )

@@ -25,7 +25,7 @@ import socketio
 from policy_engine.adapter.admission import admit, advice_packet, retried_by_transport
 from policy_engine.adapter.authentication import ConnectAuthentication
 from policy_engine.adapter.connection import ConnectionState
-from policy_engine.adapter.identity import ClaimsLoader, IdentityError, identify
+from policy_engine.adapter.identity import ClaimsLoader, Identity, IdentityError, identify
 from policy_engine.adapter.outgoing import Outgoing, replayed_up_to
 from policy_engine.adapter.recovery import Recovery
 from policy_engine.core.admission import AdmissionQueue
@@ -101,18 +101,7 @@ class ConnectionHooks:
         except Exception as exc:
             # Judged after the policy: a throttled client must hear AUTH_THROTTLED.
             claims, verified_user, claims_error = {}, "", exc
-        conn = conn_context(
-            sid=sid,
-            namespace=namespace,
-            ip=identity.ip,
-            user_id=verified_user or identity.user_id,
-            conversation_id=identity.conversation_id,
-            transport=identity.transport,
-            origin=identity.origin,
-            user_agent=identity.user_agent,
-            headers=dict(identity.headers),
-            query=dict(identity.query),
-        )
+        conn = handshake_conn(sid, namespace, identity, verified_user)
         started = time.perf_counter()
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         try:
@@ -258,11 +247,7 @@ class ConnectionHooks:
         return refusal(payload)
 
     def _invalid_handshake(self, exc: IdentityError) -> Exception:
-        """A handshake whose identifiers cannot be trusted: refused before any work."""
-        payload = INVALID_REQUEST.payload("identity", detail=exc.reason)
-        decision = Decision(Outcome.REJECT, "identity", payload)
-        self.observer.decision("connect", decision, 0.0, None)
-        return refusal(payload)
+        return invalid_handshake(exc, self.observer)
 
     async def _accept(
         self,
@@ -321,13 +306,7 @@ class ConnectionHooks:
         """The refusal a failed connect handler becomes: classified, and counted if auth."""
         engine = self.engine
         classification, contract, error = engine.on_error(exc, Hook.CONNECT, conn, claims)
-        payload: dict[str, Any] = dict(contract)
-        app_refusal = getattr(exc, "error_args", None)
-        if isinstance(app_refusal, Mapping):
-            # An explicit refusal: its message was written for the client.
-            payload = {**payload, "message": str(app_refusal.get("message", payload["message"]))}
-            if "data" in app_refusal:
-                payload["data"] = app_refusal["data"]
+        payload = refused_by_app(contract, exc)
         self.observer.error("connect", classification, error, payload, conn)
         if engine.counts_as_auth_failure(classification):
             await engine.record_auth_failure(conn)
@@ -454,6 +433,44 @@ class ConnectionHooks:
             state = self._states.get(sid) if sid is not None else None
             if state is not None and state.eio_sid == eio_sid:
                 await self._untrack(state)
+
+
+def handshake_conn(
+    sid: str, namespace: str, identity: Identity, verified_user: str
+) -> dict[str, Any]:
+    """The ``conn`` context of a handshake: a verified user id wins over a client's own."""
+    return conn_context(
+        sid=sid,
+        namespace=namespace,
+        ip=identity.ip,
+        user_id=verified_user or identity.user_id,
+        conversation_id=identity.conversation_id,
+        transport=identity.transport,
+        origin=identity.origin,
+        user_agent=identity.user_agent,
+        headers=dict(identity.headers),
+        query=dict(identity.query),
+    )
+
+
+def invalid_handshake(exc: IdentityError, observer: Observer) -> Exception:
+    """A handshake whose identifiers cannot be trusted: refused before any work."""
+    payload = INVALID_REQUEST.payload("identity", detail=exc.reason)
+    decision = Decision(Outcome.REJECT, "identity", payload)
+    observer.decision("connect", decision, 0.0, None)
+    return refusal(payload)
+
+
+def refused_by_app(contract: ClientPayload, exc: BaseException) -> dict[str, Any]:
+    """A failed connect handler's client payload: an explicit refusal (python-socketio's
+    ``ConnectionRefusedError`` with arguments) keeps the message written for the client."""
+    payload: dict[str, Any] = dict(contract)
+    app_refusal = getattr(exc, "error_args", None)
+    if isinstance(app_refusal, Mapping):
+        payload = {**payload, "message": str(app_refusal.get("message", payload["message"]))}
+        if "data" in app_refusal:
+            payload["data"] = app_refusal["data"]
+    return payload
 
 
 def refusal(payload: Mapping[str, Any] | None) -> Exception:

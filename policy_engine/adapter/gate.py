@@ -167,6 +167,13 @@ class HandshakeGate:
         """429 for a rate limit (the client asks too often), else the gate's status."""
         return 429 if (decision.rule or "").startswith("rate_limits/") else self.status
 
+    def response(
+        self, scope: Scope, decision: Decision
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """A refusal as an HTTP response, for the WSGI gate: status, body and headers."""
+        body, headers = self._headers(scope, decision)
+        return self.status_of(decision), body, headers
+
     def _headers(self, scope: Scope, decision: Decision) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         payload = dict(decision.payload or {})
         body = json.dumps(payload, separators=(",", ":")).encode()

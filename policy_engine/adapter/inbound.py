@@ -310,23 +310,13 @@ class Inbound:
     async def _screened_out(self, eio_sid: str, text: str, size: int, limits: Limits) -> bool:
         """Refuse an event too large for its spec, or an event or ack nested too deep,
         without decoding it; an event is answered, an ack (no one waits for it) dropped."""
-        kind = text[:1]
-        if kind not in _SCREENED:
+        screened = screen(text, size, limits)
+        if screened is None:
             return False
-        namespace, ack, start = header(text)
-        payload: ClientPayload | None = None
-        if kind in _EVENTS and size > limits.smallest:
-            spec = self.engine.policy.event(_event_name(text, start))
-            if spec.max_bytes is not None and size > spec.max_bytes:
-                payload = PAYLOAD_TOO_LARGE.payload(f"events/{spec.name}", max_bytes=spec.max_bytes)
-        if payload is None:
-            if text.count("[", start) + text.count("{", start) <= limits.max_depth:
-                return False
-            if nesting_depth(text, start) <= limits.max_depth:
-                return False
-            detail = f"nested deeper than {limits.max_depth} levels"
-            payload = PROTOCOL_INVALID.payload("connections/protocol", detail=detail)
+        namespace, ack, payload, too_deep = screened
+        if too_deep:
             await self.fault(eio_sid, "too_deep")
+        kind = text[:1]
         if kind in _BINARY_TEXT:  # its attachments follow: swallow them
             self._pending[eio_sid] = Pending(_Discarded(text), size, discard=True)
         if kind in _EVENTS:
@@ -396,6 +386,28 @@ class _Discarded:
         self.data = None
         self.namespace = None
         self.id = None
+
+
+def screen(text: str, size: int, limits: Limits) -> tuple[str, Any, ClientPayload, bool] | None:
+    """What refuses a text packet before it is decoded: an event too large for its spec,
+    an event or ack nested too deep. None when it may be decoded; else its namespace, ack
+    id, the refusal and whether it was its depth (a protocol error)."""
+    kind = text[:1]
+    if kind not in _SCREENED:
+        return None
+    namespace, ack, start = header(text)
+    if kind in _EVENTS and size > limits.smallest:
+        spec = limits.policy.event(_event_name(text, start))
+        if spec.max_bytes is not None and size > spec.max_bytes:
+            payload = PAYLOAD_TOO_LARGE.payload(f"events/{spec.name}", max_bytes=spec.max_bytes)
+            return namespace, ack, payload, False
+    if text.count("[", start) + text.count("{", start) <= limits.max_depth:
+        return None
+    if nesting_depth(text, start) <= limits.max_depth:
+        return None
+    detail = f"nested deeper than {limits.max_depth} levels"
+    payload = PROTOCOL_INVALID.payload("connections/protocol", detail=detail)
+    return namespace, ack, payload, True
 
 
 def _event_name(text: str, start: int) -> str:

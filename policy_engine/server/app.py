@@ -418,6 +418,8 @@ def build_app(
         engine.store_health.listeners.append(log_store_availability)
         metrics.track_store(engine.store_health)
     adapter = attach(sio, engine, observer=observer, claims_loader=claims_loader)
+    if not isinstance(adapter, PolicyAdapter):
+        raise TypeError("build_app serves a socketio.AsyncServer; run a socketio.Server yourself")
     metrics.install_policy(result.policy, source)
     metrics.track_connections(adapter.active_connections)
     decision_log = DecisionLog(result.policy)

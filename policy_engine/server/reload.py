@@ -58,9 +58,13 @@ class PolicyReloader:
         on_install: Iterable[PolicyListener] = (),
         before_install: Iterable[PolicyListener] = (),
         wall_clock: Callable[[], float] = time.time,
+        swap: PolicyListener | None = None,
     ) -> None:
         self.path = Path(path)
         self.engine = engine
+        # How a new policy goes in: the engine's own swap, or one that also keeps out the
+        # threads of a sync server while it does (its adapter's ``swap``).
+        self._swap: PolicyListener = swap if swap is not None else engine.swap
         self.observer: Observer = observer if observer is not None else NullObserver()
         self._compile: Compiler = (
             compiler if compiler is not None else lambda p: compile_file(p, backend=backend)
@@ -125,7 +129,7 @@ class PolicyReloader:
             self.last_failure = outcome
             self.observer.reload(False, None, path, outcome)
             return False
-        self.engine.swap(outcome.policy)
+        self._swap(outcome.policy)
         self.loaded_at = self._wall_clock()
         self.succeeded += 1
         self.last_failure = ()
