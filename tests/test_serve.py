@@ -520,10 +520,10 @@ def test_serve_listens_before_it_loads_and_answers_what_waited(
     (tmp_path / "slow_claims.py").write_text(SLOW_LOADER.format(marker=str(marker)))
     port = free_port()
     argv = [*command(), "serve", "--policies", str(policy_file), "--port", str(port)]
-    argv += ["--claims-loader", "slow_claims:claims", "--log-level", "error"]
-    popen = subprocess.Popen(
-        argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    argv += ["--claims-loader", "slow_claims:claims", "--log-format", "json"]
+    log = tmp_path / "serve.log"
+    with log.open("wb") as output:
+        popen = subprocess.Popen(argv, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT)
     try:
         for _ in range(1000):  # a bound on waiting for the port, not a measure of time
             try:
@@ -548,6 +548,8 @@ def test_serve_listens_before_it_loads_and_answers_what_waited(
     assert not loaded_when_accepted  # accepted while the application was still loading
     assert answer.startswith(b"HTTP/1.1 200")
     assert marker.exists()
+    # uvicorn says where it runs only for sockets it binds itself: serve says so instead.
+    assert f'"url": "http://127.0.0.1:{port}"' in log.read_text()
 
 
 def test_serve_says_at_once_when_its_port_is_taken(

@@ -576,6 +576,9 @@ async def serve(
         for signum in exit_signals:
             loop.add_signal_handler(signum, request_exit, signum)
     others = [asyncio.create_task(listener.serve()) for listener in listeners[1:]]
+    if listening is not None:  # uvicorn says where it runs only for sockets of its own
+        bound_host, bound_port = listening.getsockname()[:2]
+        _log.info("server.listening", url=f"http://{bound_host}:{bound_port}", audit=False)
     try:
         await runner.serve(sockets=[listening] if listening is not None else None)
     finally:
