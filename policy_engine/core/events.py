@@ -19,6 +19,7 @@ from policy_engine.core.authorization import authorize
 from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, Waiting, take_permits
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import ALLOW, Decision, Outcome
+from policy_engine.core.event_judge import PlanJudge
 from policy_engine.core.payload_checks import check_schema, check_size
 from policy_engine.core.payload_view import PayloadView, cel_event
 from policy_engine.core.rate_limits import RateCheck, RateLimits
@@ -65,6 +66,8 @@ class EventHooks:
     _shedding: Shedding
     _rates: RateLimits
     _payload_views: dict[str, PayloadView | None]
+    _judges: dict[str, PlanJudge | None]
+    _other_judge: PlanJudge | None
 
     # -- events ------------------------------------------------------------------------------
 
@@ -78,6 +81,12 @@ class EventHooks:
         the permits are still to be asked for through :meth:`before_call`: after a delay
         (a delayed call does not hold one while it waits), or from the shared store.
         """
+        judge = self._judges.get(event["name"], self._other_judge)
+        if judge is not None:
+            load = self.load
+            judged = judge.decide(conn, claims, event, load, self.clock, self._shedding)
+            if judged is not None:
+                return self._prepared_verdict(judge, conn, claims, event, judged)
         plan = self.policy.event_plans[event["name"]]
         decided = self._decide_event(plan, conn, claims, event, NULL_RECORDER)
         tap = self.tap
@@ -111,6 +120,33 @@ class EventHooks:
             return EventVerdict(permits.decision, NO_GUARD)
         return EventVerdict(decided, None)  # the shared store holds the breakers' state
 
+    def _prepared_verdict(
+        self,
+        judge: PlanJudge,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+        decided: Decision,
+    ) -> EventVerdict:
+        """:meth:`judge_event_now`'s verdict after a prepared judge decided: the breakers'
+        permits, taken as the walk takes them."""
+        tap = self.tap
+        if tap is not None:
+            tap.judged(Hook.EVENT, conn, claims, event, self.load, decided)
+        if not judge.plan.breakers:
+            return _ALLOWED if decided is ALLOW else EventVerdict(decided, NO_GUARD)
+        if not decided.allowed:
+            return EventVerdict(decided, NO_GUARD)
+        permits = judge.permits(conn, claims, event, self.load, self.clock())
+        if isinstance(permits, BreakerGuard):
+            return EventVerdict(decided, permits)
+        refused = permits
+        for held in refused.held:
+            self.state.release_now(held)
+        if tap is not None:
+            tap.judged(Hook.EVENT, conn, claims, event, self.load, refused.decision)
+        return EventVerdict(refused.decision, NO_GUARD)
+
     async def on_event(
         self,
         conn: Mapping[str, Any],
@@ -121,6 +157,15 @@ class EventHooks:
         recorder: Recorder | None = None,
     ) -> Decision:
         """Judge one incoming event before its handler runs."""
+        if recorder is None and not explain:
+            judge = self._judges.get(event["name"], self._other_judge)
+            if judge is not None:
+                judged = judge.decide(conn, claims, event, self.load, self.clock, self._shedding)
+                if judged is not None:
+                    tap = self.tap
+                    if tap is not None:
+                        tap.judged(Hook.EVENT, conn, claims, event, self.load, judged)
+                    return judged
         plan = self.policy.event_plans[event["name"]]
         if recorder is None:
             recorder = TraceRecorder() if explain else NULL_RECORDER
@@ -343,6 +388,21 @@ class EventHooks:
         recorder: Recorder | None = None,
     ) -> BreakerGuard | Decision:
         """Ask every breaker guarding this event for a permit; refuse at once if one is open."""
+        if recorder is None:
+            judge = self._judges.get(event["name"], self._other_judge)
+            if judge is not None:
+                if not judge.plan.breakers:
+                    return NO_GUARD
+                prepared = judge.permits(conn, claims, event, self.load, self.clock())
+                if isinstance(prepared, BreakerGuard):
+                    return prepared
+                refused = prepared
+                for held in refused.held:
+                    await self.state.release(held)
+                tap = self.tap
+                if tap is not None:
+                    tap.judged(Hook.EVENT, conn, claims, event, self.load, refused.decision)
+                return refused.decision
         policy = self.policy
         plan = policy.event_plans[event["name"]]
         specs = plan.breakers
