@@ -20,11 +20,12 @@ breaker) are built by the walk's own functions.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from fastjsonschema import JsonSchemaValueException
 
 from policy_engine.algorithms.breaker import Transition
+from policy_engine.cel import evaluator_of
 from policy_engine.core.authorization import authorize, forbidden
 from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, hold
 from policy_engine.core.decision import ALLOW, Decision
@@ -43,7 +44,6 @@ from policy_engine.language.model import (
     Expression,
     Mode,
     PolicySet,
-    Program,
     RateLimitSpec,
 )
 from policy_engine.state.memory import MemoryStore
@@ -51,29 +51,47 @@ from policy_engine.state.memory import MemoryStore
 if TYPE_CHECKING:
     from policy_engine.core.shedding import Shedding
 
+
+class EventVerdict(NamedTuple):
+    """An event's decision and the breaker permits it holds (None: not asked for yet)."""
+
+    decision: Decision
+    guard: BreakerGuard | None
+
+
+_ALLOWED: Final = EventVerdict(ALLOW, NO_GUARD)
+
 _FAIL_CLOSED: Final = EvalFailureMode.FAIL_CLOSED
 
-Condition = tuple[Program, EvalFailureMode] | None
+Evaluator = Callable[[Mapping[str, Any]], Any]
+Condition = tuple[Evaluator, EvalFailureMode] | None
 """A condition as a plan leaves it: None when it holds for every event of the plan (there
-is none, or it only tests the plan's own name), else what to evaluate and how an
-evaluation that fails counts."""
+is none, or it only tests the plan's own name), else what evaluates it (the fast path's
+closure itself, when it has one) and how an evaluation that fails counts."""
+
+Limit = tuple[
+    RateLimitSpec,
+    Condition,
+    Expression,
+    tuple[str, str] | None,
+    tuple[str, str] | None,
+    bool,
+    str,
+]
+"""One rate limit as a plan judges it: the rule, its condition, its key, the key's plain
+``variable.field`` (read as a dict lookup), the key's identity in the per-connection cache
+(None: computed per event), whether it is in shadow mode, and the name a shadow refusal
+is reported under."""
 
 
-class _Limit:
-    """One rate limit as a plan judges it."""
-
-    __slots__ = ("condition", "identity", "key", "rule", "shadow_name", "shadowed")
-
-    def __init__(self, rule: RateLimitSpec, name: str | None) -> None:
-        self.rule = rule
-        self.condition = _condition(rule.when, name, rule.on_eval_error)
-        self.key = rule.key
-        # Keys fixed for the life of a connection are computed once for it, in the cache
-        # the walk uses too (keyed as it keys them).
-        per_connection = rule.key.per_connection and rule.key.path is None
-        self.identity = (rule.key.source, rule.key.context) if per_connection else None
-        self.shadowed = rule.mode is Mode.SHADOW
-        self.shadow_name = f"rate_limits/{rule.name}"
+def _limit(rule: RateLimitSpec, name: str | None) -> Limit:
+    key = rule.key
+    # Keys fixed for the life of a connection are computed once for it, in the cache the
+    # walk uses too (keyed as it keys them).
+    cached = (key.source, key.context) if key.per_connection and key.path is None else None
+    condition = _condition(rule.when, name, rule.on_eval_error)
+    shadow = rule.mode is Mode.SHADOW
+    return (rule, condition, key, key.path, cached, shadow, f"rate_limits/{rule.name}")
 
 
 class PlanJudge:
@@ -94,9 +112,11 @@ class PlanJudge:
         "_plan",
         "_policy",
         "_priority",
+        "_release",
         "_shadowed_allow",
         "_shedding_names",
         "_validate",
+        "breakers",
     )
 
     def __init__(
@@ -113,7 +133,7 @@ class PlanJudge:
         self._priority = plan.priority
         self._max_bytes = plan.spec.max_bytes
         self._shedding_names = plan.shedding_names if plan.shedding else None
-        self._limits = tuple(_Limit(rule, name) for rule in plan.rate_limits)
+        self._limits = tuple(_limit(rule, name) for rule in plan.rate_limits)
         self._admits = store.rate_admits_now
         self._check_one = store.check_rate_limit_now
         self._check_together = store.check_rate_limits_now
@@ -131,18 +151,41 @@ class PlanJudge:
             for spec in plan.breakers
         )
         self._all_breakers = plan.breakers
+        self.breakers = bool(plan.breakers)
         self._acquire = store.breaker_acquire_now
+        self._release = store.breaker_release_now
         # The allowed decisions naming shadow refusals, one per combination met (at most
         # one per subset of the plan's shadow rules): a decision is immutable.
         self._shadowed_allow: dict[tuple[str, ...], Decision] = {}
 
-    @property
-    def plan(self) -> EventPlan:
-        return self._plan
-
     # -- the decision before the handler ---------------------------------------------------
 
-    def decide(  # noqa: PLR0917 (the event and the engine's state it reads)
+    def verdict(  # noqa: PLR0917 (the event and the engine's state it reads)
+        self,
+        conn: Mapping[str, Any],
+        claims: Mapping[str, Any],
+        event: dict[str, Any],
+        load: dict[str, Any],
+        clock: Callable[[], float],
+        shedding: Shedding,
+    ) -> EventVerdict | None:
+        """What :meth:`~policy_engine.core.events.EventHooks.judge_event_now` answers: the
+        decision and, when allowed, the breakers' permits; None: the walk must judge it."""
+        decided = self.decide(conn, claims, event, load, clock, shedding)
+        if decided is None:
+            return None
+        if not self.breakers:
+            return _ALLOWED if decided is ALLOW else EventVerdict(decided, NO_GUARD)
+        if decided is not ALLOW and not decided.allowed:
+            return EventVerdict(decided, NO_GUARD)
+        permits = self.permits(conn, claims, event, load, clock())
+        if isinstance(permits, BreakerGuard):
+            return EventVerdict(decided, permits)
+        for held in permits.held:
+            self._release(held)
+        return EventVerdict(permits.decision, NO_GUARD)
+
+    def decide(  # noqa: PLR0917, PLR0915 (the event and the engine's state it reads)
         self,
         conn: Mapping[str, Any],
         claims: Mapping[str, Any],
@@ -162,9 +205,62 @@ class PlanJudge:
         activation = {"conn": conn, "claims": claims, "event": event, "load": load}
         shadowed: list[str] = []
         if self._limits:
-            limited = self._rate_limits(activation, clock, shadowed)
-            if limited is not None:
-                return None if limited is _WALK else _finish(limited, shadowed)
+            # As RateLimits.judge and conclude judge them: every condition and key first
+            # (a key that fails goes back to the walk, nothing consumed yet), then each
+            # shadow limit alone, then the enforced ones together.
+            enforced: list[Check] = []
+            shadow: list[tuple[RateLimitSpec, str, str]] = []
+            for rule, condition, expression, path, cached, in_shadow, name in self._limits:
+                if condition is not None:
+                    run, failure = condition
+                    try:
+                        holds = run(activation) is True
+                    except EvaluationError:
+                        holds = failure is _FAIL_CLOSED
+                    if not holds:
+                        continue
+                try:
+                    if cached is not None:
+                        sid = conn["sid"]
+                        keys = self._connection_keys.get(sid)
+                        if keys is None:
+                            keys = self._connection_keys[sid] = {}
+                        key = keys.get(cached)
+                        if key is None:
+                            key = keys[cached] = str(evaluate_value(expression, activation))
+                    elif (
+                        path is not None
+                        and type(variable := activation.get(path[0])) is dict
+                        and path[1] in variable
+                    ):
+                        key = str(variable[path[1]])
+                    else:
+                        key = str(evaluate_value(expression, activation))
+                except EvaluationError:
+                    return None
+                if in_shadow:
+                    shadow.append((rule, key, name))
+                else:
+                    enforced.append((rule, key))
+            now = clock()
+            admits = self._admits
+            for rule, key, name in shadow:
+                if not admits(rule, key, now):
+                    shadowed.append(name)
+            if enforced:
+                refused = None
+                if len(enforced) == 1:
+                    rule, key = enforced[0]
+                    if not admits(rule, key, now):
+                        decided = self._check_one(rule, key, now)  # for the refusal's details
+                        refused = refusal(self._policy, rule, decided.retry_after, key)
+                else:
+                    together = self._check_together(enforced, now)
+                    if not together.allowed:
+                        policy = self._policy
+                        refused = conclude(policy, [], [], enforced, together, NULL_RECORDER, [])
+                if refused is not None:
+                    return _finish(refused, shadowed)
         validate = self._validate
         if validate is not None:
             try:
@@ -173,24 +269,10 @@ class PlanJudge:
                 invalid = check_schema(self._plan.spec, event, NULL_RECORDER)
                 if invalid is not None:
                     return _finish(invalid, shadowed)
-        refused: Decision | None = None
-        for condition in self._authorization:
-            if condition is None or _holds(condition, activation):
-                # A rule applies: the walk's own function decides how (evaluating again).
-                refused = authorize(
-                    self._policy,
-                    self._plan.authorization,
-                    Hook.EVENT,
-                    activation,
-                    NULL_RECORDER,
-                    shadowed,
-                )
-                break
-        else:
-            if self._default_deny:
-                refused = forbidden("default", FORBIDDEN.code, FORBIDDEN.message, Hook.EVENT)
-        if refused is not None:
-            return _finish(refused, shadowed)
+        if self._authorization:
+            refused = self._authorize(activation, shadowed)
+            if refused is not None:
+                return _finish(refused, shadowed)
         if not shadowed:
             return ALLOW
         names_ = tuple(shadowed)
@@ -199,53 +281,28 @@ class PlanJudge:
             allowed = self._shadowed_allow[names_] = _finish(ALLOW, shadowed)
         return allowed
 
-    def _rate_limits(
-        self, activation: dict[str, Any], clock: Callable[[], float], shadowed: list[str]
-    ) -> Any:
-        """The limits judged as :meth:`RateLimits.judge` and :func:`conclude` judge them:
-        the refusal, None, or ``_WALK`` when a key cannot be computed (nothing consumed)."""
-        enforced: list[Check] = []
-        shadow: list[tuple[_Limit, str]] = []
-        for limit in self._limits:
-            condition = limit.condition
-            if condition is not None and not _holds(condition, activation):
-                continue
-            identity = limit.identity
-            try:
-                if identity is None:
-                    key = str(evaluate_value(limit.key, activation))
-                else:
-                    sid = activation["conn"]["sid"]
-                    keys = self._connection_keys.get(sid)
-                    if keys is None:
-                        keys = self._connection_keys[sid] = {}
-                    cached = keys.get(identity)
-                    if cached is None:
-                        cached = keys[identity] = str(evaluate_value(limit.key, activation))
-                    key = cached
-            except EvaluationError:
-                return _WALK
-            if limit.shadowed:
-                shadow.append((limit, key))
-            else:
-                enforced.append((limit.rule, key))
-        now = clock()
-        admits = self._admits
-        for limit, key in shadow:
-            if not admits(limit.rule, key, now):
-                shadowed.append(limit.shadow_name)
-        if not enforced:
-            return None
-        if len(enforced) == 1:
-            rule, key = enforced[0]
-            if admits(rule, key, now):
-                return None
-            decided = self._check_one(rule, key, now)  # refused again: for its details
-            return refusal(self._policy, rule, decided.retry_after, key)
-        together = self._check_together(enforced, now)
-        if together.allowed:
-            return None
-        return conclude(self._policy, [], [], enforced, together, NULL_RECORDER, shadowed)
+    def _authorize(self, activation: dict[str, Any], shadowed: list[str]) -> Decision | None:
+        for condition in self._authorization:
+            if condition is not None:
+                run, failure = condition
+                try:
+                    holds = run(activation) is True
+                except EvaluationError:
+                    holds = failure is _FAIL_CLOSED
+                if not holds:
+                    continue
+            # A rule applies: the walk's own function decides how (evaluating again).
+            return authorize(
+                self._policy,
+                self._plan.authorization,
+                Hook.EVENT,
+                activation,
+                NULL_RECORDER,
+                shadowed,
+            )
+        if self._default_deny:
+            return forbidden("default", FORBIDDEN.code, FORBIDDEN.message, Hook.EVENT)
+        return None
 
     # -- the breakers' permits ---------------------------------------------------------------
 
@@ -304,15 +361,6 @@ def _finish(decision: Decision, shadowed: list[str]) -> Decision:
     )
 
 
-def _holds(condition: tuple[Program, EvalFailureMode], activation: Mapping[str, Any]) -> bool:
-    """:func:`~policy_engine.core.evaluation.matches` on a prepared condition."""
-    program, failure = condition
-    try:
-        return program.evaluate(activation) is True
-    except EvaluationError:
-        return failure is _FAIL_CLOSED
-
-
 class UnpreparedPlanError(Exception):
     """A rule the plan should not hold for its name: the walk judges the plan's events."""
 
@@ -326,12 +374,12 @@ def _condition(
         return None
     names = expression.event_names
     if names is None:
-        return (expression.program, failure)
+        return (evaluator_of(expression.program), failure)
     if name is None or name not in names:
         raise UnpreparedPlanError(name)
     if expression.is_name_test:
         return None
-    return (expression.residual or expression.program, failure)
+    return (evaluator_of(expression.residual or expression.program), failure)
 
 
 def judges_for(

@@ -19,7 +19,7 @@ from policy_engine.core.authorization import authorize
 from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, Waiting, take_permits
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import ALLOW, Decision, Outcome
-from policy_engine.core.event_judge import PlanJudge
+from policy_engine.core.event_judge import EventVerdict, PlanJudge
 from policy_engine.core.payload_checks import check_schema, check_size
 from policy_engine.core.payload_view import PayloadView, cel_event
 from policy_engine.core.rate_limits import RateCheck, RateLimits
@@ -29,13 +29,6 @@ from policy_engine.core.tap import DecisionTap
 from policy_engine.language.contexts import Hook
 from policy_engine.language.model import EventPlan, EventSpec, PolicySet, RateLimitSpec
 from policy_engine.state.guarded import ASK, GuardedStore
-
-
-class EventVerdict(NamedTuple):
-    """An event's decision and the breaker permits it holds (None: not asked for yet)."""
-
-    decision: Decision
-    guard: BreakerGuard | None
 
 
 class PendingEvent(NamedTuple):
@@ -52,6 +45,7 @@ class PendingEvent(NamedTuple):
 
 
 _ALLOWED = EventVerdict(ALLOW, NO_GUARD)
+__all__ = ["EventHooks", "EventVerdict", "PendingEvent", "finish"]
 _DELAY = Outcome.DELAY
 
 
@@ -82,11 +76,10 @@ class EventHooks:
         (a delayed call does not hold one while it waits), or from the shared store.
         """
         judge = self._judges.get(event["name"], self._other_judge)
-        if judge is not None:
-            load = self.load
-            judged = judge.decide(conn, claims, event, load, self.clock, self._shedding)
-            if judged is not None:
-                return self._prepared_verdict(judge, conn, claims, event, judged)
+        if judge is not None and self.tap is None:
+            verdict = judge.verdict(conn, claims, event, self.load, self.clock, self._shedding)
+            if verdict is not None:
+                return verdict
         plan = self.policy.event_plans[event["name"]]
         decided = self._decide_event(plan, conn, claims, event, NULL_RECORDER)
         tap = self.tap
@@ -120,33 +113,6 @@ class EventHooks:
             return EventVerdict(permits.decision, NO_GUARD)
         return EventVerdict(decided, None)  # the shared store holds the breakers' state
 
-    def _prepared_verdict(
-        self,
-        judge: PlanJudge,
-        conn: Mapping[str, Any],
-        claims: Mapping[str, Any],
-        event: dict[str, Any],
-        decided: Decision,
-    ) -> EventVerdict:
-        """:meth:`judge_event_now`'s verdict after a prepared judge decided: the breakers'
-        permits, taken as the walk takes them."""
-        tap = self.tap
-        if tap is not None:
-            tap.judged(Hook.EVENT, conn, claims, event, self.load, decided)
-        if not judge.plan.breakers:
-            return _ALLOWED if decided is ALLOW else EventVerdict(decided, NO_GUARD)
-        if not decided.allowed:
-            return EventVerdict(decided, NO_GUARD)
-        permits = judge.permits(conn, claims, event, self.load, self.clock())
-        if isinstance(permits, BreakerGuard):
-            return EventVerdict(decided, permits)
-        refused = permits
-        for held in refused.held:
-            self.state.release_now(held)
-        if tap is not None:
-            tap.judged(Hook.EVENT, conn, claims, event, self.load, refused.decision)
-        return EventVerdict(refused.decision, NO_GUARD)
-
     async def on_event(
         self,
         conn: Mapping[str, Any],
@@ -157,14 +123,11 @@ class EventHooks:
         recorder: Recorder | None = None,
     ) -> Decision:
         """Judge one incoming event before its handler runs."""
-        if recorder is None and not explain:
+        if recorder is None and not explain and self.tap is None:
             judge = self._judges.get(event["name"], self._other_judge)
             if judge is not None:
                 judged = judge.decide(conn, claims, event, self.load, self.clock, self._shedding)
                 if judged is not None:
-                    tap = self.tap
-                    if tap is not None:
-                        tap.judged(Hook.EVENT, conn, claims, event, self.load, judged)
                     return judged
         plan = self.policy.event_plans[event["name"]]
         if recorder is None:
@@ -388,21 +351,17 @@ class EventHooks:
         recorder: Recorder | None = None,
     ) -> BreakerGuard | Decision:
         """Ask every breaker guarding this event for a permit; refuse at once if one is open."""
-        if recorder is None:
+        if recorder is None and self.tap is None:
             judge = self._judges.get(event["name"], self._other_judge)
             if judge is not None:
-                if not judge.plan.breakers:
+                if not judge.breakers:
                     return NO_GUARD
                 prepared = judge.permits(conn, claims, event, self.load, self.clock())
                 if isinstance(prepared, BreakerGuard):
                     return prepared
-                refused = prepared
-                for held in refused.held:
+                for held in prepared.held:
                     await self.state.release(held)
-                tap = self.tap
-                if tap is not None:
-                    tap.judged(Hook.EVENT, conn, claims, event, self.load, refused.decision)
-                return refused.decision
+                return prepared.decision
         policy = self.policy
         plan = policy.event_plans[event["name"]]
         specs = plan.breakers
@@ -449,6 +408,8 @@ class EventHooks:
         """Report the handler's outcome to the breakers it held; returns their transitions."""
         if not guard.permits:
             return []
+        if not self.state.shared:
+            return self.after_call_now(guard, conn, event, classification, error)
         now = self.clock()
         duration = now - guard.started
         failed = (
@@ -467,6 +428,37 @@ class EventHooks:
             transition = state.record_now(spec, now, failed=failure, duration=duration)
             if transition is ASK:
                 transition = await state.record(spec, now, failed=failure, duration=duration)
+            if transition is not None:
+                transitions.append((spec.name, transition))
+        return transitions
+
+    def after_call_now(
+        self,
+        guard: BreakerGuard,
+        conn: Mapping[str, Any],
+        event: Mapping[str, Any],
+        classification: Classification | None,
+        error: Mapping[str, Any] | None,
+    ) -> list[tuple[str, Any]]:
+        """:meth:`after_call` where the state answers without I/O (this process's own: the
+        caller checks ``state.shared`` is false), in one plain call rather than a coroutine."""
+        if not guard.permits:
+            return []
+        now = self.clock()
+        duration = now - guard.started
+        failed = (
+            ()
+            if classification is None
+            else breakers.recorded_failures(guard, duration, conn, event, classification, error)
+        )
+        local = self.state.local
+        transitions: list[tuple[str, Any]] = []
+        for at, spec in enumerate(guard.permits):
+            failure = failed[at] if failed else False
+            if failure is None:  # an exception this breaker ignores
+                local.breaker_release_now(spec)
+                continue
+            transition = local.breaker_record_now(spec, now, failed=failure, duration=duration)
             if transition is not None:
                 transitions.append((spec.name, transition))
         return transitions
