@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from policy_engine.algorithms.ratelimit import SlidingLogState
+from policy_engine.cel import CEL_PYTHON, available_backends
 from policy_engine.compiler.pipeline import compile_text
 from policy_engine.core.breakers import BreakerGuard
 from policy_engine.core.decision import Decision
@@ -151,9 +152,9 @@ class Clock:
         return self.now
 
 
-def compiled(text: str, folder: Path) -> PolicySet:
+def compiled(text: str, folder: Path, backend: str | None = None) -> PolicySet:
     (folder / "schema.json").write_text(json.dumps(SCHEMA))
-    result = compile_text(text, base_dir=folder)
+    result = compile_text(text, base_dir=folder, backend=backend)
     assert result.policy is not None, [str(d) for d in result.diagnostics]
     return result.policy
 
@@ -249,10 +250,10 @@ async def one_event(  # noqa: PLR0917 (one step's every draw)
     return plain(decision), guard_of(guard), transitions, event["priority"]
 
 
-async def run_pair(seed: int, folder: Path, *, one_call: bool) -> None:
+async def run_pair(seed: int, folder: Path, *, one_call: bool, backend: str | None = None) -> None:
     r = random.Random(seed)
     text = generated_policy(r)
-    policy = compiled(text, folder)
+    policy = compiled(text, folder, backend)
     clocks = Clock(), Clock()
     prepared = Engine(policy, MemoryStore(), clock=clocks[0])
     walk = walk_only(Engine(policy, MemoryStore(), clock=clocks[1]))
@@ -294,6 +295,19 @@ async def test_prepared_judges_decide_as_the_walk(
         await run_pair(seed, tmp_path, one_call=one_call)
     # Most events were decided by a judge: the comparison was not the walk against itself.
     assert counted.decided > 60 * 150 // 4
+
+
+@pytest.mark.skipif(CEL_PYTHON not in available_backends(), reason="needs cel-python")
+async def test_prepared_judges_decide_as_the_walk_on_the_pure_python_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its programs have no fast-path closure: the judges call their ``evaluate``."""
+    counted = Counted()
+    counted.install(monkeypatch)
+    for seed in range(12):
+        await run_pair(seed, tmp_path, one_call=True, backend=CEL_PYTHON)
+    # Conditions that convert the event leave some plans to the walk; many are prepared.
+    assert counted.decided > 12 * 150 // 10
 
 
 async def test_the_shipped_every_rule_event_is_prepared() -> None:
