@@ -11,7 +11,12 @@ empty policy, measured in the same run. Both CEL engines are reported.
 ``--path hooks`` (the default) awaits the engine's three hooks, ``on_event``,
 ``before_call`` and ``after_call``; ``--path adapter`` makes the calls the Socket.IO
 adapter makes on the memory store: ``judge_event_now`` and, after the handler,
-``after_call_now``.
+``after_call_now`` (``after_call`` where the engine has none).
+
+``--loop shipped|empty`` only runs the events, untimed, for an instruction counter: the
+difference between ``valgrind --tool=callgrind`` totals at ``--events N`` and at
+``--events 0``, divided by N, is the instructions per event, whatever else the machine
+runs.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ async def measure(policy: PolicySet, events: int, path: str = "hooks") -> list[f
     payload = {"action": "run", "args": {"command": "ls"}}
     samples = []
     perf = time.perf_counter_ns
+    after_call_now = getattr(engine, "after_call_now", None)
     gc.collect()
     for _ in range(events):
         clock.now += 0.03
@@ -58,7 +64,10 @@ async def measure(policy: PolicySet, events: int, path: str = "hooks") -> list[f
             verdict = engine.judge_event_now(conn, claims, event)
             guard = getattr(verdict, "guard", None)
             if guard is not None and guard.permits:
-                engine.after_call_now(guard, conn, event, None, None)
+                if after_call_now is not None:
+                    after_call_now(guard, conn, event, None, None)
+                else:
+                    await engine.after_call(guard, conn, event, None, None)
         else:
             decision = await engine.on_event(conn, claims, event)
             if decision.allowed:
@@ -79,8 +88,17 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--backend", action="append", default=None)
     parser.add_argument("--path", choices=("hooks", "adapter"), default="hooks")
+    parser.add_argument("--loop", choices=("shipped", "empty"), default=None)
     args = parser.parse_args()
     backends = args.backend or ["cel-expr-python", "cel-python"]
+    if args.loop is not None:
+        backend = backends[0]
+        if args.loop == "shipped":
+            policy = compile_file(SHIPPED, backend=backend).policy
+        else:
+            policy = compile_text("version: 1\n", backend=backend).policy
+        asyncio.run(measure(policy, args.events, args.path))
+        return
     print(
         f"{args.events} oh_user_action events, memory store, {args.path} path, "
         "times in microseconds"
