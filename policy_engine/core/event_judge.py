@@ -14,7 +14,8 @@ generated policies and events). It hands an event back to the walk, by returning
 whenever the uncommon happens before any state has changed: a size over the limit, an
 armed shedding rule, a rate-limit key that fails to evaluate. After a limit was consumed,
 the rarer outcomes (a refusal by a limit, by the schema, by an authorization rule, by a
-breaker) are built by the walk's own functions.
+breaker) are built by the walk's own functions. While a decision tap listens (the
+decision log, the canary) the engine leaves every event to the walk, which tells it.
 """
 
 from __future__ import annotations
@@ -340,10 +341,6 @@ class PlanJudge:
         every = self._all_breakers
         held = every if len(taken) == len(every) else tuple(taken)
         return BreakerGuard(held, now, tuple(transitions) if transitions else ())
-
-
-_WALK: Final = object()
-"""What a step answers when the walk must judge the event instead (nothing changed yet)."""
 
 
 def _finish(decision: Decision, shadowed: list[str]) -> Decision:

@@ -30,6 +30,8 @@ from policy_engine.language.contexts import Hook
 from policy_engine.language.model import EventPlan, EventSpec, PolicySet, RateLimitSpec
 from policy_engine.state.guarded import ASK, GuardedStore
 
+__all__ = ["EventHooks", "EventVerdict", "PendingEvent", "finish"]
+
 
 class PendingEvent(NamedTuple):
     """An event judged up to its rate limits, which the shared store must answer; its
@@ -45,7 +47,6 @@ class PendingEvent(NamedTuple):
 
 
 _ALLOWED = EventVerdict(ALLOW, NO_GUARD)
-__all__ = ["EventHooks", "EventVerdict", "PendingEvent", "finish"]
 _DELAY = Outcome.DELAY
 
 
