@@ -6,6 +6,13 @@ reference baseline's set-up), the two modes alternating, with the same client co
     python -m benchmarks.echo_bench throughput [--clients 1 50] [--seconds 10] [--rounds 3]
         [--modes bare policy every]
     python -m benchmarks.echo_bench memory [--connections 1000 5000]
+    python -m benchmarks.echo_bench inprocess --mode bare|policy|every [--events 2000]
+
+``inprocess`` drives one server of that mode without sockets, as
+:mod:`benchmarks.hook_bench` does (an Engine.IO message in, the ack in the connection's
+outgoing queue), untimed, for an instruction counter: the difference between
+``valgrind --tool=callgrind`` totals at ``--events N`` and at ``--events 0``, divided by
+N, is the server's own instructions per echo, steady on a busy machine.
 
 The modes are those of :mod:`benchmarks.echo_server`: ``policy`` the shipped policy (the
 echo falls to ``"*"``), ``every`` the echo meeting every rule a user action meets. The
@@ -199,6 +206,38 @@ def memory(connections: Sequence[int]) -> None:
         print(f"{count:>6} ratio   per-connection memory {per['policy'] / per['bare']:.2f}x")
 
 
+async def inprocess(mode: str, events: int, directory: Path) -> None:
+    """``events`` echoes through a ``mode`` server without sockets (after 500 to warm up)."""
+    from engineio.async_socket import AsyncSocket
+
+    from benchmarks.echo_server import create_sio, edited_policy
+    from policy_engine.server.app import build_app
+
+    sio = create_sio()
+    if mode != "bare":
+        path = edited_policy(mode, directory)
+        # The shadow window stays out of reach at the harness's rate, some ten times the
+        # wire's: at its most, ten thousand per window, so a tenth of a second.
+        text = path.read_text(encoding="utf-8")
+        path.write_text(text.replace("limit: 10000/second", "limit: 10000/100ms"))
+        build_app(sio, path)
+    eio = sio.eio
+    socket = AsyncSocket(eio, "bench")
+    eio.sockets["bench"] = socket
+    scope = {
+        "type": "websocket",
+        "client": ("127.0.0.1", 50000),
+        "headers": [(b"x-forwarded-for", b"198.18.0.1")],
+    }
+    sio.environ["bench"] = {"QUERY_STRING": "conversation_id=bench", "asgi.scope": scope}
+    await eio._trigger_event("message", "bench", "0", run_async=False)
+    await socket.queue.get()  # the CONNECT answer
+    for n in range(500 + events):
+        message = f'2{n}["echo",{{"action":"echo","args":{{"n":{n}}}}}]'
+        await eio._trigger_event("message", "bench", message, run_async=False)
+        await socket.queue.get()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
@@ -209,7 +248,19 @@ def main() -> None:
     t.add_argument("--modes", nargs="+", default=["bare", "policy", "every"])
     m = sub.add_parser("memory")
     m.add_argument("--connections", type=int, nargs="+", default=[1000, 5000])
+    i = sub.add_parser("inprocess")
+    i.add_argument("--mode", choices=("bare", "policy", "every"), required=True)
+    i.add_argument("--events", type=int, default=2000)
     args = parser.parse_args()
+    if args.what == "inprocess":
+        import asyncio
+        import logging
+        import tempfile
+
+        logging.disable(logging.WARNING)
+        with tempfile.TemporaryDirectory() as directory:
+            asyncio.run(inprocess(args.mode, args.events, Path(directory)))
+        return
     if args.what == "throughput":
         if args.modes[0] != "bare":
             parser.error("--modes: the first mode is the baseline and must be bare")

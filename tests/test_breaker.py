@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -28,7 +28,9 @@ from policy_engine.algorithms.breaker import (
     acquire,
     record,
     release,
+    steady,
 )
+from policy_engine.algorithms.breaker import _record_closed as record_closed
 from policy_engine.errors import PolicyEngineError
 from policy_engine.language.model import (
     CircuitBreakerSpec,
@@ -584,3 +586,55 @@ async def test_concurrent_calls_each_time_their_own_duration() -> None:
     assert isinstance(window, CountWindow)
     assert window.calls == 2
     assert window.slow == 0b01  # the newest, the call that started first, was slow
+
+
+@settings(max_examples=300)
+@given(
+    size=st.integers(1, 8),
+    failed=st.sampled_from([0, 0, 1, 6, 255]),
+    slow=st.sampled_from([0, 0, 2, 255]),
+    calls=st.none() | st.integers(0, 8),
+    permits=st.sampled_from([0, 0, 1]),
+    failure_rate=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+    slow_rate=st.none() | st.sampled_from([0.0, 0.5, 1.0]),
+    minimum_calls=st.integers(1, 10),
+    circuit=st.sampled_from([Circuit.CLOSED, Circuit.CLOSED, Circuit.HALF_OPEN]),
+)
+def test_a_steady_breaker_is_left_as_the_windows_arithmetic_would_leave_it(
+    *,
+    size: int,
+    failed: int,
+    slow: int,
+    calls: int | None,
+    permits: int,
+    failure_rate: float,
+    slow_rate: float | None,
+    minimum_calls: int,
+    circuit: Circuit,
+) -> None:
+    """``record`` skips the window for a fast success in a steady state: only where the
+    general step gives back the very same window and no reason to open."""
+    spec = breaker_spec(
+        failure_rate=failure_rate,
+        calls=size,
+        minimum_calls=minimum_calls,
+        slow_call=None if slow_rate is None else SlowCallSpec(over=1.0, rate=slow_rate),
+    )
+    mask = (1 << size) - 1
+    window = CountWindow(size if calls is None else min(calls, size), failed & mask, slow & mask)
+    state = BreakerState(circuit, 3.0, window, permits)
+    if steady(spec, state):
+        assert record_closed(spec, window, 10.0, False, False) == (window, None)
+        assert record(spec, state, 10.0, failed=False, duration=0.5) == (state, None)
+
+
+def test_a_closed_breaker_fed_only_fast_successes_becomes_steady() -> None:
+    spec = breaker_spec(calls=4, minimum_calls=2)
+    state, _ = feed(spec, "SSS")
+    assert not steady(spec, state)  # the window is not full yet
+    state, _ = feed(spec, "S", state)
+    assert steady(spec, state)
+    assert record(spec, state, 1.0, failed=False, duration=0.0) == (state, None)
+    failing, _ = feed(spec, "F", state)
+    assert not steady(spec, failing)
+    assert not steady(breaker_spec(calls=4, failure_rate=0.0), state)

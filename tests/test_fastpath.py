@@ -611,3 +611,15 @@ def test_values_the_engine_refuses_do_not_fit(value: Any) -> None:
 
 def test_plain_json_fits() -> None:
     assert fastpath.fits_fast_path(CONTEXT["event"] | {"payload": {"a": [1, 2.5, None, "é"]}})
+
+
+def test_evaluator_of_a_fast_program_is_its_closure_with_the_same_answers() -> None:
+    backend = cel.get_backend(cel.CEL_EXPR_PYTHON)
+    inside = backend.compile('has(claims.role) && claims.role == "viewer"', EVERYTHING)
+    outside = backend.compile('claims.role.matches("^v")', EVERYTHING)
+    assert cel.evaluator_of(inside) is not inside.evaluate  # the closure, one call fewer
+    assert cel.evaluator_of(outside) == outside.evaluate
+    for claims in [{"role": "viewer"}, {"role": "editor"}, {}, {"role": 3}]:
+        for program in (inside, outside):
+            activation = {"claims": claims}
+            assert run(cel.evaluator_of(program), activation) == run(program.evaluate, activation)

@@ -23,6 +23,7 @@ from policy_engine.algorithms.ratelimit import (
     RateDecision,
     RateState,
     SlidingLogState,
+    admit,
     capacity,
     check,
     check_all,
@@ -268,6 +269,35 @@ def test_sliding_log_states_stay_values_when_checked_from_any_earlier_state(
         states.append(state)
         logs.append(state.log)
     assert len(states[-1]) <= spec.rate.limit
+
+
+def _logged(state: RateState | None) -> Any:
+    return state.log if isinstance(state, SlidingLogState) else state
+
+
+@settings(max_examples=300)
+@given(all_specs, st.booleans().flatmap(lambda grid: arrivals(grid=grid, max_size=80)), st.data())
+def test_admit_gives_checks_verdict_and_state_from_any_earlier_state(
+    spec: RateLimitSpec, trace: list[tuple[float, int]], data: st.DataObject
+) -> None:
+    """``admit`` is ``check`` at cost 1 without the decision: two chains, one checked and
+    one admitted, walked through the same earlier states (a refused joint check keeps an
+    older state, and sliding logs share their lists), must agree at every step. A state of
+    another algorithm (a reload changed it) counts as none in both."""
+    strangers: list[RateState] = [GcraState(0.5), SlidingLogState((0.2,)), FixedWindowState(0.0, 1)]
+    checked: list[RateState | None] = [None, *strangers]
+    admitted: list[RateState | None] = [None, *strangers]
+    for now, _ in trace:
+        index = data.draw(st.integers(0, len(checked) - 1))
+        decision, state = check(spec, checked[index], now)
+        answer = admit(spec, admitted[index], now)
+        assert (answer is not None) == decision.allowed
+        if answer is None:
+            continue
+        assert _logged(answer) == _logged(state)
+        checked.append(state)
+        admitted.append(answer)
+    assert [_logged(s) for s in checked] == [_logged(s) for s in admitted]
 
 
 def test_sliding_log_admission_appends_to_the_shared_log_rather_than_copying_it() -> None:

@@ -135,7 +135,10 @@ class EventDispatch:
                     ),
                 )
         if guard.permits:
-            await self._after_call(guard, state, event, None, None)
+            if engine.state.shared:
+                await self._after_call(guard, state, event, None, None)
+            else:
+                self._succeeded_now(guard, state, event)
 
     async def _policy_fault(
         self,
@@ -265,6 +268,19 @@ class EventDispatch:
             transitions = await self.engine.after_call(
                 guard, state.conn, event, classification, error
             )
+        except Exception:
+            _log.exception("recording a call outcome failed")
+            return
+        for name, transition in transitions:
+            self.observer.breaker_transition(name, transition)
+
+    def _succeeded_now(
+        self, guard: BreakerGuard, state: ConnectionState, event: Mapping[str, Any]
+    ) -> None:
+        """:meth:`_after_call` for a success, when the state is this process's: no
+        coroutine of ours per event."""
+        try:
+            transitions = self.engine.after_call_now(guard, state.conn, event, None, None)
         except Exception:
             _log.exception("recording a call outcome failed")
             return

@@ -185,6 +185,8 @@ def record(
     slow_call = spec.slow_call
     slow = slow_call is not None and duration > slow_call.over
     if circuit is Circuit.CLOSED:
+        if not failed and not slow and steady(spec, state):
+            return state, None
         window, reason = _record_closed(spec, state.window, now, failed, slow)
         if reason is None:
             # A full window of steady outcomes comes back as the same object: so does the state.
@@ -208,6 +210,25 @@ def record(
         )
     return BreakerState(Circuit.OPEN, now, None, 0), Transition(
         Circuit.HALF_OPEN, Circuit.OPEN, reason, now
+    )
+
+
+def steady(spec: CircuitBreakerSpec, state: BreakerState) -> bool:
+    """Whether a fast successful call leaves ``state`` as it is: a closed breaker whose
+    full count window holds nothing but fast successes (most calls meet this state).
+
+    Another success shifts the same empty bit sets, and rates of zero stay below any
+    threshold above zero, so :func:`record` may skip the window's arithmetic.
+    """
+    window = state.window
+    if type(window) is not CountWindow or window.failed or window.slow or state.permits:
+        return False
+    slow_call = spec.slow_call
+    return (
+        state.circuit is Circuit.CLOSED
+        and window.calls == spec.window.calls
+        and spec.failure_rate > 0
+        and (slow_call is None or slow_call.rate > 0)
     )
 
 

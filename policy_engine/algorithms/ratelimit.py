@@ -57,6 +57,10 @@ class GcraState:
     tat: float
 
 
+_new_object = object.__new__
+_set_field = object.__setattr__
+
+
 class SlidingLogState:
     """Admission times still inside the window, oldest first, at most ``rate.limit`` of them.
 
@@ -164,6 +168,58 @@ def check(
         return check_sliding_window(spec, log, now, cost)
     window = state if isinstance(state, FixedWindowState) else None
     return check_fixed_window(spec, window, now, cost)
+
+
+def admit(spec: RateLimitSpec, state: RateState | None, now: float) -> RateState | None:
+    """One request of cost 1 against ``spec``: the state to store when admitted, None when
+    refused (the state then stays as it was).
+
+    Exactly :func:`check`'s verdict and new state, for a caller that needs no more of the
+    decision (a refusal's details can be asked of :func:`check` after it, on the same
+    unchanged state): building the decision, counting ``remaining`` and working out a
+    refusal's wait are most of a check. The steps are those of :func:`check_gcra` and
+    :func:`check_sliding_window` with cost 1 (``tests/test_ratelimit.py`` holds them equal).
+    """
+    algorithm = spec.algorithm
+    rate = spec.rate
+    if algorithm is RateAlgorithm.GCRA:
+        interval = rate.period / rate.limit
+        size = spec.burst if spec.burst > 0 else rate.limit
+        if state is None or not isinstance(state, GcraState) or state.tat < now:
+            tat = now
+        else:
+            tat = state.tat
+        if size >= 1 and now >= tat - (size - 1) * interval:
+            # GcraState(tat + cost * interval), built without the frozen dataclass's
+            # __init__ (which does only this): half the cost of the one object made.
+            admitted = _new_object(GcraState)
+            _set_field(admitted, "tat", tat + interval)
+            return admitted
+        return None
+    if algorithm is not RateAlgorithm.SLIDING_WINDOW:
+        decision, new_state = check(spec, state, now)
+        return new_state if decision.allowed else None
+    limit = rate.limit
+    period = rate.period
+    if state is None or not isinstance(state, SlidingLogState):
+        if limit < 1:
+            return None
+        return SlidingLogState._view([now], 0, 1)
+    buffer, start, end = state._buffer, state._start, state._end
+    first = start
+    if end > start and buffer[start] + period <= now:
+        first = _expired(buffer, start, end, period, now)
+    if end - first > limit:
+        first = end - limit
+    count = end - first
+    if count + 1 > limit:
+        return None
+    if count == 0:
+        buffer, first, end = [], 0, 0
+    elif len(buffer) != end or (first > _COMPACT_AT and first > count):
+        buffer, first, end = buffer[first:end], 0, count
+    buffer.append(now)
+    return SlidingLogState._view(buffer, first, end + 1)
 
 
 def check_gcra(

@@ -13,7 +13,7 @@ from policy_engine.cel.checks import (
     MAX_SOURCE_CHARS,
     CelCompileError,
 )
-from policy_engine.cel.cpp import checked_fast_program
+from policy_engine.cel.cpp import checked_fast_program, evaluator_of
 from policy_engine.cel.program import (
     CEL_EXPR_PYTHON,
     CEL_PYTHON,
@@ -36,5 +36,6 @@ __all__ = [
     "SharedContext",
     "available_backends",
     "checked_fast_program",
+    "evaluator_of",
     "get_backend",
 ]

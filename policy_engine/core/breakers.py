@@ -75,7 +75,7 @@ def take_permits(  # noqa: PLR0917 (the call, and where a resumed walk stands)
         activation = resumed.activation
         taken.extend(resumed.taken)
         transitions.extend(resumed.transitions)
-        refusal = _hold(policy, breakers[resumed.at], answer, taken, transitions, recorder)
+        refusal = hold(policy, breakers[resumed.at], answer, taken, transitions, recorder)
         if refusal is not None:
             return Refused(refusal, tuple(taken))
         rest = breakers[resumed.at + 1 :]
@@ -97,13 +97,13 @@ def take_permits(  # noqa: PLR0917 (the call, and where a resumed walk stands)
             if recorder.enabled:
                 recorder.note("circuit_breakers", spec.name, False, "allow")
             continue
-        refusal = _hold(policy, spec, permit, taken, transitions, recorder)
+        refusal = hold(policy, spec, permit, taken, transitions, recorder)
         if refusal is not None:
             return Refused(refusal, tuple(taken))
     return BreakerGuard(tuple(taken), now, tuple(transitions)) if taken else NO_GUARD
 
 
-def _hold(  # noqa: PLR0917 (a walk's state, passed along)
+def hold(  # noqa: PLR0917 (a walk's state, passed along)
     policy: PolicySet,
     spec: CircuitBreakerSpec,
     permit: Permit | None,

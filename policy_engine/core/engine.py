@@ -32,6 +32,7 @@ from policy_engine.core.classify import Classification, classify, error_context
 from policy_engine.core.connections import count_connection, priority
 from policy_engine.core.contexts import conn_context, event_context
 from policy_engine.core.decision import ALLOW, Decision
+from policy_engine.core.event_judge import judges_for
 from policy_engine.core.events import EventHooks, EventVerdict, PendingEvent, finish
 from policy_engine.core.payload import ClientPayload
 from policy_engine.core.payload_view import handshake_checked, handshake_refusal, views_for
@@ -100,6 +101,12 @@ class Engine(EventHooks):
         self.state.configure(policy.defaults.store_timeout, policy.defaults.on_store_error)
         self._shedding.keep_clocks_of(policy)
         self._payload_views = views_for(policy)
+        self._judges, self._other_judge = judges_for(
+            policy,
+            None if self.state.shared else self.state.local,
+            self._rates,
+            self._payload_views,
+        )
         self._handshake_checked = handshake_checked(policy)
 
     # -- connect -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from policy_engine.core.authorization import authorize
 from policy_engine.core.breakers import NO_GUARD, BreakerGuard, Refused, Waiting, take_permits
 from policy_engine.core.classify import Classification
 from policy_engine.core.decision import ALLOW, Decision, Outcome
+from policy_engine.core.event_judge import EventVerdict, PlanJudge
 from policy_engine.core.payload_checks import check_schema, check_size
 from policy_engine.core.payload_view import PayloadView, cel_event
 from policy_engine.core.rate_limits import RateCheck, RateLimits
@@ -35,12 +36,7 @@ from policy_engine.language.model import (
 )
 from policy_engine.state.guarded import ASK, GuardedStore
 
-
-class EventVerdict(NamedTuple):
-    """An event's decision and the breaker permits it holds (None: not asked for yet)."""
-
-    decision: Decision
-    guard: BreakerGuard | None
+__all__ = ["EventHooks", "EventVerdict", "PendingEvent", "finish"]
 
 
 class PendingEvent(NamedTuple):
@@ -71,6 +67,8 @@ class EventHooks:
     _shedding: Shedding
     _rates: RateLimits
     _payload_views: dict[str, PayloadView | None]
+    _judges: dict[str, PlanJudge | None]
+    _other_judge: PlanJudge | None
 
     # -- events ------------------------------------------------------------------------------
 
@@ -84,6 +82,11 @@ class EventHooks:
         the permits are still to be asked for through :meth:`before_call`: after a delay
         (a delayed call does not hold one while it waits), or from the shared store.
         """
+        judge = self._judges.get(event["name"], self._other_judge)
+        if judge is not None and self.tap is None:
+            verdict = judge.verdict(conn, claims, event, self.load, self.clock, self._shedding)
+            if verdict is not None:
+                return verdict
         plan = self.policy.event_plans[event["name"]]
         decided = self._decide_event(plan, conn, claims, event, NULL_RECORDER)
         tap = self.tap
@@ -127,6 +130,12 @@ class EventHooks:
         recorder: Recorder | None = None,
     ) -> Decision:
         """Judge one incoming event before its handler runs."""
+        if recorder is None and not explain and self.tap is None:
+            judge = self._judges.get(event["name"], self._other_judge)
+            if judge is not None:
+                judged = judge.decide(conn, claims, event, self.load, self.clock, self._shedding)
+                if judged is not None:
+                    return judged
         plan = self.policy.event_plans[event["name"]]
         if recorder is None:
             recorder = TraceRecorder() if explain else NULL_RECORDER
@@ -349,6 +358,17 @@ class EventHooks:
         recorder: Recorder | None = None,
     ) -> BreakerGuard | Decision:
         """Ask every breaker guarding this event for a permit; refuse at once if one is open."""
+        if recorder is None and self.tap is None:
+            judge = self._judges.get(event["name"], self._other_judge)
+            if judge is not None:
+                if not judge.breakers:
+                    return NO_GUARD
+                prepared = judge.permits(conn, claims, event, self.load, self.clock())
+                if isinstance(prepared, BreakerGuard):
+                    return prepared
+                for held in prepared.held:
+                    await self.state.release(held)
+                return prepared.decision
         policy = self.policy
         plan = policy.event_plans[event["name"]]
         specs = plan.breakers
@@ -469,6 +489,8 @@ class EventHooks:
         """Report the handler's outcome to the breakers it held; returns their transitions."""
         if not guard.permits:
             return []
+        if not self.state.shared:
+            return self.after_call_now(guard, conn, event, classification, error)
         now = self.clock()
         duration = now - guard.started
         failed = (
@@ -487,6 +509,37 @@ class EventHooks:
             transition = state.record_now(spec, now, failed=failure, duration=duration)
             if transition is ASK:
                 transition = await state.record(spec, now, failed=failure, duration=duration)
+            if transition is not None:
+                transitions.append((spec.name, transition))
+        return transitions
+
+    def after_call_now(
+        self,
+        guard: BreakerGuard,
+        conn: Mapping[str, Any],
+        event: Mapping[str, Any],
+        classification: Classification | None,
+        error: Mapping[str, Any] | None,
+    ) -> list[tuple[str, Any]]:
+        """:meth:`after_call` where the state answers without I/O (this process's own: the
+        caller checks ``state.shared`` is false), in one plain call rather than a coroutine."""
+        if not guard.permits:
+            return []
+        now = self.clock()
+        duration = now - guard.started
+        failed = (
+            ()
+            if classification is None
+            else breakers.recorded_failures(guard, duration, conn, event, classification, error)
+        )
+        local = self.state.local
+        transitions: list[tuple[str, Any]] = []
+        for at, spec in enumerate(guard.permits):
+            failure = failed[at] if failed else False
+            if failure is None:  # an exception this breaker ignores
+                local.breaker_release_now(spec)
+                continue
+            transition = local.breaker_record_now(spec, now, failed=failure, duration=duration)
             if transition is not None:
                 transitions.append((spec.name, transition))
         return transitions

@@ -134,6 +134,23 @@ class MemoryStore:
             self.sweep(now)
         return decision
 
+    def rate_admits_now(self, spec: RateLimitSpec, key: str, now: float) -> bool:
+        """:meth:`check_rate_limit_now`'s verdict alone, for a caller that needs no more:
+        whether one limit admitted (and was charged) one request.
+
+        The same state results; the decision is not built (a refusal changes nothing, so
+        its details can still be asked of :meth:`check_rate_limit_now` right after).
+        """
+        table = self._rates.get(spec.name)
+        if table is None or table.spec is not spec:
+            table = self._table(spec)
+        new_state = ratelimit.admit(spec, table.states.get(key), now)
+        if new_state is None:
+            return False
+        if table.put(key, new_state, now) and now >= self._next_sweep:
+            self.sweep(now)
+        return True
+
     def _table(self, spec: RateLimitSpec) -> _KeyedStates:
         """The rule's table under ``spec``: created, or carried over a reload (resized)."""
         old = self._rates.get(spec.name)
