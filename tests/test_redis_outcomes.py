@@ -86,3 +86,36 @@ def test_an_outcome_whose_caller_stopped_waiting_is_recorded_all_the_same(
     assert isinstance(state.window, CountWindow)  # type: ignore[attr-defined]
     assert state.window.calls == 3  # type: ignore[attr-defined]
     assert state.window.failed.bit_count() == 2  # type: ignore[attr-defined]
+
+
+def test_outcomes_recorded_just_before_a_close_are_kept(redis_server: RedisServer) -> None:
+    """A close in the same pass as some outcomes sends them first (none is lost, and none
+    goes out on a connection reopened after the close)."""
+    spec = backend()
+    prefix = f"t-{uuid4().hex}"
+    reopened: list[bool] = []
+
+    async def record_then_close() -> object:
+        store = RedisStore(redis_server.url, prefix=prefix)
+        await store.fetch_breaker_state("backend")  # connected
+        waiting = [
+            asyncio.ensure_future(store.breaker_record(spec, 0.0, failed=f, duration=0.01))
+            for f in (True, False, False)
+        ]
+        await asyncio.sleep(0)  # queued for the next pass
+        await store.close()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await asyncio.sleep(0.05)  # anything still to send would be on its way by now
+        wire = store._wire
+        assert wire is not None
+        reopened.append(wire._protocol is not None or wire._connecting is not None)
+        reader = RedisStore(redis_server.url, prefix=prefix)
+        try:
+            return await reader.fetch_breaker_state("backend")
+        finally:
+            await reader.close()
+
+    state = asyncio.run(record_then_close())
+    assert reopened == [False]  # nothing was sent after the close
+    assert isinstance(state.window, CountWindow)  # type: ignore[attr-defined]
+    assert state.window.calls == 3  # type: ignore[attr-defined]

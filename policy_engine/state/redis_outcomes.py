@@ -64,6 +64,15 @@ class OutcomeBatches:
             self._flush(id(spec), batch)
         return future
 
+    async def aclose(self) -> None:
+        """Send every outcome still waiting for the loop's next pass, and wait for the
+        replies of those sent: what was recorded before a close is kept, and nothing is
+        sent on a connection after it closed."""
+        for key, batch in list(self._open.items()):
+            self._flush(key, batch)
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
     def _flush(self, key: int, batch: _Batch) -> None:
         if self._open.get(key) is batch:
             del self._open[key]

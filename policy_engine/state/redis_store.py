@@ -406,6 +406,7 @@ class RedisStore:
                 await renewing
             with contextlib.suppress(StoreError):
                 await self._connections.release_all()
+        await self._outcomes.aclose()
         if self._wire is not None:
             await self._wire.aclose()
         if self._connected is not None:
