@@ -165,3 +165,55 @@ async def test_limits_and_permit_asked_together_follow_each_failure_mode_of_the_
     assert guarded_only[StoreFailureMode.FAIL_CLOSED] is STORE_REFUSED
     assert guarded_only[StoreFailureMode.FAIL_OPEN] is None
     assert guarded_only[StoreFailureMode.LOCAL] is None
+
+
+MIXED = compile_text(
+    """
+version: 1
+rate_limits:
+  - {name: own, hook: connect, key: conn.ip, limit: 1/minute, scope: local}
+  - {name: own-watch, hook: connect, key: conn.ip, limit: 1/minute, scope: local, mode: shadow}
+  - {name: shared-watch, hook: connect, key: conn.ip, limit: 100/minute, mode: shadow}
+circuit_breakers:
+  - {name: agent, match: 'event.name == "call"', failure_rate: 50%, window: {calls: 4},
+     minimum_calls: 4, open_for: 30s, half_open_calls: 2}
+"""
+).policy
+
+
+async def test_own_and_shared_limits_asked_together_are_each_judged_where_they_live(
+    own_redis_server: RedisServer,
+) -> None:
+    """This process's own limits are judged here (a refusal of the enforced one asks the
+    store for no permit), the shared shadow limit in Redis, in the same call as the permit."""
+    own, own_watch, shared_watch = MIXED.rate_limits
+    breaker_spec = MIXED.circuit_breakers[0]
+    store = RedisStore(own_redis_server.url, prefix="mixed", socket_timeout=0.5)
+    state = GuardedStore(store)
+    state.configure(timeout=2.0, on_error=StoreFailureMode.FAIL_CLOSED)
+    shadows = [[(own_watch, "ip1")], [(shared_watch, "ip1")]]
+    try:
+        first = await state.rates_then_permit([(own, "ip1")], shadows, breaker_spec, 0.0)
+        await state.rates([(shared_watch, "other")], 0.0)  # its script loaded: no reload counted
+        calls = store._pipeline.calls
+        second = await state.rates_then_permit([(own, "ip1")], shadows, breaker_spec, 0.0)
+        asked_again = store._pipeline.calls - calls
+    finally:
+        await state.close()
+
+    decision, (mine, theirs), permit = first
+    assert decision.allowed
+    assert (mine.rule, theirs.rule) == ("own-watch", "shared-watch")
+    assert mine.allowed
+    assert theirs.allowed
+    assert permit is not None
+    assert permit.permitted
+    decision, (mine, theirs), permit = second
+    assert not decision.allowed  # this process's own limit: one a minute
+    assert decision.rule == "own"
+    assert not mine.allowed
+    assert theirs.allowed  # the shared shadow limit was still asked, and admits
+    assert theirs.decision is not None
+    assert theirs.decision.remaining == 98
+    assert permit is None
+    assert asked_again == 1  # the shared shadow alone: no permit asked
