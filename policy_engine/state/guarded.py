@@ -160,16 +160,14 @@ class GuardedStore:
         """The checks judged together: this process's first, the shared ones if they pass."""
         if not self.shared:
             return self.local.check_rate_limits_now(checks, now)
-        local = [check for check in checks if check[0].scope is Scope.LOCAL]
-        shared = [check for check in checks if check[0].scope is not Scope.LOCAL]
-        decided = self.local.check_rate_limits_now(local, now) if local else None
-        if not shared or (decided is not None and not decided.allowed):
+        decided, shared = self._split(checks, now)
+        if not shared:
             return decided or self.local.check_rate_limits_now((), now)
         try:
             answer = await self._call(self.store.check_rate_limits(shared, now), timed=True)
         except StoreError:
             answer = self._unanswered(shared, now)
-        return answer if decided is None or not answer.allowed else decided
+        return _joined(decided, answer)
 
     async def rates_then_permit(
         self,
@@ -189,31 +187,32 @@ class GuardedStore:
             decision = await self.rates(enforced, now)
             answers = [await self.rates(checks, now) for checks in shadows]
             return decision, answers, (await self.permit(spec, now)) if decision.allowed else None
-        local = [check for check in enforced if check[0].scope is Scope.LOCAL]
-        decided = self.local.check_rate_limits_now(local, now) if local else None
+        decided, shared = self._split(enforced, now)
         if decided is not None and not decided.allowed:
             return decided, [await self.rates(checks, now) for checks in shadows], None
-        shared = [check for check in enforced if check[0].scope is not Scope.LOCAL]
-        shared_shadows = [
-            [c for c in checks if c[0].scope is not Scope.LOCAL] for checks in shadows
-        ]
+        own = [self._split(checks, now) for checks in shadows]
+        groups = [shared, *(asked for _, asked in own)]
         try:
-            decisions, permit = await self._call(
-                combined([shared, *shared_shadows], spec, now), timed=True
-            )
+            decisions, permit = await self._call(combined(groups, spec, now), timed=True)
         except StoreError:
             decisions = [
-                self._unanswered(checks, now) if checks else ALL_ADMIT
-                for checks in (shared, *shared_shadows)
+                self._unanswered(checks, now) if checks else ALL_ADMIT for checks in groups
             ]
             permit = STORE_REFUSED if self.on_error is StoreFailureMode.FAIL_CLOSED else None
-        answer, *shadowed = decisions
-        for at, checks in enumerate(shadows):  # a shadow limit of this process's own
-            if not shared_shadows[at]:
-                shadowed[at] = self.local.check_rate_limits_now(checks, now)
+        answer, *answers = decisions
+        shadowed = [_joined(mine, got) for (mine, _), got in zip(own, answers, strict=True)]
         if not answer.allowed:
             return answer, shadowed, None
-        return decided or answer, shadowed, permit
+        return _joined(decided, answer), shadowed, permit
+
+    def _split(self, checks: Checks, now: float) -> tuple[CombinedDecision | None, Checks]:
+        """This process's own checks judged now (None: it has none), and the shared ones
+        left to ask: none when its own refused already, so that they are not charged."""
+        local = [check for check in checks if check[0].scope is Scope.LOCAL]
+        decided = self.local.check_rate_limits_now(local, now) if local else None
+        if decided is not None and not decided.allowed:
+            return decided, ()
+        return decided, [check for check in checks if check[0].scope is not Scope.LOCAL]
 
     def _unanswered(self, shared: Checks, now: float) -> CombinedDecision:
         """What the policy's ``on_store_error`` decides for limits the store did not judge."""
@@ -442,3 +441,10 @@ class GuardedStore:
             return await self._call(awaitable, timed=timed)
         except StoreError:
             return fallback
+
+
+def _joined(decided: CombinedDecision | None, answer: CombinedDecision) -> CombinedDecision:
+    """Limits judged in two parts, this process's (``decided``) and the store's: a refusal
+    of the store's part stands; otherwise this process's decision is the answer (the
+    store's, when this process had no limits of its own)."""
+    return answer if decided is None or not answer.allowed else decided
